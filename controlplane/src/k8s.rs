@@ -1,0 +1,2 @@
+//! Kubernetes API objects -> model (placeholder, being written).
+pub mod watch;

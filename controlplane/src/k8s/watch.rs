@@ -1,0 +1,1 @@
+//! apiserver watchers (placeholder, being written).

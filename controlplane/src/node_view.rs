@@ -1,0 +1,1 @@
+//! Per-node views (placeholder, being written).

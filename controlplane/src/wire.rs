@@ -1,0 +1,1 @@
+//! model -> wire conversion (placeholder, being written).

@@ -1,0 +1,127 @@
+//! Content versions: a node's version is a hash of its whole desired state.
+//!
+//! The hash is an order-independent sum of per-entry hashes (a multiset hash), so the
+//! controlplane can update a node's version in O(1) when one entry changes, and a node can
+//! verify an update by hashing what it applied. Every replica and every restart computes the
+//! same version for the same content, which is what lets a node reconnect to another replica
+//! without a resend. Entries are hashed over their protobuf encoding, which prost produces
+//! deterministically for messages without map fields (ours have none).
+
+use crate::v1::{Endpoint, Service};
+use prost::Message;
+use std::fmt;
+use xxhash_rust::xxh3::Xxh3;
+
+/// A multiset hash of a set of entries. Adding and removing entries commute.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContentHash(pub u128);
+
+impl ContentHash {
+    pub const EMPTY: ContentHash = ContentHash(0);
+
+    pub fn add(&mut self, entry: EntryHash) {
+        self.0 = self.0.wrapping_add(entry.0);
+    }
+
+    pub fn remove(&mut self, entry: EntryHash) {
+        self.0 = self.0.wrapping_sub(entry.0);
+    }
+
+    /// Replaces the contribution `old` by `new`.
+    pub fn apply(&mut self, old: ContentHash, new: ContentHash) {
+        self.0 = self.0.wrapping_sub(old.0).wrapping_add(new.0);
+    }
+
+    /// The version string sent on the wire: 32 lowercase hex digits.
+    pub fn to_version(self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    pub fn parse_version(s: &str) -> Option<ContentHash> {
+        if s.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(ContentHash)
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// The hash of one entry of a node's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EntryHash(pub u128);
+
+impl From<EntryHash> for ContentHash {
+    fn from(e: EntryHash) -> Self {
+        ContentHash(e.0)
+    }
+}
+
+fn hash_tagged(tag: u8, msg: &impl Message) -> EntryHash {
+    // Encoding into a reused buffer would save an allocation, but this is called once per
+    // changed entry, not per node: the controlplane shares entry hashes between nodes.
+    let mut h = Xxh3::new();
+    h.update(&[tag]);
+    h.update(&msg.encode_to_vec());
+    EntryHash(h.digest128())
+}
+
+pub fn service_hash(s: &Service) -> EntryHash {
+    hash_tagged(b'S', s)
+}
+
+pub fn endpoint_hash(e: &Endpoint) -> EntryHash {
+    hash_tagged(b'E', e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ip: &str) -> Endpoint {
+        Endpoint { service: "ns/a".into(), ip: ip.into(), for_cluster: true, ..Default::default() }
+    }
+
+    #[test]
+    fn sum_is_order_independent_and_reversible() {
+        let (a, b) = (endpoint_hash(&ep("10.0.0.1")), endpoint_hash(&ep("10.0.0.2")));
+        let mut x = ContentHash::EMPTY;
+        x.add(a);
+        x.add(b);
+        let mut y = ContentHash::EMPTY;
+        y.add(b);
+        y.add(a);
+        assert_eq!(x, y);
+        x.remove(a);
+        x.remove(b);
+        assert_eq!(x, ContentHash::EMPTY);
+    }
+
+    #[test]
+    fn different_content_different_hash() {
+        let mut changed = ep("10.0.0.1");
+        changed.for_cluster = false;
+        assert_ne!(endpoint_hash(&ep("10.0.0.1")), endpoint_hash(&changed));
+        let s = Service { namespace: "ns".into(), name: "a".into(), ..Default::default() };
+        let e = Endpoint { service: "ns".into(), ip: "a".into(), ..Default::default() };
+        assert_ne!(service_hash(&s), endpoint_hash(&e), "entry kinds are tagged");
+    }
+
+    #[test]
+    fn version_round_trips_and_rejects_garbage() {
+        let v = ContentHash(0xdead_beef);
+        assert_eq!(ContentHash::parse_version(&v.to_version()), Some(v));
+        assert_eq!(ContentHash::parse_version("xyz"), None);
+        assert_eq!(ContentHash::parse_version(&"g".repeat(32)), None);
+    }
+}
