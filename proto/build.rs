@@ -12,8 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("kpx_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .type_attribute(".kpx.v1", "#[derive(serde::Serialize)]")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().type_attribute(".kpx.v1", "#[derive(serde::Serialize)]").compile_fds(fds)?;
     Ok(())
 }

@@ -25,5 +25,8 @@ pub enum SourceError {
 /// A source of cluster state. `run` emits the initial state, then [`ClusterEvent::Synced`] once
 /// every kind has been listed, then changes, until the receiver is dropped.
 pub trait ClusterSource: Send + 'static {
-    fn run(self: Box<Self>, events: mpsc::Sender<ClusterEvent>) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
+    fn run(
+        self: Box<Self>,
+        events: mpsc::Sender<ClusterEvent>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
 }
