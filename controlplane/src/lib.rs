@@ -6,8 +6,146 @@
 //! Data flow: `source`/`k8s` -> [`model::ClusterEvent`] -> `cache` (per-node views from
 //! `node_view`, versions, coalescing) -> `server` (Sync and Inspect gRPC services).
 
+pub mod cache;
 pub mod k8s;
 pub mod model;
 pub mod node_view;
+pub mod server;
 pub mod source;
+pub mod trace_context;
 pub mod wire;
+
+use cache::{Cache, CacheConfig};
+use model::Skips;
+use server::{InspectService, SyncConfig, SyncService};
+use source::{ClusterSource, SourceError};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Where the cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of Kubernetes manifests, polled for changes.
+    Manifests { dir: PathBuf, poll_interval: Duration },
+    /// The apiserver, from a kubeconfig file or (None) in-cluster config / the default
+    /// kubeconfig.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub source: SourceConfig,
+    pub cache: CacheConfig,
+    pub sync: SyncConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the controlplane until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| RunError::Listen { addr: config.listen, source })?;
+    let skips = Arc::new(Skips::default());
+    let source: Box<dyn ClusterSource> = match &config.source {
+        SourceConfig::Manifests { dir, poll_interval } => {
+            Box::new(source::files::FileSource::new(dir.clone(), skips.clone()).with_poll_interval(*poll_interval))
+        }
+        SourceConfig::Kube { kubeconfig } => {
+            let client = k8s::watch::client_from(kubeconfig.clone()).await?;
+            Box::new(k8s::watch::KubeSource::new(client, skips.clone()))
+        }
+    };
+    serve(listener, source, skips, config.cache, config.sync, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0) from any source of cluster state.
+pub async fn serve(
+    listener: TcpListener,
+    source: Box<dyn ClusterSource>,
+    skips: Arc<Skips>,
+    cache_config: CacheConfig,
+    sync_config: SyncConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let addr = listener.local_addr().ok();
+    let cache = Cache::new(skips, cache_config);
+    let (events_tx, mut events_rx) = mpsc::channel(4096);
+    let mut source_task = tokio::spawn(source.run(events_tx));
+    let apply_cache = cache.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            apply_cache.apply(event, Some(trace_context::new_root()));
+        }
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_not_serving::<kpx_proto::v1::sync_server::SyncServer<SyncService>>().await;
+    let health_cache = cache.clone();
+    tokio::spawn(async move {
+        health_cache.wait_synced().await;
+        health_reporter.set_serving::<kpx_proto::v1::sync_server::SyncServer<SyncService>>().await;
+        health_reporter.set_serving::<kpx_proto::v1::inspect_server::InspectServer<InspectService>>().await;
+    });
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kpx_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("kpx descriptors are valid");
+    // grpcurl 1.8 only speaks the v1alpha reflection protocol.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kpx_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("kpx descriptors are valid");
+
+    let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
+    let max = sync_config.max_chunk_bytes.max(kpx_proto::MAX_CHUNK_BYTES) * 2;
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            kpx_proto::v1::sync_server::SyncServer::new(SyncService::new(cache.clone(), sync_config, streams_stop))
+                .max_decoding_message_size(max),
+        )
+        .add_service(kpx_proto::v1::inspect_server::InspectServer::new(InspectService::new(cache.clone())));
+    tracing::info!(addr = ?addr, "serving kpx.v1.Sync and kpx.v1.Inspect");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        shutdown.await;
+        let _ = stop_streams.send(true);
+    });
+    tokio::select! {
+        result = server => {
+            source_task.abort();
+            result?;
+            tracing::info!("controlplane stopped");
+            Ok(())
+        }
+        result = &mut source_task => match result {
+            Ok(Ok(())) => Err(SourceError::Closed.into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(join) => Err(SourceError::Kube { context: "source task".into(), source: Box::new(join) }.into()),
+        },
+    }
+}

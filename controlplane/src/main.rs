@@ -1,1 +1,84 @@
-fn main() {}
+//! `kpx-controlplane`: flags, logging, signals; everything else is in the library.
+
+use clap::Parser;
+use kpx_controlplane::cache::CacheConfig;
+use kpx_controlplane::server::SyncConfig;
+use kpx_controlplane::{Config, SourceConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Watches Services, EndpointSlices and Nodes once and streams each node's desired proxy state
+/// to the kpx dataplanes.
+#[derive(Parser, Debug)]
+#[command(name = "kpx-controlplane", version)]
+struct Flags {
+    /// gRPC listen address (Sync, Inspect, health, reflection).
+    #[arg(long, env = "KPX_LISTEN", default_value = "127.0.0.1:10900")]
+    listen: SocketAddr,
+    /// Read cluster state from a directory of Kubernetes manifests instead of the apiserver.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// How often the manifest directory is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    manifests_poll_interval: Duration,
+    /// kubeconfig for the apiserver; in-cluster config (or $KUBECONFIG / ~/.kube/config) when
+    /// omitted.
+    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Changes kept for catching nodes up with deltas instead of snapshots.
+    #[arg(long, default_value_t = CacheConfig::default().log_capacity)]
+    change_log_capacity: usize,
+    /// After a node rejects (NACKs) a version, wait this long before offering it again.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    nack_retry_interval: Duration,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 2s or 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if flags.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let source = match flags.manifests {
+        Some(dir) => SourceConfig::Manifests { dir, poll_interval: flags.manifests_poll_interval },
+        None => SourceConfig::Kube { kubeconfig: flags.kubeconfig },
+    };
+    let config = Config {
+        listen: flags.listen,
+        source,
+        cache: CacheConfig { log_capacity: flags.change_log_capacity },
+        sync: SyncConfig { nack_retry: flags.nack_retry_interval, ..SyncConfig::default() },
+    };
+    kpx_controlplane::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

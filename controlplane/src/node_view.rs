@@ -1,1 +1,288 @@
-//! Per-node views (placeholder, being written).
+//! Pure: one Service and its EndpointSlices -> the endpoint entries each node should program.
+//!
+//! This mirrors kube-proxy's endpoint categorisation (pkg/proxy/topology.go): per node, the
+//! *cluster* set (ready endpoints, narrowed by topology hints; serving-terminating ones when no
+//! endpoint is ready) and the *local* set (this node's ready endpoints, or its
+//! serving-terminating ones when it has no ready one).
+//!
+//! Most nodes see the same thing, so a [`PreparedService`] also says which nodes can share a
+//! view ([`ViewClass`]): every node when nothing depends on the node, one view per zone when
+//! zone hints are in use, and a view of its own only for the few nodes that host a local
+//! endpoint or are named by node hints. The cache computes one view per class, not per node.
+//!
+//! Hints are honoured only when the Service asks for topology (`topology_aware`); kube-proxy
+//! today honours them whenever every ready endpoint has them, which in practice is the same
+//! thing because the EndpointSlice controller only writes hints for such services. Node hints
+//! (forNodes, PreferSameNode) take precedence over zone hints, as with kube-proxy's
+//! PreferSameTrafficDistribution gate enabled.
+//!
+//! `for_cluster` means "member of the cluster set". The dataplane uses it for ClusterIP traffic
+//! when internalTrafficPolicy is Cluster and for external traffic when externalTrafficPolicy is
+//! Cluster; under internalTrafficPolicy Local, internal traffic uses the `for_local` endpoints.
+
+use crate::model::{self, ObjectKind, ServiceKey, SkipReason, Skips};
+use kpx_proto::v1;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// What the view of a node depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// topology.kubernetes.io/zone of the Node.
+    pub zone: Option<String>,
+}
+
+/// Nodes with equal classes get identical views of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ViewClass {
+    /// Every node that is not special sees this view.
+    All,
+    /// Zone hints are in use: every non-special node of this zone sees this view.
+    Zone(Option<String>),
+    /// A node whose view is its own (it hosts a local endpoint, or node hints name it).
+    Node(String),
+}
+
+/// One endpoint of the service, merged from its slices.
+#[derive(Clone, Debug)]
+struct Merged {
+    ip: IpAddr,
+    /// Sorted by name.
+    ports: Vec<v1::EndpointPort>,
+    ready: bool,
+    serving_terminating: bool,
+    node_name: Option<String>,
+    zone: Option<String>,
+    /// Empty when the endpoint has no zone hints (kube-proxy treats an empty list the same).
+    zone_hints: BTreeSet<String>,
+    node_hints: BTreeSet<String>,
+}
+
+impl Merged {
+    /// Usable at all: ready, or the serving-terminating fallback.
+    fn usable(&self) -> bool {
+        self.ready || self.serving_terminating
+    }
+}
+
+/// How cluster endpoints are narrowed by topology for a node (kube-proxy's topology mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    None,
+    SameZone(&'a str),
+    SameNode(&'a str),
+}
+
+/// A Service with its endpoints merged from all its slices, ready to be viewed from any node.
+#[derive(Clone, Debug)]
+pub struct PreparedService {
+    pub key: ServiceKey,
+    /// The Service entry, the same for every node.
+    pub wire: Arc<v1::Service>,
+    /// Some node's view depends on its zone (the zone hints are usable).
+    pub zone_dependent: bool,
+    /// Nodes whose view may differ from the other nodes of their zone.
+    pub special_nodes: BTreeSet<String>,
+    /// "namespace/name", the `service` field of every endpoint entry.
+    service_ref: String,
+    /// Sorted by IP, one per IP.
+    endpoints: Vec<Merged>,
+    uses_cluster: bool,
+    uses_local: bool,
+    /// Every ready endpoint has zone hints (and the service asks for topology).
+    zone_hints_usable: bool,
+    /// Every ready endpoint has node hints (and the service asks for topology).
+    node_hints_usable: bool,
+}
+
+impl PreparedService {
+    /// Merges the service's slices (any order; both IP families) and works out which nodes
+    /// can share a view. Duplicate endpoint IPs are counted in `skips` and only one is kept.
+    pub fn prepare(service: &model::Service, slices: &[&model::EndpointSlice], skips: &Skips) -> PreparedService {
+        let endpoints = merge(service, slices, skips);
+        let externally_reachable = service.service_type != model::ServiceType::ClusterIp
+            || !service.external_ips.is_empty()
+            || !service.load_balancer_ips.is_empty();
+        // Like kube-proxy, the cluster set exists when some traffic is routed cluster-wide. One
+        // deviation: with both policies Local, kube-proxy still keeps cluster endpoints for
+        // pod-to-external-IP "short circuit" traffic; kpx's dataplane uses the local set there.
+        let uses_cluster = !service.internal_policy_local || (externally_reachable && !service.external_policy_local);
+        let uses_local = service.internal_policy_local || service.external_policy_local;
+
+        let ready: Vec<&Merged> = endpoints.iter().filter(|e| e.ready).collect();
+        let topology = uses_cluster && service.topology_aware && !ready.is_empty();
+        let zone_hints_usable = topology && ready.iter().all(|e| !e.zone_hints.is_empty());
+        let node_hints_usable = topology && ready.iter().all(|e| !e.node_hints.is_empty());
+
+        let mut special_nodes = BTreeSet::new();
+        if uses_local {
+            special_nodes.extend(endpoints.iter().filter(|e| e.usable()).filter_map(|e| e.node_name.clone()));
+        }
+        if node_hints_usable {
+            special_nodes.extend(ready.iter().flat_map(|e| e.node_hints.iter().cloned()));
+        }
+
+        PreparedService {
+            key: service.key.clone(),
+            wire: Arc::new(crate::wire::service(service)),
+            zone_dependent: zone_hints_usable,
+            special_nodes,
+            service_ref: service.key.to_string(),
+            endpoints,
+            uses_cluster,
+            uses_local,
+            zone_hints_usable,
+            node_hints_usable,
+        }
+    }
+
+    /// Which nodes share a view: nodes with equal classes get identical views.
+    pub fn class_of(&self, node: &NodeInfo) -> ViewClass {
+        if self.special_nodes.contains(&node.name) {
+            ViewClass::Node(node.name.clone())
+        } else if self.zone_dependent {
+            ViewClass::Zone(node.zone.clone())
+        } else {
+            ViewClass::All
+        }
+    }
+
+    /// The endpoint entries of this service for a node of the given class, sorted by IP; only
+    /// endpoints with `for_cluster || for_local`.
+    ///
+    /// A `Node` class carries no zone, so when the view of a special node depends on its zone,
+    /// the zone is the one its own endpoints report (the EndpointSlice controller copies it from
+    /// the Node, and it is what the zone hints were computed from).
+    pub fn view_for_class(&self, class: &ViewClass) -> Vec<v1::Endpoint> {
+        match class {
+            ViewClass::All => self.view_of(None, None),
+            ViewClass::Zone(zone) => self.view_of(None, zone.as_deref()),
+            ViewClass::Node(name) => {
+                let zone = self.endpoints.iter().find(|e| e.node_name.as_ref() == Some(name) && e.zone.is_some());
+                self.view_of(Some(name), zone.and_then(|e| e.zone.as_deref()))
+            }
+        }
+    }
+
+    pub fn view(&self, node: &NodeInfo) -> Vec<v1::Endpoint> {
+        self.view_for_class(&self.class_of(node))
+    }
+
+    /// The view of a node with this name (None: a node that hosts nothing and is named by no
+    /// hint) and zone.
+    fn view_of(&self, node: Option<&str>, zone: Option<&str>) -> Vec<v1::Endpoint> {
+        let cluster = if self.uses_cluster { self.cluster_set(node, zone) } else { Vec::new() };
+        let local = match node {
+            Some(node) if self.uses_local => self.local_set(node),
+            _ => Vec::new(),
+        };
+        self.endpoints
+            .iter()
+            .zip(cluster.iter().copied().chain(std::iter::repeat(false)))
+            .zip(local.iter().copied().chain(std::iter::repeat(false)))
+            .filter(|((_, c), l)| *c || *l)
+            .map(|((e, for_cluster), for_local)| v1::Endpoint {
+                service: self.service_ref.clone(),
+                ip: e.ip.to_string(),
+                ports: e.ports.clone(),
+                for_cluster,
+                for_local,
+            })
+            .collect()
+    }
+
+    fn topology<'a>(&self, node: Option<&'a str>, zone: Option<&'a str>) -> Topology<'a> {
+        let ready = || self.endpoints.iter().filter(|e| e.ready);
+        if self.node_hints_usable
+            && let Some(node) = node
+            && ready().any(|e| e.node_hints.contains(node))
+        {
+            return Topology::SameNode(node);
+        }
+        if self.zone_hints_usable
+            && let Some(zone) = zone
+            && ready().any(|e| e.zone_hints.contains(zone))
+        {
+            return Topology::SameZone(zone);
+        }
+        Topology::None
+    }
+
+    /// Membership in the cluster set, per endpoint.
+    fn cluster_set(&self, node: Option<&str>, zone: Option<&str>) -> Vec<bool> {
+        let topology = self.topology(node, zone);
+        let in_topology = |e: &Merged| match topology {
+            Topology::None => true,
+            Topology::SameZone(zone) => e.zone_hints.contains(zone),
+            Topology::SameNode(node) => e.node_hints.contains(node),
+        };
+        let set: Vec<bool> = self.endpoints.iter().map(|e| e.ready && in_topology(e)).collect();
+        if set.contains(&true) {
+            return set;
+        }
+        // A topology mode is only chosen when it keeps a ready endpoint, so this fallback
+        // happens when no endpoint is ready anywhere.
+        self.endpoints.iter().map(|e| e.serving_terminating).collect()
+    }
+
+    /// Membership in the local set of `node`, per endpoint.
+    fn local_set(&self, node: &str) -> Vec<bool> {
+        let here = |e: &Merged| e.node_name.as_deref() == Some(node);
+        if self.endpoints.iter().any(|e| here(e) && e.ready) {
+            self.endpoints.iter().map(|e| here(e) && e.ready).collect()
+        } else {
+            self.endpoints.iter().map(|e| here(e) && e.serving_terminating).collect()
+        }
+    }
+}
+
+/// The service's endpoints from all its slices, one per IP, sorted by IP. The first occurrence
+/// (slices in key order) wins unless a later one is ready and it is not.
+fn merge(service: &model::Service, slices: &[&model::EndpointSlice], skips: &Skips) -> Vec<Merged> {
+    let mut slices: Vec<&model::EndpointSlice> = slices.to_vec();
+    slices.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut by_ip: BTreeMap<IpAddr, Merged> = BTreeMap::new();
+    for slice in slices {
+        // The target port of each service port, as this slice resolves it (named targetPorts
+        // can resolve differently for different pods, hence per slice).
+        let mut ports: Vec<v1::EndpointPort> = service
+            .ports
+            .iter()
+            .filter_map(|sp| {
+                let p = slice.ports.iter().find(|p| p.name == sp.name && p.protocol == sp.protocol)?;
+                Some(v1::EndpointPort { name: sp.name.clone(), port: p.port.into() })
+            })
+            .collect();
+        ports.sort_by(|a, b| a.name.cmp(&b.name));
+        for ep in &slice.endpoints {
+            let merged = Merged {
+                ip: ep.ip,
+                ports: ports.clone(),
+                ready: ep.ready,
+                serving_terminating: ep.serving && ep.terminating,
+                node_name: ep.node_name.clone(),
+                zone: ep.zone.clone(),
+                zone_hints: ep.zone_hints.iter().flatten().cloned().collect(),
+                node_hints: ep.node_hints.iter().flatten().cloned().collect(),
+            };
+            match by_ip.get_mut(&ep.ip) {
+                None => {
+                    by_ip.insert(ep.ip, merged);
+                }
+                Some(kept) => {
+                    let detail = format_args!("endpoint {} of service {} appears twice", ep.ip, service.key);
+                    skips.record(ObjectKind::EndpointSlice, &slice.key, SkipReason::DuplicateEndpoint, &detail);
+                    if merged.ready && !kept.ready {
+                        *kept = merged;
+                    }
+                }
+            }
+        }
+    }
+    by_ip.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -16,8 +16,12 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("connecting to the apiserver: {0}")]
-    Kube(String),
+    #[error("apiserver client: {context}: {source}")]
+    Kube {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("the controlplane stopped listening to the source")]
     Closed,
 }

@@ -1,1 +1,7 @@
-//! placeholder
+//! The kpx dataplane: the per-node agent. It subscribes to the controlplane as its node,
+//! applies each snapshot or delta to its copy of the desired state (checking the content
+//! version), hands the changed services to a backend that programs the kernel, and answers
+//! every version with an ACK or a NACK. It keeps its last state when the controlplane is gone.
+
+pub mod state;
+pub mod stream;

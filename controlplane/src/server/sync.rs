@@ -1,0 +1,144 @@
+//! `kpx.v1.Sync`: one task per node stream sends what the cache plans, one update at a time.
+
+use super::chunk::chunk_update;
+use crate::cache::Cache;
+use futures::Stream;
+use kpx_proto::v1 as pb;
+use kpx_proto::v1::node_message::Msg;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// How long a new stream may take to send Subscribe.
+    pub subscribe_timeout: Duration,
+    /// After a NACK, how long before the same version is offered again.
+    pub nack_retry: Duration,
+    pub max_chunk_bytes: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            subscribe_timeout: Duration::from_secs(10),
+            nack_retry: Duration::from_secs(30),
+            max_chunk_bytes: kpx_proto::MAX_CHUNK_BYTES,
+        }
+    }
+}
+
+pub struct SyncService {
+    cache: Arc<Cache>,
+    config: SyncConfig,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SyncService {
+    /// `shutdown` turning true ends every node stream, so that a graceful server shutdown is
+    /// not held up by streams that never end on their own; nodes reconnect to another replica.
+    pub fn new(cache: Arc<Cache>, config: SyncConfig, shutdown: watch::Receiver<bool>) -> Self {
+        SyncService { cache, config, shutdown }
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::sync_server::Sync for SyncService {
+    type SyncStream = UpdateStream;
+
+    async fn sync(&self, request: Request<Streaming<pb::NodeMessage>>) -> Result<Response<UpdateStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.config.subscribe_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Subscribe received"))??;
+        let sub = match first.and_then(|m| m.msg) {
+            Some(Msg::Subscribe(s)) => s,
+            _ => return Err(Status::invalid_argument("the first message on a Sync stream must be Subscribe")),
+        };
+        if sub.node_name.is_empty() {
+            return Err(Status::invalid_argument("Subscribe.node_name is empty"));
+        }
+        let subscription = self.cache.subscribe(&sub);
+        // Two messages of buffer: flow control is the ack, not this channel.
+        let (tx, rx) = mpsc::channel(2);
+        let span = tracing::info_span!("node_stream", node = %sub.node_name, conn = subscription.conn);
+        let driver = NodeStream {
+            cache: self.cache.clone(),
+            config: self.config.clone(),
+            node: sub.node_name,
+            conn: subscription.conn,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(driver.run(subscription.wake, inbound, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct NodeStream {
+    cache: Arc<Cache>,
+    config: SyncConfig,
+    node: String,
+    conn: u64,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl NodeStream {
+    async fn run(
+        mut self,
+        mut wake: tokio::sync::watch::Receiver<u64>,
+        mut inbound: Streaming<pb::NodeMessage>,
+        tx: mpsc::Sender<Result<pb::Update, Status>>,
+    ) {
+        let end = loop {
+            wake.borrow_and_update();
+            if !self.cache.is_current(&self.node, self.conn) {
+                break "superseded by a newer stream";
+            }
+            if let Some(plan) = self.cache.next_update(&self.node, self.conn) {
+                tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
+                let mut closed = false;
+                for chunk in chunk_update(plan, self.config.max_chunk_bytes) {
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        closed = true;
+                        break;
+                    }
+                }
+                if closed {
+                    break "stream closed";
+                }
+            }
+            let rejected = self.cache.is_rejected(&self.node);
+            tokio::select! {
+                changed = wake.changed() => if changed.is_err() { break "node record removed" },
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::NodeMessage { msg: Some(Msg::Ack(ack)) })) => self.cache.on_ack(&self.node, self.conn, &ack),
+                    Ok(Some(_)) => {
+                        let _ = tx.send(Err(Status::invalid_argument("only Ack may follow Subscribe on a Sync stream"))).await;
+                        break "protocol error";
+                    }
+                    Ok(None) => break "node closed the stream",
+                    Err(status) => {
+                        tracing::debug!(%status, "stream error");
+                        break "stream error";
+                    }
+                },
+                _ = tokio::time::sleep(self.config.nack_retry), if rejected => self.cache.retry_rejected(&self.node, self.conn),
+                _ = tx.closed() => break "stream closed",
+                _ = shutting_down(&mut self.shutdown) => break "controlplane shutting down",
+            }
+        };
+        tracing::debug!(reason = end, "node stream ended");
+        self.cache.disconnect(&self.node, self.conn);
+    }
+}
+
+async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns is not Send; drop it before the select sees it.
+    let _ = rx.wait_for(|s| *s).await.is_ok();
+}

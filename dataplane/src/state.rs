@@ -1,0 +1,171 @@
+//! The node's copy of its desired state, updated by snapshots and deltas.
+//!
+//! Applying follows the protocol's order (service removals, endpoint removals, service
+//! upserts, endpoint upserts) and then checks the content hash of the result against the
+//! update's version, so a node notices if it ever drifts from what the controlplane thinks
+//! it runs.
+
+use kpx_proto::v1 as pb;
+use kpx_proto::version::{self, ContentHash};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ApplyError {
+    #[error("delta is based on version {base} but this node runs {current}")]
+    WrongBase { base: String, current: String },
+    #[error("endpoint {ip} refers to service {service}, which this node does not have")]
+    OrphanEndpoint { service: String, ip: String },
+    #[error("after applying, the state hashes to {actual} instead of version {expected}")]
+    VersionMismatch { expected: String, actual: String },
+    #[error("update carries an invalid version {0:?}")]
+    BadVersion(String),
+}
+
+impl ApplyError {
+    /// Only a snapshot can repair this node's state.
+    pub fn needs_snapshot(&self) -> bool {
+        true
+    }
+}
+
+/// What one update changed: backends re-render only these services.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ChangeSet {
+    pub full: bool,
+    /// "namespace/name" of every service whose entry or endpoints changed (or that was removed).
+    pub services: BTreeSet<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ServiceEntry {
+    pub service: pb::Service,
+    /// By IP.
+    pub endpoints: BTreeMap<String, pb::Endpoint>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct AppliedState {
+    services: BTreeMap<String, ServiceEntry>,
+    hash: ContentHash,
+    version: Option<ContentHash>,
+}
+
+fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl AppliedState {
+    /// The version this state was last confirmed to be, if any.
+    pub fn version(&self) -> Option<ContentHash> {
+        self.version
+    }
+
+    pub fn services(&self) -> &BTreeMap<String, ServiceEntry> {
+        &self.services
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.services.values().map(|s| s.endpoints.len()).sum()
+    }
+
+    /// Applies one whole update (all chunks merged). On error the state may be partly
+    /// changed and its version is cleared: the node must ask for a snapshot.
+    pub fn apply(&mut self, u: &pb::Update) -> Result<ChangeSet, ApplyError> {
+        let target = ContentHash::parse_version(&u.version).ok_or_else(|| ApplyError::BadVersion(u.version.clone()))?;
+        let mut changes = ChangeSet { full: u.full, ..Default::default() };
+        if u.full {
+            changes.services.extend(self.services.keys().cloned());
+            self.services.clear();
+            self.hash = ContentHash::EMPTY;
+        } else {
+            let current = self.version.map(|v| v.to_version()).unwrap_or_default();
+            if u.base_version != current {
+                return Err(ApplyError::WrongBase { base: u.base_version.clone(), current });
+            }
+        }
+        let result = self.apply_entries(u, &mut changes);
+        self.version = None;
+        result?;
+        if self.hash != target {
+            return Err(ApplyError::VersionMismatch { expected: u.version.clone(), actual: self.hash.to_version() });
+        }
+        self.version = Some(target);
+        Ok(changes)
+    }
+
+    fn apply_entries(&mut self, u: &pb::Update, changes: &mut ChangeSet) -> Result<(), ApplyError> {
+        for r in &u.services_removed {
+            let k = key(&r.namespace, &r.name);
+            if let Some(old) = self.services.remove(&k) {
+                self.hash.remove(version::service_hash(&old.service));
+                for e in old.endpoints.values() {
+                    self.hash.remove(version::endpoint_hash(e));
+                }
+                changes.services.insert(k);
+            }
+        }
+        for r in &u.endpoints_removed {
+            if let Some(s) = self.services.get_mut(&r.service)
+                && let Some(old) = s.endpoints.remove(&r.ip)
+            {
+                self.hash.remove(version::endpoint_hash(&old));
+                changes.services.insert(r.service.clone());
+            }
+        }
+        for s in &u.services_upserted {
+            let k = key(&s.namespace, &s.name);
+            let entry = self.services.entry(k.clone()).or_default();
+            if entry.service != pb::Service::default() {
+                self.hash.remove(version::service_hash(&entry.service));
+            }
+            self.hash.add(version::service_hash(s));
+            entry.service = s.clone();
+            changes.services.insert(k);
+        }
+        for e in &u.endpoints_upserted {
+            let Some(s) = self.services.get_mut(&e.service) else {
+                return Err(ApplyError::OrphanEndpoint { service: e.service.clone(), ip: e.ip.clone() });
+            };
+            if let Some(old) = s.endpoints.insert(e.ip.clone(), e.clone()) {
+                self.hash.remove(version::endpoint_hash(&old));
+            }
+            self.hash.add(version::endpoint_hash(e));
+            changes.services.insert(e.service.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Collects the chunks of one update (same nonce, `more` set on all but the last).
+#[derive(Debug, Default)]
+pub struct ChunkAssembler {
+    pending: Option<pb::Update>,
+}
+
+impl ChunkAssembler {
+    /// Returns the whole update once its last chunk arrived. A chunk with a new nonce drops an
+    /// unfinished update (the controlplane only abandons one when the stream restarts).
+    pub fn push(&mut self, chunk: pb::Update) -> Option<pb::Update> {
+        let merged = match self.pending.take() {
+            Some(mut p) if p.nonce == chunk.nonce => {
+                p.services_removed.extend(chunk.services_removed);
+                p.endpoints_removed.extend(chunk.endpoints_removed);
+                p.services_upserted.extend(chunk.services_upserted);
+                p.endpoints_upserted.extend(chunk.endpoints_upserted);
+                p.causes.extend(chunk.causes);
+                p.more = chunk.more;
+                p
+            }
+            _ => chunk,
+        };
+        if merged.more {
+            self.pending = Some(merged);
+            None
+        } else {
+            Some(merged)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+use super::*;
+
+fn svc(name: &str) -> pb::Service {
+    pb::Service {
+        namespace: "ns".into(),
+        name: name.into(),
+        cluster_ips: vec!["10.96.0.1".into()],
+        ..Default::default()
+    }
+}
+
+fn ep(service: &str, ip: &str) -> pb::Endpoint {
+    pb::Endpoint { service: format!("ns/{service}"), ip: ip.into(), for_cluster: true, ..Default::default() }
+}
+
+fn version_of(services: &[pb::Service], endpoints: &[pb::Endpoint]) -> String {
+    let mut h = ContentHash::EMPTY;
+    services.iter().for_each(|s| h.add(version::service_hash(s)));
+    endpoints.iter().for_each(|e| h.add(version::endpoint_hash(e)));
+    h.to_version()
+}
+
+fn snapshot(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> pb::Update {
+    pb::Update {
+        version: version_of(&services, &endpoints),
+        full: true,
+        services_upserted: services,
+        endpoints_upserted: endpoints,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn snapshot_then_delta_reaches_the_announced_version() {
+    let mut st = AppliedState::default();
+    let snap = snapshot(vec![svc("a"), svc("b")], vec![ep("a", "10.0.0.1"), ep("a", "10.0.0.2")]);
+    st.apply(&snap).unwrap();
+    assert_eq!(st.version().unwrap().to_version(), snap.version);
+    let delta = pb::Update {
+        base_version: snap.version.clone(),
+        version: version_of(&[svc("a"), svc("b")], &[ep("a", "10.0.0.1"), ep("a", "10.0.0.3")]),
+        endpoints_removed: vec![pb::EndpointRef { service: "ns/a".into(), ip: "10.0.0.2".into() }],
+        endpoints_upserted: vec![ep("a", "10.0.0.3")],
+        ..Default::default()
+    };
+    let changes = st.apply(&delta).unwrap();
+    assert_eq!(changes.services.iter().collect::<Vec<_>>(), ["ns/a"]);
+    assert_eq!(st.services()["ns/a"].endpoints.keys().collect::<Vec<_>>(), ["10.0.0.1", "10.0.0.3"]);
+}
+
+#[test]
+fn service_removal_drops_its_endpoints() {
+    let mut st = AppliedState::default();
+    let snap = snapshot(vec![svc("a")], vec![ep("a", "10.0.0.1")]);
+    st.apply(&snap).unwrap();
+    let delta = pb::Update {
+        base_version: snap.version.clone(),
+        version: ContentHash::EMPTY.to_version(),
+        services_removed: vec![pb::ServiceRef { namespace: "ns".into(), name: "a".into() }],
+        ..Default::default()
+    };
+    st.apply(&delta).unwrap();
+    assert_eq!(st.endpoint_count(), 0);
+    assert_eq!(st.version(), Some(ContentHash::EMPTY));
+}
+
+#[test]
+fn delta_on_wrong_base_is_refused_without_change() {
+    let mut st = AppliedState::default();
+    st.apply(&snapshot(vec![svc("a")], vec![])).unwrap();
+    let before = st.version();
+    let delta = pb::Update { base_version: "f".repeat(32), version: "0".repeat(32), ..Default::default() };
+    assert!(matches!(st.apply(&delta), Err(ApplyError::WrongBase { .. })));
+    assert_eq!(st.version(), before, "a refused delta leaves the state as it was");
+}
+
+#[test]
+fn version_mismatch_is_detected() {
+    let mut st = AppliedState::default();
+    let mut snap = snapshot(vec![svc("a")], vec![ep("a", "10.0.0.1")]);
+    snap.version = "1".repeat(32);
+    assert!(matches!(st.apply(&snap), Err(ApplyError::VersionMismatch { .. })));
+    assert_eq!(st.version(), None);
+}
+
+#[test]
+fn orphan_endpoint_is_an_error() {
+    let mut st = AppliedState::default();
+    let snap = snapshot(vec![], vec![ep("a", "10.0.0.1")]);
+    assert!(matches!(st.apply(&snap), Err(ApplyError::OrphanEndpoint { .. })));
+}
+
+#[test]
+fn chunks_are_merged_by_nonce() {
+    let mut a = ChunkAssembler::default();
+    let c1 = pb::Update { nonce: 1, more: true, endpoints_upserted: vec![ep("a", "10.0.0.1")], ..Default::default() };
+    let c2 = pb::Update { nonce: 1, more: false, endpoints_upserted: vec![ep("a", "10.0.0.2")], ..Default::default() };
+    assert!(a.push(c1).is_none());
+    let whole = a.push(c2).unwrap();
+    assert_eq!(whole.endpoints_upserted.len(), 2);
+    // A new nonce abandons an unfinished update.
+    assert!(a.push(pb::Update { nonce: 2, more: true, ..Default::default() }).is_none());
+    let w = a.push(pb::Update { nonce: 3, more: false, ..Default::default() }).unwrap();
+    assert_eq!(w.nonce, 3);
+}

@@ -1,0 +1,292 @@
+//! The node's side of the Sync stream: subscribe, apply, ack or nack, reconnect.
+//!
+//! [`Session::run`] drives one stream; [`run_forever`] reconnects with exponential backoff and
+//! jitter and keeps the applied state across streams, so a reconnect reports the version the
+//! node runs and the controlplane answers with a delta (or nothing) instead of a snapshot.
+//! While the controlplane is unreachable nothing is torn down: the kernel keeps its rules.
+
+use crate::state::{AppliedState, ChangeSet};
+use kpx_proto::v1 as pb;
+use kpx_proto::v1::sync_client::SyncClient;
+use prost::Message;
+use rand::Rng;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+/// Programs what the node's state says. Implemented by the kernel backends; tests and
+/// benchmarks use in-memory ones.
+pub trait Apply: Send {
+    /// Called after `state` took in an update; `changes` names what changed. An error makes the
+    /// node NACK the version.
+    fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String>;
+}
+
+impl<T: Apply + ?Sized> Apply for Box<T> {
+    fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        (**self).apply(state, changes)
+    }
+}
+
+/// Does nothing: for nodes that only keep the state (simulations, dry runs).
+#[derive(Debug, Default)]
+pub struct NoBackend;
+
+impl Apply for NoBackend {
+    fn apply(&mut self, _: &AppliedState, _: &ChangeSet) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub node_name: String,
+    pub backend: String,
+    pub ip_families: Vec<String>,
+    pub zone: String,
+}
+
+/// What happened on the stream, for observers (metrics, tests, benchmarks).
+#[derive(Clone, Debug)]
+pub enum SyncEvent {
+    Connected,
+    Applied {
+        nonce: u64,
+        version: String,
+        full: bool,
+        entries: usize,
+        wire_bytes: usize,
+        chunks: usize,
+        apply: Duration,
+    },
+    Rejected {
+        nonce: u64,
+        version: String,
+        error: String,
+    },
+    Disconnected {
+        error: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("cannot connect to the controlplane at {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("invalid controlplane address {0:?}")]
+    BadEndpoint(String),
+    #[error("controlplane stream failed: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("controlplane closed the stream")]
+    Closed,
+}
+
+pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, StreamError> {
+    let ep = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|_| StreamError::BadEndpoint(endpoint.to_string()))?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    ep.connect().await.map_err(|source| StreamError::Connect { endpoint: endpoint.to_string(), source })
+}
+
+/// One node's sync state, kept across streams.
+pub struct Session<A: Apply> {
+    pub identity: NodeIdentity,
+    pub state: AppliedState,
+    pub backend: A,
+    pub events: Option<mpsc::UnboundedSender<SyncEvent>>,
+}
+
+impl<A: Apply> Session<A> {
+    pub fn new(identity: NodeIdentity, backend: A) -> Self {
+        Session { identity, state: AppliedState::default(), backend, events: None }
+    }
+
+    fn emit(&self, e: SyncEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// Runs one Sync stream until it ends. Returns the reason it ended.
+    pub async fn run(&mut self, channel: Channel) -> StreamError {
+        self.run_until(channel, std::future::pending()).await
+    }
+
+    /// Like [`Session::run`], but hangs up when `stop` resolves (the state is kept).
+    pub async fn run_until(&mut self, channel: Channel, stop: impl std::future::Future<Output = ()>) -> StreamError {
+        tokio::select! {
+            r = self.run_inner(channel) => match r {
+                Ok(()) => StreamError::Closed,
+                Err(e) => e,
+            },
+            _ = stop => StreamError::Closed,
+        }
+    }
+
+    async fn run_inner(&mut self, channel: Channel) -> Result<(), StreamError> {
+        let (tx, rx) = mpsc::channel::<pb::NodeMessage>(4);
+        let subscribe = pb::Subscribe {
+            node_name: self.identity.node_name.clone(),
+            backend: self.identity.backend.clone(),
+            ip_families: self.identity.ip_families.clone(),
+            zone: self.identity.zone.clone(),
+            applied_version: self.state.version().map(|v| v.to_version()).unwrap_or_default(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Subscribe(subscribe)) })
+            .await
+            .map_err(|_| StreamError::Closed)?;
+        let mut client = SyncClient::new(channel).max_decoding_message_size(4 * kpx_proto::MAX_CHUNK_BYTES);
+        let mut inbound = client.sync(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        self.emit(SyncEvent::Connected);
+        let mut assembler = crate::state::ChunkAssembler::default();
+        let (mut wire_bytes, mut chunks) = (0usize, 0usize);
+        while let Some(chunk) = inbound.message().await? {
+            wire_bytes += chunk.encoded_len();
+            chunks += 1;
+            let Some(update) = assembler.push(chunk) else { continue };
+            let ack = self.apply(&update, std::mem::take(&mut wire_bytes), std::mem::take(&mut chunks));
+            tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Ack(ack)) })
+                .await
+                .map_err(|_| StreamError::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one whole update and builds the answer.
+    pub fn apply(&mut self, update: &pb::Update, wire_bytes: usize, chunks: usize) -> pb::Ack {
+        let started = Instant::now();
+        let entries = update.services_upserted.len()
+            + update.services_removed.len()
+            + update.endpoints_upserted.len()
+            + update.endpoints_removed.len();
+        let before = self.state.version();
+        let result = match self.state.apply(update) {
+            Ok(changes) => self.backend.apply(&self.state, &changes).map_err(|e| (e, false)),
+            Err(e) => Err((e.to_string(), e.needs_snapshot())),
+        };
+        let apply = started.elapsed();
+        match result {
+            Ok(()) => {
+                tracing::debug!(version = %update.version, full = update.full, entries, "applied");
+                self.emit(SyncEvent::Applied {
+                    nonce: update.nonce,
+                    version: update.version.clone(),
+                    full: update.full,
+                    entries,
+                    wire_bytes,
+                    chunks,
+                    apply,
+                });
+                pb::Ack {
+                    nonce: update.nonce,
+                    version: update.version.clone(),
+                    error: String::new(),
+                    apply_micros: apply.as_micros() as u64,
+                    need_snapshot: false,
+                }
+            }
+            Err((error, need_snapshot)) => {
+                tracing::warn!(version = %update.version, %error, "rejecting update");
+                self.emit(SyncEvent::Rejected {
+                    nonce: update.nonce,
+                    version: update.version.clone(),
+                    error: error.clone(),
+                });
+                // A refused delta leaves the state as it was; anything else leaves it unknown.
+                let still = if self.state.version().is_some() { self.state.version() } else { None };
+                let version =
+                    still.or(if need_snapshot { None } else { before }).map(|v| v.to_version()).unwrap_or_default();
+                pb::Ack {
+                    nonce: update.nonce,
+                    version,
+                    error,
+                    apply_micros: apply.as_micros() as u64,
+                    need_snapshot: need_snapshot || still.is_none(),
+                }
+            }
+        }
+    }
+}
+
+/// Reconnect backoff: exponential from `initial` to `max`, with up to 50% jitter so that
+/// thousands of nodes do not reconnect in lockstep after a controlplane restart.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff { initial, max, current: initial }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = rand::rng().random_range(0.0..0.5);
+        base.mul_f64(1.0 + jitter).min(self.max.mul_f64(1.5))
+    }
+}
+
+/// Keeps a session subscribed until `shutdown` resolves, reconnecting with backoff.
+pub async fn run_forever<A: Apply>(
+    session: &mut Session<A>,
+    endpoint: &str,
+    mut backoff: Backoff,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let started = Instant::now();
+        let attempt = async {
+            match connect(endpoint, Duration::from_secs(5)).await {
+                Ok(channel) => session.run(channel).await,
+                Err(e) => e,
+            }
+        };
+        let error = tokio::select! {
+            _ = &mut shutdown => return,
+            e = attempt => e,
+        };
+        // A stream that worked for a while starts the backoff over.
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        session.emit(SyncEvent::Disconnected { error: error.to_string() });
+        let delay = backoff.next_delay();
+        tracing::warn!(%error, retry_in = ?delay, "controlplane stream ended; keeping current rules");
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(150));
+        assert!(d[3] >= Duration::from_millis(800));
+        assert!(d.iter().all(|x| *x <= Duration::from_secs(3)));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(150));
+    }
+}
