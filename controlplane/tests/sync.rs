@@ -314,3 +314,34 @@ async fn a_stream_must_start_with_subscribe() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn a_change_only_local_to_one_node_leaves_other_nodes_alone() {
+    let cp = Controlplane::start(fast()).await;
+    for n in ["node-a", "node-b", "node-c"] {
+        cp.send(node_event(n, None));
+    }
+    // Both policies Local: only the hosting node has anything to program for this service.
+    let mut svc = cluster_ip_service("default", "both-local", "10.96.0.30", 80);
+    svc.service_type = kpx_controlplane::model::ServiceType::NodePort;
+    svc.ports[0].node_port = 30090;
+    svc.external_policy_local = true;
+    svc.internal_policy_local = true;
+    cp.send(service_event(svc));
+    cp.send(slice_event(slice("default", "both-local", "bl-1", 8080, vec![endpoint("10.244.1.5", "node-a")])));
+    cp.send(ClusterEvent::Synced);
+    let before: Vec<_> = {
+        cp.wait_node("node-c", "published", |n| !n.desired_version.is_empty()).await;
+        cp.nodes().await
+    };
+
+    cp.send(slice_event(slice("default", "both-local", "bl-1", 8080, vec![endpoint("10.244.1.5", "node-a"), endpoint("10.244.1.6", "node-a")])));
+    let a_before = before.iter().find(|n| n.name == "node-a").unwrap().desired_version.clone();
+    cp.wait_node("node-a", "its local view to change", |n| n.desired_version != a_before).await;
+    let after = cp.nodes().await;
+    for name in ["node-b", "node-c"] {
+        let v = |l: &[kpx_proto::v1::NodeStatus]| l.iter().find(|n| n.name == name).unwrap().desired_version.clone();
+        assert_eq!(v(&before), v(&after), "{name} hosts nothing of the service; its state must not change");
+    }
+    cp.stop().await;
+}
