@@ -130,7 +130,9 @@ pub async fn serve(
         )
         .add_service(kpx_proto::v1::inspect_server::InspectServer::new(InspectService::new(cache.clone())));
     tracing::info!(addr = ?addr, "serving kpx.v1.Sync and kpx.v1.Inspect");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // serve_with_incoming ignores the builder's tcp_nodelay: without it, Nagle plus the peer's
+    // delayed ACK hold back every small response by ~40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         let _ = stop_streams.send(true);

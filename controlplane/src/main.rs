@@ -24,7 +24,7 @@ struct Flags {
     manifests_poll_interval: Duration,
     /// kubeconfig for the apiserver; in-cluster config (or $KUBECONFIG / ~/.kube/config) when
     /// omitted.
-    #[arg(long, value_name = "PATH", env = "KUBECONFIG")]
+    #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
     /// Changes kept for catching nodes up with deltas instead of snapshots.
     #[arg(long, default_value_t = CacheConfig::default().log_capacity)]

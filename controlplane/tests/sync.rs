@@ -335,7 +335,13 @@ async fn a_change_only_local_to_one_node_leaves_other_nodes_alone() {
         cp.nodes().await
     };
 
-    cp.send(slice_event(slice("default", "both-local", "bl-1", 8080, vec![endpoint("10.244.1.5", "node-a"), endpoint("10.244.1.6", "node-a")])));
+    cp.send(slice_event(slice(
+        "default",
+        "both-local",
+        "bl-1",
+        8080,
+        vec![endpoint("10.244.1.5", "node-a"), endpoint("10.244.1.6", "node-a")],
+    )));
     let a_before = before.iter().find(|n| n.name == "node-a").unwrap().desired_version.clone();
     cp.wait_node("node-a", "its local view to change", |n| n.desired_version != a_before).await;
     let after = cp.nodes().await;

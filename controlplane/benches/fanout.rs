@@ -1,0 +1,553 @@
+//! Fan-out benchmark: one controlplane in this process on loopback, fed a synthetic cluster
+//! from a channel, and N simulated nodes, each a real Sync stream driven by the dataplane's
+//! `Session` with a backend that does nothing. Prints figures; asserts nothing.
+//!
+//! `cargo bench -p kpx-controlplane --bench fanout -- [--nodes N] [--services S]
+//! [--endpoints E] [--changes C] [--nodes-per-channel K] [--max-rss-gib G] [--seed X]`
+//!
+//! Without `--bench` (that is, under `cargo test --all-targets`) it runs a tiny smoke
+//! configuration so it stays a quick sanity check.
+//!
+//! Nodes and controlplane share the process, so the memory figures include the nodes' copies
+//! of their state; the figure taken before any node connects is the cluster model alone.
+
+use kpx_controlplane::cache::CacheConfig;
+use kpx_controlplane::model::*;
+use kpx_controlplane::server::SyncConfig;
+use kpx_controlplane::source::{ClusterSource, SourceError};
+use kpx_dataplane::stream::{NoBackend, NodeIdentity, Session, SyncEvent};
+use kpx_proto::v1 as pb;
+use prost::Message;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// Targets the design is held to (printed, never asserted).
+const TARGET_P99: Duration = Duration::from_millis(250);
+const TARGET_MEMORY: u64 = 1 << 30;
+const TARGET_CHANGE_BYTES: f64 = 256.0;
+
+#[derive(Debug)]
+struct Args {
+    nodes: usize,
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+    nodes_per_channel: usize,
+    max_rss_gib: f64,
+    seed: u64,
+    smoke: bool,
+}
+
+fn parse_args() -> Args {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = !argv.iter().any(|a| a == "--bench");
+    let mut a = if smoke {
+        Args {
+            nodes: 3,
+            services: 20,
+            endpoints: 200,
+            changes: 5,
+            nodes_per_channel: 100,
+            max_rss_gib: 12.0,
+            seed: 1,
+            smoke,
+        }
+    } else {
+        Args {
+            nodes: 1000,
+            services: 10_000,
+            endpoints: 100_000,
+            changes: 50,
+            nodes_per_channel: 100,
+            max_rss_gib: 12.0,
+            seed: 1,
+            smoke,
+        }
+    };
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| -> String { it.next().unwrap_or_else(|| panic!("{name} needs a value")).clone() };
+        match flag.as_str() {
+            "--nodes" => a.nodes = value(flag).parse().expect("--nodes N"),
+            "--services" => a.services = value(flag).parse().expect("--services S"),
+            "--endpoints" => a.endpoints = value(flag).parse().expect("--endpoints E"),
+            "--changes" => a.changes = value(flag).parse().expect("--changes C"),
+            "--nodes-per-channel" => a.nodes_per_channel = value(flag).parse().expect("--nodes-per-channel K"),
+            "--max-rss-gib" => a.max_rss_gib = value(flag).parse().expect("--max-rss-gib G"),
+            "--seed" => a.seed = value(flag).parse().expect("--seed X"),
+            // cargo passes --bench; libtest-style filters and flags are ignored.
+            _ => {}
+        }
+    }
+    assert!(a.nodes > 0 && a.services > 0 && a.endpoints >= a.services, "need nodes, services and endpoints");
+    a.nodes_per_channel = a.nodes_per_channel.max(1);
+    a
+}
+
+/// A source the benchmark feeds by hand.
+struct ChannelSource(mpsc::UnboundedReceiver<ClusterEvent>);
+
+impl ClusterSource for ChannelSource {
+    fn run(
+        self: Box<Self>,
+        events: mpsc::Sender<ClusterEvent>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
+        let mut rx = self.0;
+        Box::pin(async move {
+            while let Some(e) = rx.recv().await {
+                events.send(e).await.map_err(|_| SourceError::Closed)?;
+            }
+            std::future::pending().await
+        })
+    }
+}
+
+/// The synthetic cluster: one slice per service, endpoints round-robin over the nodes.
+struct Cluster {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    next_ip: u32,
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn pod_ip(n: u32) -> IpAddr {
+    // 10.128.0.0/9 and up: room for 8M endpoints.
+    IpAddr::V4(Ipv4Addr::from(0x0a80_0000 + n))
+}
+
+fn endpoint(n: u32, nodes: usize) -> SliceEndpoint {
+    SliceEndpoint {
+        ip: pod_ip(n),
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: Some(node_name(n as usize % nodes)),
+        zone: None,
+        zone_hints: None,
+        node_hints: None,
+    }
+}
+
+fn build_cluster(a: &Args) -> Cluster {
+    let (mut services, mut slices) = (Vec::with_capacity(a.services), Vec::with_capacity(a.services));
+    let mut next_ip = 0u32;
+    for i in 0..a.services {
+        let key = ServiceKey::new(format!("ns-{}", i % 50), format!("svc-{i}"));
+        // Every 20th service (5%) is a NodePort with externalTrafficPolicy: Local.
+        let local = i % 20 == 0;
+        services.push(Service {
+            key: key.clone(),
+            service_type: if local { ServiceType::NodePort } else { ServiceType::ClusterIp },
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i as u32))],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: if local { 30000 + (i % 2000) as u16 } else { 0 },
+            }],
+            session_affinity_timeout: None,
+            external_policy_local: local,
+            internal_policy_local: false,
+            health_check_node_port: 0,
+            topology_aware: false,
+        });
+        let count = a.endpoints / a.services + usize::from(i < a.endpoints % a.services);
+        let endpoints = (0..count)
+            .map(|_| {
+                next_ip += 1;
+                endpoint(next_ip, a.nodes)
+            })
+            .collect();
+        slices.push(EndpointSlice {
+            key: ServiceKey::new(key.namespace.clone(), format!("{}-abcde", key.name)),
+            service: key,
+            family: IpFamily::V4,
+            ports: vec![SlicePort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
+            endpoints,
+            trigger_time: None,
+        });
+    }
+    Cluster { services, slices, next_ip }
+}
+
+impl Cluster {
+    /// One endpoint added, removed or its readiness flipped in a random slice. Returns the slice
+    /// index and what was done.
+    fn change(&mut self, rng: &mut StdRng, nodes: usize) -> (usize, &'static str) {
+        let i = rng.random_range(0..self.slices.len());
+        let slice = &mut self.slices[i];
+        let what = match rng.random_range(0..3) {
+            1 if slice.endpoints.len() > 1 => {
+                let j = rng.random_range(0..slice.endpoints.len());
+                slice.endpoints.remove(j);
+                "remove"
+            }
+            2 if !slice.endpoints.is_empty() => {
+                let j = rng.random_range(0..slice.endpoints.len());
+                let e = &mut slice.endpoints[j];
+                e.ready = !e.ready;
+                e.serving = e.ready;
+                "flip"
+            }
+            _ => {
+                self.next_ip += 1;
+                slice.endpoints.push(endpoint(self.next_ip, nodes));
+                "add"
+            }
+        };
+        (i, what)
+    }
+}
+
+/// Resident and peak memory of this process (kB values of /proc/self/status, in bytes).
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+/// Stops the process before it eats the machine (the nodes' copies of the state grow with
+/// nodes x endpoints, and every connecting node gets its own snapshot).
+fn watchdog(limit_gib: f64) {
+    let limit = (limit_gib * (1u64 << 30) as f64) as u64;
+    std::thread::spawn(move || {
+        loop {
+            let (rss, _) = memory();
+            if rss > limit {
+                eprintln!("fanout: RSS {} exceeds --max-rss-gib {limit_gib}; aborting", mib(rss));
+                std::process::exit(2);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Waits for `n` Applied events of the given kind; returns their wire bytes. Other events are
+/// counted as trouble.
+async fn await_applied(
+    rx: &mut mpsc::UnboundedReceiver<SyncEvent>,
+    n: usize,
+    want_full: bool,
+    timeout: Duration,
+) -> Result<Vec<usize>, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut bytes = Vec::with_capacity(n);
+    while bytes.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return Err(format!("timed out with {}/{n} nodes applied", bytes.len())),
+            Ok(None) => return Err("every node session ended".into()),
+            Ok(Some(SyncEvent::Connected)) => {}
+            Ok(Some(SyncEvent::Applied { full, wire_bytes, .. })) if full == want_full => bytes.push(wire_bytes),
+            Ok(Some(other)) => return Err(format!("unexpected event {other:?}")),
+        }
+    }
+    Ok(bytes)
+}
+
+/// Polls ListNodes until every node acknowledged its desired version.
+async fn await_acked(
+    inspect: &mut pb::inspect_client::InspectClient<Channel>,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let nodes = inspect.list_nodes(pb::ListNodesRequest {}).await.map_err(|e| e.to_string())?.into_inner().nodes;
+        let done = nodes
+            .iter()
+            .filter(|s| s.connected && !s.desired_version.is_empty() && s.acked_version == s.desired_version)
+            .count();
+        if done >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{done}/{n} nodes acked"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn run(a: Args) -> Result<(), String> {
+    println!(
+        "fanout{}: {} nodes, {} services, {} endpoints, {} changes, {} nodes per HTTP/2 connection, {} cores",
+        if a.smoke { " (smoke run; pass --bench for the real one)" } else { "" },
+        a.nodes,
+        a.services,
+        a.endpoints,
+        a.changes,
+        a.nodes_per_channel,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
+    let (rss_start, _) = memory();
+    let mut cluster = build_cluster(&a);
+
+    // The controlplane, in process, on loopback.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let (events, rx) = mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kpx_controlplane::serve(
+        listener,
+        Box::new(ChannelSource(rx)),
+        Arc::new(Skips::default()),
+        CacheConfig::default(),
+        SyncConfig::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let send = |e: ClusterEvent| events.send(e).map_err(|_| "controlplane gone".to_string());
+    for s in &cluster.services {
+        send(ClusterEvent::Service(s.key.clone(), Some(s.clone())))?;
+    }
+    for s in &cluster.slices {
+        send(ClusterEvent::Slice(s.key.clone(), Some(s.clone())))?;
+    }
+    for i in 0..a.nodes {
+        let name = node_name(i);
+        send(ClusterEvent::Node(name.clone(), Some(Node { name, zone: None, addresses: vec![] })))?;
+    }
+    let mut inspect = {
+        let channel = kpx_dataplane::stream::connect(&url, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+        pb::inspect_client::InspectClient::new(channel).max_decoding_message_size(256 << 20)
+    };
+    // Events are applied in order: once every Node is listed, so is everything before it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while inspect.list_nodes(pb::ListNodesRequest {}).await.map_err(|e| e.to_string())?.into_inner().nodes.len()
+        < a.nodes
+    {
+        if Instant::now() > deadline {
+            return Err("the controlplane did not take in the cluster within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (rss_model, _) = memory();
+
+    // The nodes subscribe before the cache publishes, so the snapshot phase starts at Synced.
+    let channels = a.nodes.div_ceil(a.nodes_per_channel);
+    let mut conns = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        conns.push(kpx_dataplane::stream::connect(&url, Duration::from_secs(5)).await.map_err(|e| e.to_string())?);
+    }
+    let (node_tx, mut node_rx) = mpsc::unbounded_channel::<SyncEvent>();
+    let mut sessions = Vec::with_capacity(a.nodes);
+    for i in 0..a.nodes {
+        let identity = NodeIdentity {
+            node_name: node_name(i),
+            backend: "bench".into(),
+            ip_families: vec!["IPv4".into()],
+            zone: String::new(),
+        };
+        let mut session = Session::new(identity, NoBackend);
+        session.events = Some(node_tx.clone());
+        let channel = conns[i / a.nodes_per_channel].clone();
+        sessions.push(tokio::spawn(async move { session.run(channel).await }));
+    }
+    drop(node_tx);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let nodes = inspect.list_nodes(pb::ListNodesRequest {}).await.map_err(|e| e.to_string())?.into_inner().nodes;
+        if nodes.iter().filter(|n| n.connected).count() >= a.nodes {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("nodes did not all subscribe within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (rss_subscribed, _) = memory();
+
+    // 1. The initial snapshot to every node.
+    let started = Instant::now();
+    send(ClusterEvent::Synced)?;
+    let snapshot_bytes = await_applied(&mut node_rx, a.nodes, true, Duration::from_secs(1800)).await?;
+    let snapshot_time = started.elapsed();
+    let (rss_snapshots, hwm_snapshots) = memory();
+
+    // 5a. Baseline: one node's whole state, encoded once.
+    let state = inspect
+        .get_node_state(pb::GetNodeStateRequest { node_name: node_name(0) })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let mut whole = pb::Update { full: true, version: state.version.clone(), ..Default::default() };
+    let mut naive_by_service: HashMap<String, usize> = HashMap::new();
+    for s in state.services {
+        let service = s.service.unwrap_or_default();
+        let key = format!("{}/{}", service.namespace, service.name);
+        let one = pb::Update {
+            services_upserted: vec![service.clone()],
+            endpoints_upserted: s.endpoints.clone(),
+            ..Default::default()
+        };
+        naive_by_service.insert(key, one.encoded_len());
+        whole.services_upserted.push(service);
+        whole.endpoints_upserted.extend(s.endpoints);
+    }
+    let mut encode = Duration::MAX;
+    let mut encoded_len = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        encoded_len = std::hint::black_box(whole.encode_to_vec()).len();
+        encode = encode.min(t.elapsed());
+    }
+    drop(whole);
+
+    // 2./3. Single-endpoint changes, one at a time.
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    let (mut applied_lat, mut acked_lat) = (Vec::new(), Vec::new());
+    let (mut change_bytes, mut naive_bytes) = (Vec::new(), Vec::new());
+    let mut kinds: HashMap<&str, usize> = HashMap::new();
+    for _ in 0..a.changes {
+        let (i, what) = cluster.change(&mut rng, a.nodes);
+        *kinds.entry(what).or_default() += 1;
+        let slice = cluster.slices[i].clone();
+        naive_bytes.push(naive_by_service.get(&slice.service.to_string()).copied().unwrap_or(0));
+        let t = Instant::now();
+        send(ClusterEvent::Slice(slice.key.clone(), Some(slice)))?;
+        // Every change here alters the view every node shares, so every node is affected.
+        let bytes = await_applied(&mut node_rx, a.nodes, false, Duration::from_secs(120)).await?;
+        applied_lat.push(t.elapsed());
+        await_acked(&mut inspect, a.nodes, Duration::from_secs(120)).await?;
+        acked_lat.push(t.elapsed());
+        change_bytes.extend(bytes);
+    }
+    let (rss_end, hwm_end) = memory();
+
+    // Report.
+    let n = a.nodes as f64;
+    let snap_mean = snapshot_bytes.iter().sum::<usize>() as f64 / n;
+    let snap_max = snapshot_bytes.iter().copied().max().unwrap_or(0);
+    println!();
+    println!("1. initial snapshot, Synced -> every node applied it: {}", ms(snapshot_time));
+    println!(
+        "   snapshot bytes per node: mean {:.0}, max {snap_max} ({} total on loopback, {:.0} MB/s)",
+        snap_mean,
+        mib(snapshot_bytes.iter().sum::<usize>() as u64),
+        snapshot_bytes.iter().sum::<usize>() as f64 / snapshot_time.as_secs_f64() / 1e6,
+    );
+    println!(
+        "   baseline: one prost encode of node-0's whole state ({} bytes) takes {}; fan-out = {:.1} x one encode ({:.2} x per node)",
+        encoded_len,
+        ms(encode),
+        snapshot_time.as_secs_f64() / encode.as_secs_f64(),
+        snapshot_time.as_secs_f64() / encode.as_secs_f64() / n,
+    );
+    applied_lat.sort();
+    acked_lat.sort();
+    println!(
+        "2. {} one-endpoint changes ({}), send -> every node applied (SyncEvent::Applied; the ACK is sent right after):",
+        a.changes,
+        {
+            let mut k: Vec<_> = kinds.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            k.sort();
+            k.join(", ")
+        }
+    );
+    if !applied_lat.is_empty() {
+        let p99 = quantile(&applied_lat, 0.99);
+        println!(
+            "   p50 {}  p99 {}  max {}   [target p99 <= 250 ms at 5,000 nodes: {}{}]",
+            ms(quantile(&applied_lat, 0.5)),
+            ms(p99),
+            ms(*applied_lat.last().expect("non-empty")),
+            verdict(p99 <= TARGET_P99),
+            if a.nodes < 5000 { ", measured at fewer nodes" } else { "" },
+        );
+        println!(
+            "   send -> every ACK recorded (polling ListNodes every 2 ms after the above): p50 {}  p99 {}  max {}",
+            ms(quantile(&acked_lat, 0.5)),
+            ms(quantile(&acked_lat, 0.99)),
+            ms(*acked_lat.last().expect("non-empty")),
+        );
+        let mean = change_bytes.iter().sum::<usize>() as f64 / change_bytes.len().max(1) as f64;
+        let max = change_bytes.iter().copied().max().unwrap_or(0);
+        let naive = naive_bytes.iter().sum::<usize>() as f64 / naive_bytes.len().max(1) as f64;
+        println!(
+            "3. bytes per node per one-endpoint change: mean {mean:.0}, max {max}   [target <= 256: {}]",
+            verdict(max as f64 <= TARGET_CHANGE_BYTES)
+        );
+        println!(
+            "   baseline: resending the whole changed service would be {naive:.0} bytes on average ({:.1} x the delta)",
+            naive / mean.max(1.0)
+        );
+    }
+    let hwm = hwm_end.max(hwm_snapshots);
+    println!("4. memory (controlplane and the {} simulated nodes share this process):", a.nodes);
+    println!("   RSS at start {}", mib(rss_start));
+    println!("   RSS with the cluster model taken in, before any node connects: {}", mib(rss_model));
+    println!("   RSS with every node subscribed, before Synced: {}", mib(rss_subscribed));
+    println!(
+        "   RSS after the snapshots: {} (every node holds its own copy of its state); after the changes: {}",
+        mib(rss_snapshots),
+        mib(rss_end)
+    );
+    println!(
+        "   peak (VmHWM) {}   [target <= 1 GiB for the controlplane: {} for the whole process]",
+        mib(hwm),
+        verdict(hwm <= TARGET_MEMORY)
+    );
+
+    let _ = stop.send(());
+    for s in sessions {
+        s.abort();
+    }
+    match tokio::time::timeout(Duration::from_secs(10), server).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(format!("controlplane failed: {e}")),
+        Ok(Err(e)) => Err(format!("controlplane task: {e}")),
+        Err(_) => Err("controlplane did not stop within 10 s".into()),
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    watchdog(args.max_rss_gib);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let started = Instant::now();
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("fanout: {e}");
+        std::process::exit(1);
+    }
+    println!("total run time {}", ms(started.elapsed()));
+}

@@ -1,0 +1,116 @@
+//! The real `kpx-controlplane` binary as a child process, for end-to-end tests that drive it
+//! with real clients (grpcurl, kpxctl). Shared by `controlplane/tests/grpcurl.rs` and
+//! `client/tests/kpxctl_e2e.rs` (which includes this file by path).
+#![allow(dead_code)]
+
+use kpx_proto::v1::ListNodesRequest;
+use kpx_proto::v1::inspect_client::InspectClient;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a started controlplane may take to serve its first synced answer; generous for
+/// loaded CI machines, a healthy start takes well under a second.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts at a free port: another process may grab the port between our probe and the
+/// controlplane's bind.
+const PORT_ATTEMPTS: usize = 5;
+
+/// The example cluster (deploy/examples), as seen from a crate directory of the workspace.
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// A running `kpx-controlplane`; killed (and its log removed) on drop. When the test is
+/// panicking, the controlplane's log is printed first, since it usually says why.
+pub struct ControlplaneProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl ControlplaneProcess {
+    /// Starts `bin --listen 127.0.0.1:PORT --manifests DIR --manifests-poll-interval 100ms`
+    /// on a free port and waits until it answers with synced state.
+    pub fn start(bin: &Path, manifests: &Path) -> ControlplaneProcess {
+        assert!(bin.is_file(), "no controlplane binary at {}", bin.display());
+        for attempt in 1..=PORT_ATTEMPTS {
+            let addr = free_port();
+            let log = std::env::temp_dir().join(format!("kpx-e2e-controlplane-{}-{}.log", std::process::id(), addr));
+            let log_file = std::fs::File::create(&log).expect("create controlplane log");
+            let child = Command::new(bin)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--manifests")
+                .arg(manifests)
+                .args(["--manifests-poll-interval", "100ms"])
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+            let mut cp = ControlplaneProcess { child, addr, log };
+            match cp.wait_ready() {
+                Ok(()) => return cp,
+                Err(log) if log.contains("cannot listen on") && attempt < PORT_ATTEMPTS => {
+                    eprintln!("port {addr} was taken, retrying on another one");
+                }
+                Err(log) => panic!("kpx-controlplane did not become ready; its log:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Ready means: ListNodes answers with at least one node, and every node has a desired
+    /// version (empty until the cache has synced with the source). Err carries the log when the
+    /// process died or the time ran out.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let url = self.url();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(format!("(exited with {status})\n{}", self.log()));
+            }
+            let synced = rt.block_on(async {
+                let mut client = InspectClient::connect(url.clone()).await.ok()?;
+                let nodes = client.list_nodes(ListNodesRequest {}).await.ok()?.into_inner().nodes;
+                Some(!nodes.is_empty() && nodes.iter().all(|n| !n.desired_version.is_empty()))
+            });
+            if synced == Some(true) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("(not ready after {READY_TIMEOUT:?})\n{}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ControlplaneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- kpx-controlplane log ({}):\n{}", self.addr, self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A port that was free a moment ago (the OS picks it; we release it for the child to bind).
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap()
+}
