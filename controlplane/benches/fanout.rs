@@ -262,26 +262,30 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Waits for `n` Applied events of the given kind; returns their wire bytes. Other events are
-/// counted as trouble.
+/// Waits for `n` Applied events of the given kind; returns their wire bytes and the total time
+/// the nodes spent applying. Any other event is an error.
 async fn await_applied(
     rx: &mut mpsc::UnboundedReceiver<SyncEvent>,
     n: usize,
     want_full: bool,
     timeout: Duration,
-) -> Result<Vec<usize>, String> {
+) -> Result<(Vec<usize>, Duration), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut bytes = Vec::with_capacity(n);
+    let mut applying = Duration::ZERO;
     while bytes.len() < n {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Err(_) => return Err(format!("timed out with {}/{n} nodes applied", bytes.len())),
             Ok(None) => return Err("every node session ended".into()),
             Ok(Some(SyncEvent::Connected)) => {}
-            Ok(Some(SyncEvent::Applied { full, wire_bytes, .. })) if full == want_full => bytes.push(wire_bytes),
+            Ok(Some(SyncEvent::Applied { full, wire_bytes, apply, .. })) if full == want_full => {
+                bytes.push(wire_bytes);
+                applying += apply;
+            }
             Ok(Some(other)) => return Err(format!("unexpected event {other:?}")),
         }
     }
-    Ok(bytes)
+    Ok((bytes, applying))
 }
 
 /// Polls ListNodes until every node acknowledged its desired version.
@@ -400,7 +404,8 @@ async fn run(a: Args) -> Result<(), String> {
     // 1. The initial snapshot to every node.
     let started = Instant::now();
     send(ClusterEvent::Synced)?;
-    let snapshot_bytes = await_applied(&mut node_rx, a.nodes, true, Duration::from_secs(1800)).await?;
+    let (snapshot_bytes, snapshot_applying) =
+        await_applied(&mut node_rx, a.nodes, true, Duration::from_secs(1800)).await?;
     let snapshot_time = started.elapsed();
     let (rss_snapshots, hwm_snapshots) = memory();
 
@@ -446,7 +451,7 @@ async fn run(a: Args) -> Result<(), String> {
         let t = Instant::now();
         send(ClusterEvent::Slice(slice.key.clone(), Some(slice)))?;
         // Every change here alters the view every node shares, so every node is affected.
-        let bytes = await_applied(&mut node_rx, a.nodes, false, Duration::from_secs(120)).await?;
+        let (bytes, _) = await_applied(&mut node_rx, a.nodes, false, Duration::from_secs(120)).await?;
         applied_lat.push(t.elapsed());
         await_acked(&mut inspect, a.nodes, Duration::from_secs(120)).await?;
         acked_lat.push(t.elapsed());
@@ -472,6 +477,11 @@ async fn run(a: Args) -> Result<(), String> {
         ms(encode),
         snapshot_time.as_secs_f64() / encode.as_secs_f64(),
         snapshot_time.as_secs_f64() / encode.as_secs_f64() / n,
+    );
+    println!(
+        "   of which the nodes' Session::apply (state + hash check, no backend): {} in total, {} per node",
+        ms(snapshot_applying),
+        ms(snapshot_applying / a.nodes as u32),
     );
     applied_lat.sort();
     acked_lat.sort();

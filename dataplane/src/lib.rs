@@ -3,5 +3,6 @@
 //! version), hands the changed services to a backend that programs the kernel, and answers
 //! every version with an ACK or a NACK. It keeps its last state when the controlplane is gone.
 
+pub mod backend;
 pub mod state;
 pub mod stream;

@@ -1,0 +1,207 @@
+//! The real `kpxctl` binary against the real `kpx-controlplane` binary serving the example
+//! cluster (deploy/examples): what a person sees, exit codes included.
+//!
+//! Cargo only builds (and names, via CARGO_BIN_EXE_*) this crate's binaries for its tests, so the
+//! controlplane is found next to this test in the target directory (see `controlplane_bin`).
+
+#[path = "../../controlplane/tests/process/mod.rs"]
+mod process;
+
+use process::{ControlplaneProcess, examples_dir};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+/// `target/<profile>/kpx-controlplane`, next to this test. `cargo test --workspace` has just
+/// built it; otherwise (`cargo test -p kpx-client`) it is built here when missing or older than
+/// its sources. Not unconditionally: a `cargo build` here and the `cargo test` around it build
+/// the binary under different profiles and would rebuild it in turn on every run.
+fn controlplane_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // This test is target/<profile>/deps/kpxctl_e2e-<hash>.
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test executable in target/<profile>/deps");
+        let bin = profile_dir.join("kpx-controlplane");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources = ["controlplane", "proto", "Cargo.lock"].map(|p| newest_mtime(&workspace.join(p)));
+        let built = bin.metadata().and_then(|m| m.modified()).ok();
+        if built.is_some_and(|b| sources.iter().all(|s| *s <= b)) {
+            return bin;
+        }
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", "kpx-controlplane", "--bin", "kpx-controlplane"]);
+        match profile_dir.file_name().unwrap().to_str().unwrap() {
+            "debug" => {}
+            "release" => {
+                cargo.arg("--release");
+            }
+            other => {
+                cargo.args(["--profile", other]);
+            }
+        }
+        let status = cargo
+            .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target/<profile>"))
+            .current_dir(&workspace)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run cargo build -p kpx-controlplane");
+        assert!(status.success(), "cargo build -p kpx-controlplane: {status}");
+        assert!(bin.is_file(), "cargo built kpx-controlplane, but not at {}", bin.display());
+        bin
+    })
+}
+
+/// The newest modification time of a file or of any file under a directory.
+fn newest_mtime(path: &Path) -> SystemTime {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut newest = meta.modified().unwrap();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            newest = newest.max(newest_mtime(&entry.unwrap().path()));
+        }
+    }
+    newest
+}
+
+fn start() -> ControlplaneProcess {
+    ControlplaneProcess::start(controlplane_bin(), &examples_dir())
+}
+
+fn kpxctl(cp: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kpxctl"))
+        .args(["--controlplane", cp])
+        .args(args)
+        .env_remove("KPX_CONTROLPLANE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kpxctl")
+}
+
+/// Runs kpxctl, which must succeed; its stdout.
+fn ok(cp: &ControlplaneProcess, args: &[&str]) -> String {
+    let out = kpxctl(&cp.url(), args);
+    assert!(out.status.success(), "kpxctl {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "kpxctl {args:?} wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The table row whose first column is `key`.
+fn row<'a>(table: &'a str, key: &str) -> Vec<&'a str> {
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(key))
+        .unwrap_or_else(|| panic!("no row {key:?} in:\n{table}"));
+    line.split_whitespace().collect()
+}
+
+fn ips(endpoints: &Value, flag: &str) -> Vec<String> {
+    let mut ips: Vec<String> = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e[flag] == true)
+        .map(|e| e["ip"].as_str().unwrap().to_string())
+        .collect();
+    ips.sort();
+    ips
+}
+
+#[test]
+fn nodes_lists_the_example_nodes() {
+    let cp = start();
+    let table = ok(&cp, &["nodes"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("NAME") && header.contains("CONNECTED") && header.contains("VERSION"), "{table}");
+    assert_eq!(table.lines().count(), 3, "a header and two nodes:\n{table}");
+    let a = row(&table, "node-a");
+    assert_eq!(a[1..3], ["no", "zone-a"], "{table}");
+    assert_eq!(row(&table, "node-b")[1..3], ["no", "zone-b"], "{table}");
+    // The version column is the desired version, shortened.
+    assert!(a[4].len() == 12 && a[4].bytes().all(|b| b.is_ascii_hexdigit()), "{table}");
+
+    // host:port (no scheme) from the environment works as well.
+    let out = Command::new(env!("CARGO_BIN_EXE_kpxctl"))
+        .args(["nodes", "-o", "json"])
+        .env("KPX_CONTROLPLANE", cp.addr.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = json["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+}
+
+#[test]
+fn state_shows_a_nodes_services_and_endpoints() {
+    let cp = start();
+    let table = ok(&cp, &["state", "node-a"]);
+    assert!(table.starts_with("node node-a, version "), "{table}");
+    let web = row(&table, "demo/web:http");
+    assert_eq!(web[1..5], ["ClusterIP", "10.96.0.10", "80/TCP", "-"], "{table}");
+    assert_eq!(web.last().copied(), Some("10.244.1.2:8080,10.244.1.3:8080,10.244.2.2:8080"), "{table}");
+    // web-local has externalTrafficPolicy Local: node-a's two pods are local (*) there.
+    assert_eq!(
+        row(&table, "demo/web-local:http").last().copied(),
+        Some("10.244.1.2:8080*,10.244.1.3:8080*,10.244.2.2:8080")
+    );
+    assert_eq!(row(&table, "demo/empty:http").last().copied(), Some("<none>"));
+    assert!(!table.contains("demo/headless"), "headless services are not proxied:\n{table}");
+
+    let json: Value = serde_json::from_str(&ok(&cp, &["state", "node-b", "-o", "json"])).unwrap();
+    assert_eq!(json["node_name"], "node-b");
+    assert_eq!(json["version"].as_str().map(str::len), Some(32), "{json:#}");
+    let web_local = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"]["name"] == "web-local")
+        .unwrap_or_else(|| panic!("no web-local in {json:#}"));
+    assert_eq!(web_local["service"]["external_policy_local"], true);
+    assert_eq!(ips(&web_local["endpoints"], "for_cluster"), ["10.244.1.2", "10.244.1.3", "10.244.2.2"]);
+    assert_eq!(ips(&web_local["endpoints"], "for_local"), ["10.244.2.2"], "only node-b's own pod is local on node-b");
+}
+
+#[test]
+fn service_shows_each_group_of_nodes() {
+    let cp = start();
+    let yaml = ok(&cp, &["service", "demo/web", "-o", "yaml"]);
+    let service: Value = serde_saphyr::from_str(&yaml).unwrap_or_else(|e| panic!("not YAML ({e}):\n{yaml}"));
+    assert_eq!(service["service"]["namespace"], "demo");
+    assert_eq!(service["service"]["name"], "web");
+    assert_eq!(service["service"]["cluster_ips"], serde_json::json!(["10.96.0.10"]));
+    // demo/web has Cluster policies: every node sees the same endpoints, one group.
+    let views = service["views"].as_array().unwrap();
+    assert_eq!(views.len(), 1, "{yaml}");
+    assert_eq!(views[0]["nodes"], serde_json::json!(["*"]));
+    assert_eq!(ips(&views[0]["endpoints"], "for_cluster"), ["10.244.1.2", "10.244.1.3", "10.244.2.2"]);
+
+    // web-local has a view per node, and the table shows them.
+    let table = ok(&cp, &["service", "demo/web-local"]);
+    for node in ["node-a", "node-b"] {
+        assert!(table.contains(node), "{table}");
+    }
+}
+
+#[test]
+fn errors_exit_1_with_a_message_a_person_can_act_on() {
+    let cp = start();
+    let out = kpxctl(&cp.url(), &["state", "nope"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(stderr.trim(), r#"error: node "nope" not found"#);
+
+    let out = kpxctl(&cp.url(), &["service", "demo/nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // Nothing listens on a port we just bound and released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = kpxctl(&format!("http://{closed}"), &["nodes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot reach the controlplane") && stderr.contains("connection refused"), "{stderr}");
+}

@@ -1,0 +1,249 @@
+//! Pure rendering of iptables-restore input (no I/O), in kube-proxy's chain layout.
+//!
+//! A full sync rewrites every kpx chain. A partial sync rewrites only the chains of the
+//! changed services and edits the shared top-level chains (KUBE-SERVICES, KUBE-NODEPORTS and
+//! the filter chains) with targeted `-I`/`-A`/`-D` lines, because on legacy iptables the cost
+//! of a restore follows the size of the input: with 10k services, rewriting KUBE-SERVICES
+//! for a one-endpoint change is what makes kube-proxy's syncs slow.
+//! Endpoint-only changes therefore never touch the top-level chains.
+
+mod check;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::chains::{self, MASQ_MARK};
+use crate::state::{AppliedState, ChangeSet};
+pub use service::render_service;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 }
+    }
+
+    pub fn matches(self, ip: IpAddr) -> bool {
+        IpFamily::of(ip) == self
+    }
+
+    fn bits(self) -> u8 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+
+    fn host_suffix(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "/32",
+            IpFamily::V6 => "/128",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RenderConfig {
+    pub family: IpFamily,
+    /// The pod CIDR: traffic from outside it to a cluster IP is masqueraded.
+    pub cluster_cidr: Option<String>,
+    pub masquerade_all: bool,
+    /// Addresses that accept NodePorts; empty means every local address.
+    pub node_ips: Vec<IpAddr>,
+    pub node_name: String,
+}
+
+/// The rules of one service (all its ports). Every line is a complete "-A CHAIN ..." rule.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceRules {
+    /// nat: its KUBE-SVC/SVL/EXT/FW/SEP chains with their rules, in order.
+    pub chains: Vec<(String, Vec<String>)>,
+    /// nat KUBE-SERVICES.
+    pub services_lines: Vec<String>,
+    /// nat KUBE-NODEPORTS.
+    pub nodeports_lines: Vec<String>,
+    /// filter KUBE-SERVICES / KUBE-EXTERNAL-SERVICES / KUBE-PROXY-FIREWALL / KUBE-NODEPORTS.
+    pub filter_lines: Vec<String>,
+    /// Why parts of the service were left out (malformed addresses, ports, ...).
+    pub skipped: Vec<String>,
+}
+
+/// What the last successful sync installed, per service key: enough for a partial sync to
+/// delete exactly the rules and chains that go away.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PreviousRules {
+    pub services: BTreeMap<String, ServiceRules>,
+}
+
+impl PreviousRules {
+    /// The rules `render_full` installs for `state`.
+    pub fn from_state(cfg: &RenderConfig, state: &AppliedState) -> Self {
+        let services = state.services().iter().map(|(k, e)| (k.clone(), render_service(cfg, e))).collect();
+        PreviousRules { services }
+    }
+
+    /// Records a successful sync of `changes` (call after the restore succeeded).
+    pub fn update(&mut self, cfg: &RenderConfig, state: &AppliedState, changes: &ChangeSet) {
+        if changes.full {
+            *self = PreviousRules::from_state(cfg, state);
+            return;
+        }
+        for k in &changes.services {
+            match state.services().get(k) {
+                Some(e) => self.services.insert(k.clone(), render_service(cfg, e)),
+                None => self.services.remove(k),
+            };
+        }
+    }
+
+    /// Every per-service chain installed.
+    pub fn chains(&self) -> BTreeSet<&str> {
+        self.services.values().flat_map(|r| r.chains.iter().map(|(c, _)| c.as_str())).collect()
+    }
+}
+
+fn push(out: &mut String, line: &str) {
+    out.push_str(line);
+    out.push('\n');
+}
+
+fn declare(out: &mut String, chain: &str) {
+    out.push(':');
+    out.push_str(chain);
+    out.push_str(" - [0:0]\n");
+}
+
+/// Turns "-A CHAIN rest" into "<op> CHAIN rest".
+fn with_op(out: &mut String, op: &str, line: &str) {
+    out.push_str(op);
+    out.push_str(line.strip_prefix("-A").unwrap_or(line));
+    out.push('\n');
+}
+
+const FORWARD_RULES: [&str; 2] = [
+    "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT",
+    "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+];
+
+/// Full iptables-restore input for the filter and nat tables, written into `out` (cleared
+/// first). Returns the skip reasons of malformed entries.
+pub fn render_full(cfg: &RenderConfig, state: &AppliedState, out: &mut String) -> Vec<String> {
+    out.clear();
+    let rendered: Vec<ServiceRules> = state.services().values().map(|e| render_service(cfg, e)).collect();
+    let rules = &rendered;
+
+    push(out, "*filter");
+    for c in [chains::SERVICES, chains::EXTERNAL_SERVICES, chains::FORWARD, chains::NODEPORTS, chains::PROXY_FIREWALL] {
+        declare(out, c);
+    }
+    FORWARD_RULES.iter().for_each(|l| push(out, l));
+    rules.iter().flat_map(|r| &r.filter_lines).for_each(|l| push(out, l));
+    push(out, "COMMIT");
+
+    push(out, "*nat");
+    for c in [chains::SERVICES, chains::NODEPORTS, chains::POSTROUTING, chains::MARK_MASQ] {
+        declare(out, c);
+    }
+    rules.iter().flat_map(|r| &r.chains).for_each(|(c, _)| declare(out, c));
+    push(out, &format!("-A {} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN", chains::POSTROUTING));
+    push(out, &format!("-A {} -j MARK --xor-mark {MASQ_MARK}", chains::POSTROUTING));
+    push(
+        out,
+        &format!(
+            "-A {} -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+            chains::POSTROUTING
+        ),
+    );
+    push(out, &format!("-A {} -j MARK --or-mark {MASQ_MARK}", chains::MARK_MASQ));
+    rules.iter().flat_map(|r| &r.services_lines).for_each(|l| push(out, l));
+    nodeports_jumps(cfg, out);
+    rules.iter().flat_map(|r| &r.nodeports_lines).for_each(|l| push(out, l));
+    rules.iter().flat_map(|r| &r.chains).flat_map(|(_, lines)| lines).for_each(|l| push(out, l));
+    push(out, "COMMIT");
+    rendered.into_iter().flat_map(|r| r.skipped).collect()
+}
+
+/// The last rules of KUBE-SERVICES: hand node-local destinations to KUBE-NODEPORTS.
+fn nodeports_jumps(cfg: &RenderConfig, out: &mut String) {
+    let comment =
+        "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    let ips: Vec<&IpAddr> = cfg.node_ips.iter().filter(|ip| cfg.family.matches(**ip)).collect();
+    if ips.is_empty() {
+        push(out, &format!("-A {} {comment} -m addrtype --dst-type LOCAL -j {}", chains::SERVICES, chains::NODEPORTS));
+    }
+    for ip in ips {
+        push(
+            out,
+            &format!("-A {} -d {ip}{} {comment} -j {}", chains::SERVICES, cfg.family.host_suffix(), chains::NODEPORTS),
+        );
+    }
+}
+
+/// Incremental input for `iptables-restore --noflush`, written into `out` (cleared first):
+/// the chains of the services in `changes` are re-declared (which flushes them) and refilled,
+/// chains that went away are flushed then deleted, and the top-level chains get only the
+/// lines that appeared (`-I` into KUBE-SERVICES, ahead of the final KUBE-NODEPORTS jump;
+/// `-A` elsewhere) or disappeared (`-D`). A full change set renders a full sync.
+pub fn render_partial(
+    cfg: &RenderConfig,
+    state: &AppliedState,
+    changes: &ChangeSet,
+    previous: &PreviousRules,
+    out: &mut String,
+) -> Vec<String> {
+    if changes.full {
+        return render_full(cfg, state, out);
+    }
+    out.clear();
+    let empty = ServiceRules::default();
+    let (mut filter, mut decl, mut dels, mut rules, mut adds, mut gone) =
+        (String::new(), String::new(), String::new(), String::new(), String::new(), String::new());
+    let mut skipped = Vec::new();
+    for key in &changes.services {
+        let new = state.services().get(key).map(|e| render_service(cfg, e)).unwrap_or_default();
+        let old = previous.services.get(key).unwrap_or(&empty);
+        for (chain, lines) in &new.chains {
+            declare(&mut decl, chain);
+            lines.iter().for_each(|l| push(&mut rules, l));
+        }
+        let kept: BTreeSet<&str> = new.chains.iter().map(|(c, _)| c.as_str()).collect();
+        for (chain, _) in old.chains.iter().filter(|(c, _)| !kept.contains(c.as_str())) {
+            // Flushed first so that no chain being deleted still jumps to another one.
+            declare(&mut decl, chain);
+            push(&mut gone, &format!("-X {chain}"));
+        }
+        diff(&old.services_lines, &new.services_lines, "-I", &mut dels, &mut adds);
+        diff(&old.nodeports_lines, &new.nodeports_lines, "-A", &mut dels, &mut adds);
+        let mut filter_adds = String::new();
+        diff(&old.filter_lines, &new.filter_lines, "-A", &mut filter, &mut filter_adds);
+        filter.push_str(&filter_adds);
+        skipped.extend(new.skipped);
+    }
+    if !filter.is_empty() {
+        push(out, "*filter");
+        out.push_str(&filter);
+        push(out, "COMMIT");
+    }
+    if !(decl.is_empty() && dels.is_empty() && adds.is_empty()) {
+        push(out, "*nat");
+        for part in [&decl, &dels, &rules, &adds, &gone] {
+            out.push_str(part);
+        }
+        push(out, "COMMIT");
+    }
+    skipped
+}
+
+/// Lines only in `old` become `-D` into `dels`; lines only in `new` become `add_op` into `adds`.
+fn diff(old: &[String], new: &[String], add_op: &str, dels: &mut String, adds: &mut String) {
+    let (o, n): (BTreeSet<&String>, BTreeSet<&String>) = (old.iter().collect(), new.iter().collect());
+    old.iter().filter(|l| !n.contains(l)).for_each(|l| with_op(dels, "-D", l));
+    new.iter().filter(|l| !o.contains(l)).for_each(|l| with_op(adds, add_op, l));
+}

@@ -1,0 +1,348 @@
+//! The rules of one service, port by port, in kube-proxy's layout:
+//!
+//! KUBE-SERVICES --cluster IP--> KUBE-SVC (or KUBE-SVL for internalTrafficPolicy Local)
+//! KUBE-SERVICES --external/LB IP--> [KUBE-FW -->] KUBE-EXT --> KUBE-SVC or KUBE-SVL
+//! KUBE-NODEPORTS --node port--> KUBE-EXT
+//! KUBE-SVC/SVL --random--> KUBE-SEP --> DNAT
+//!
+//! Traffic that no chain DNATs meets the filter table: REJECT when the service has no
+//! endpoints, DROP for external traffic of a Local service without endpoints on this node.
+
+use std::net::IpAddr;
+
+use kpx_proto::v1 as pb;
+
+use super::check::{self, Cidr};
+use super::{IpFamily, RenderConfig, ServiceRules};
+use crate::backend::iptables::chains::{self, MARK_MASQ, PortChains};
+use crate::state::ServiceEntry;
+
+/// The addresses of one service in the family being rendered, validated.
+struct Addrs {
+    cluster: IpAddr,
+    external: Vec<IpAddr>,
+    lb: Vec<IpAddr>,
+    /// `Some` when source ranges apply (fail closed: ranges that were all invalid allow nothing).
+    ranges: Option<Vec<Cidr>>,
+    cluster_cidr: Option<Cidr>,
+}
+
+struct Ep {
+    ip: IpAddr,
+    /// "ip:port" or "[ip]:port".
+    addr: String,
+    chain: String,
+    cluster: bool,
+    local: bool,
+}
+
+/// Renders the rules of one service (all its ports) for `cfg.family`. A service without a
+/// cluster IP of that family renders nothing: it belongs to the other family's renderer.
+pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> ServiceRules {
+    let mut r = ServiceRules::default();
+    let s = &entry.service;
+    let Some(addrs) = addrs(cfg, s, &mut r.skipped) else { return r };
+    let svc_name = format!("{}/{}", s.namespace, s.name);
+    for port in &s.ports {
+        if let Err(e) = render_port(cfg, entry, &addrs, &svc_name, port, &mut r) {
+            r.skipped.push(format!("{}: port {:?}: {e}", check::printable(&svc_name), check::printable(&port.name)));
+        }
+    }
+    if s.external_policy_local && s.health_check_node_port != 0 {
+        match check::port(s.health_check_node_port, "health check node port") {
+            Ok(hc) => r.filter_lines.push(format!(
+                "-A {} -p tcp {} -m tcp --dport {hc} -j ACCEPT",
+                chains::NODEPORTS,
+                check::comment(&format!("{svc_name} health check node port"))
+            )),
+            Err(e) => r.skipped.push(format!("{}: {e}", check::printable(&svc_name))),
+        }
+    }
+    r
+}
+
+/// Parses the addresses of `family`; invalid ones are reported, the other family's ignored.
+fn of_family(family: IpFamily, list: &[String], skipped: &mut Vec<String>) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for a in list {
+        match check::ip(a) {
+            Ok(ip) if family.matches(ip) => out.push(ip),
+            Ok(_) => {}
+            Err(e) => skipped.push(e),
+        }
+    }
+    out
+}
+
+fn addrs(cfg: &RenderConfig, s: &pb::Service, skipped: &mut Vec<String>) -> Option<Addrs> {
+    let mut local_skips = Vec::new();
+    let real_ips: Vec<String> = s.cluster_ips.iter().filter(|ip| !ip.is_empty() && *ip != "None").cloned().collect();
+    let cluster = *of_family(cfg.family, &real_ips, &mut local_skips).first()?;
+    let external = of_family(cfg.family, &s.external_ips, &mut local_skips);
+    let lb = of_family(cfg.family, &s.load_balancer_ips, &mut local_skips);
+    let mut ranges = Vec::new();
+    let mut invalid_range = false;
+    for r in &s.load_balancer_source_ranges {
+        match Cidr::parse(r) {
+            Ok(c) if c.family() == cfg.family => ranges.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                invalid_range = true;
+                local_skips.push(e);
+            }
+        }
+    }
+    let cluster_cidr =
+        cfg.cluster_cidr.as_deref().and_then(|c| Cidr::parse(c).ok()).filter(|c| c.family() == cfg.family);
+    let name = check::printable(&format!("{}/{}", s.namespace, s.name));
+    skipped.extend(local_skips.into_iter().map(|e| format!("{name}: {e}")));
+    let ranges = (!ranges.is_empty() || invalid_range).then_some(ranges);
+    Some(Addrs { cluster, external, lb, ranges, cluster_cidr })
+}
+
+fn endpoints(entry: &ServiceEntry, family: IpFamily, port: &pb::ServicePort, name: &str, proto: &str) -> Vec<Ep> {
+    let mut out = Vec::new();
+    for e in entry.endpoints.values() {
+        // Endpoints that fail validation are dropped here; render_port reports them.
+        let Ok(ip) = check::ip(&e.ip) else { continue };
+        if !family.matches(ip) {
+            continue;
+        }
+        let Some(p) = e.ports.iter().find(|p| p.name == port.name) else { continue };
+        let Ok(p) = check::port(p.port, "endpoint port") else { continue };
+        let addr = match ip {
+            IpAddr::V4(_) => format!("{ip}:{p}"),
+            IpAddr::V6(_) => format!("[{ip}]:{p}"),
+        };
+        let chain = chains::endpoint_chain(name, proto, &addr);
+        out.push(Ep { ip, addr, chain, cluster: e.for_cluster, local: e.for_local });
+    }
+    out
+}
+
+fn render_port(
+    cfg: &RenderConfig,
+    entry: &ServiceEntry,
+    a: &Addrs,
+    svc_name: &str,
+    port: &pb::ServicePort,
+    r: &mut ServiceRules,
+) -> Result<(), String> {
+    let s = &entry.service;
+    let proto = match port.protocol() {
+        pb::Protocol::Tcp => "tcp",
+        pb::Protocol::Udp => "udp",
+        pb::Protocol::Sctp => "sctp",
+        pb::Protocol::Unspecified => return Err("no protocol".into()),
+    };
+    let p = check::port(port.port, "port")?;
+    let node_port = if port.node_port == 0 { None } else { Some(check::port(port.node_port, "node port")?) };
+    let name = if port.name.is_empty() { svc_name.to_string() } else { format!("{svc_name}:{}", port.name) };
+    for e in entry.endpoints.values() {
+        if let Err(err) = check::ip(&e.ip) {
+            r.skipped.push(format!("{}: endpoint: {err}", check::printable(&name)));
+        } else if let Some(ep) = e.ports.iter().find(|ep| ep.name == port.name)
+            && let Err(err) = check::port(ep.port, "endpoint port")
+        {
+            r.skipped.push(format!("{}: endpoint {}: {err}", check::printable(&name), check::printable(&e.ip)));
+        }
+    }
+    let ch = PortChains::new(&name, proto);
+    let eps = endpoints(entry, cfg.family, port, &name, proto);
+    let host = cfg.family.host_suffix();
+    let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
+    let has_cluster = eps.iter().any(|e| e.cluster);
+    let has_local = eps.iter().any(|e| e.local);
+    let has_ext = node_port.is_some() || !a.external.is_empty() || !a.lb.is_empty();
+    let svc_used = has_cluster && (!itp || has_ext);
+    let svl_used = has_local && (itp || (etp && has_ext));
+    let internal = if itp { svl_used.then_some(&ch.svl) } else { svc_used.then_some(&ch.svc) };
+    let external = if etp { has_local.then_some(&ch.svl) } else { has_cluster.then_some(&ch.svc) };
+    let ext_used = has_ext && (external.is_some() || (etp && svc_used));
+    let fw_used = ext_used && a.ranges.is_some() && !a.lb.is_empty();
+    // What filter does with external traffic no chain DNATs.
+    let ext_verdict = match external {
+        Some(_) => None,
+        None if etp && (has_cluster || has_local) => Some(("has no local endpoints", "DROP")),
+        None => Some(("has no endpoints", "REJECT")),
+    };
+    let c = check::comment;
+    let dport = |n: u16| format!("-m {proto} --dport {n}");
+    let mut masq_rule = None;
+
+    // Cluster IP.
+    let cip = format!("-d {}{host} -p {proto}", a.cluster);
+    match internal {
+        Some(t) => {
+            r.services_lines.push(format!(
+                "-A {} {cip} {} {} -j {t}",
+                chains::SERVICES,
+                c(&format!("{name} cluster IP")),
+                dport(p)
+            ));
+            let src = if cfg.masquerade_all {
+                Some(String::new())
+            } else {
+                a.cluster_cidr.as_ref().map(|c| format!("! -s {c} "))
+            };
+            masq_rule = src.map(|src| {
+                format!("-A {t} {src}{cip} {} {} -j {MARK_MASQ}", c(&format!("{name} cluster IP")), dport(p))
+            });
+        }
+        None => r.filter_lines.push(format!(
+            "-A {} {cip} {} {} -j REJECT",
+            chains::SERVICES,
+            c(&format!("{name} has no endpoints")),
+            dport(p)
+        )),
+    }
+
+    // External IPs, load-balancer IPs, node port.
+    let externals = a
+        .external
+        .iter()
+        .map(|ip| (ip, "external IP", &ch.ext))
+        .chain(a.lb.iter().map(|ip| (ip, "loadbalancer IP", if fw_used { &ch.fw } else { &ch.ext })));
+    for (ip, what, target) in externals {
+        let d = format!("-d {ip}{host} -p {proto}");
+        if ext_used {
+            r.services_lines.push(format!(
+                "-A {} {d} {} {} -j {target}",
+                chains::SERVICES,
+                c(&format!("{name} {what}")),
+                dport(p)
+            ));
+        }
+        if let Some((why, verdict)) = ext_verdict {
+            r.filter_lines.push(format!(
+                "-A {} {d} {} {} -j {verdict}",
+                chains::EXTERNAL_SERVICES,
+                c(&format!("{name} {why}")),
+                dport(p)
+            ));
+        }
+        if a.ranges.is_some() && what == "loadbalancer IP" {
+            r.filter_lines.push(format!(
+                "-A {} {d} {} {} -j DROP",
+                chains::PROXY_FIREWALL,
+                c(&format!("{name} traffic not accepted by {}", ch.fw)),
+                dport(p)
+            ));
+        }
+    }
+    if let Some(np) = node_port {
+        if ext_used {
+            r.nodeports_lines.push(format!(
+                "-A {} -p {proto} {} {} -j {}",
+                chains::NODEPORTS,
+                c(&name),
+                dport(np),
+                ch.ext
+            ));
+        }
+        if let Some((why, verdict)) = ext_verdict {
+            r.filter_lines.push(format!(
+                "-A {} -p {proto} {} -m addrtype --dst-type LOCAL {} -j {verdict}",
+                chains::EXTERNAL_SERVICES,
+                c(&format!("{name} {why}")),
+                dport(np)
+            ));
+        }
+    }
+
+    // Per-port chains.
+    let policy_chain = |chain: &String, pick: fn(&Ep) -> bool, masq: Option<String>| {
+        let mut rules: Vec<String> = masq.into_iter().collect();
+        let chosen: Vec<&Ep> = eps.iter().filter(|e| pick(e)).collect();
+        if s.session_affinity_timeout_seconds > 0 {
+            for e in &chosen {
+                rules.push(format!(
+                    "-A {chain} {} -m recent --name {} --rcheck --seconds {} --reap -j {}",
+                    c(&format!("{name} -> {}", e.addr)),
+                    e.chain,
+                    s.session_affinity_timeout_seconds,
+                    e.chain
+                ));
+            }
+        }
+        for (i, e) in chosen.iter().enumerate() {
+            let left = chosen.len() - i;
+            let stat = if left > 1 {
+                format!(" -m statistic --mode random --probability {:.10}", 1.0 / left as f64)
+            } else {
+                String::new()
+            };
+            rules.push(format!("-A {chain} {}{stat} -j {}", c(&format!("{name} -> {}", e.addr)), e.chain));
+        }
+        (chain.clone(), rules)
+    };
+    if svc_used {
+        let masq = if internal == Some(&ch.svc) { masq_rule.take() } else { None };
+        r.chains.push(policy_chain(&ch.svc, |e| e.cluster, masq));
+    }
+    if svl_used {
+        let masq = if internal == Some(&ch.svl) { masq_rule.take() } else { None };
+        r.chains.push(policy_chain(&ch.svl, |e| e.local, masq));
+    }
+    if ext_used {
+        let mut rules = Vec::new();
+        if !etp {
+            rules.push(format!(
+                "-A {} {} -j {MARK_MASQ}",
+                ch.ext,
+                c(&format!("masquerade traffic for {name} external destinations"))
+            ));
+        } else if svc_used {
+            if let Some(cidr) = &a.cluster_cidr {
+                rules.push(format!(
+                    "-A {} -s {cidr} {} -j {}",
+                    ch.ext,
+                    c(&format!("pod traffic for {name} external destinations")),
+                    ch.svc
+                ));
+            }
+            rules.push(format!(
+                "-A {} {} -m addrtype --src-type LOCAL -j {MARK_MASQ}",
+                ch.ext,
+                c(&format!("masquerade LOCAL traffic for {name} external destinations"))
+            ));
+            rules.push(format!(
+                "-A {} {} -m addrtype --src-type LOCAL -j {}",
+                ch.ext,
+                c(&format!("route LOCAL traffic for {name} external destinations")),
+                ch.svc
+            ));
+        }
+        if let Some(t) = external {
+            rules.push(format!("-A {} -j {t}", ch.ext));
+        }
+        r.chains.push((ch.ext.clone(), rules));
+    }
+    if fw_used {
+        let ranges = a.ranges.as_deref().unwrap_or_default();
+        let lb_comment = c(&format!("{name} loadbalancer IP"));
+        let mut rules: Vec<String> =
+            ranges.iter().map(|cidr| format!("-A {} -s {cidr} {lb_comment} -j {}", ch.fw, ch.ext)).collect();
+        // A node reaching its own LB IP loops back with that IP as source (kube-proxy's
+        // "allowFromNode"): let it through when the ranges admit this node.
+        if ranges.iter().any(|cidr| cfg.node_ips.iter().any(|ip| cidr.contains(*ip))) {
+            rules.extend(a.lb.iter().map(|ip| format!("-A {} -s {ip}{host} {lb_comment} -j {}", ch.fw, ch.ext)));
+        }
+        rules.push(format!(
+            "-A {} {}",
+            ch.fw,
+            c(&format!("other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"))
+        ));
+        r.chains.push((ch.fw.clone(), rules));
+    }
+    let affinity = s.session_affinity_timeout_seconds > 0;
+    for e in eps.iter().filter(|e| (e.cluster && svc_used) || (e.local && svl_used)) {
+        let recent = if affinity { format!(" -m recent --name {} --set", e.chain) } else { String::new() };
+        let rules = vec![
+            format!("-A {} -s {}{host} {} -j {MARK_MASQ}", e.chain, e.ip, c(&name)),
+            format!("-A {} -p {proto} {}{recent} -m {proto} -j DNAT --to-destination {}", e.chain, c(&name), e.addr),
+        ];
+        r.chains.push((e.chain.clone(), rules));
+    }
+    Ok(())
+}
