@@ -56,10 +56,13 @@ struct ServiceEntry {
     views: Mutex<HashMap<ViewClass, Arc<ClassView>>>,
 }
 
-struct ClassView {
-    endpoints: Vec<pb::Endpoint>,
+/// The endpoint entries one view class of nodes gets for a service; shared by every node of
+/// the class and by every snapshot that includes it.
+#[derive(Debug)]
+pub struct ClassView {
+    pub endpoints: Vec<pb::Endpoint>,
     /// Service entry + endpoint entries: this class's contribution to a node's version.
-    sum: ContentHash,
+    pub sum: ContentHash,
 }
 
 impl ServiceEntry {

@@ -1,5 +1,5 @@
 //! Backends turn the node's desired state into kernel configuration. Each one is split into a
 //! pure part (rendering or diffing, tested with golden data) and a thin part that talks to the
-//! kernel; only the pure iptables renderer exists so far.
+//! kernel; iptables is the first one.
 
 pub mod iptables;

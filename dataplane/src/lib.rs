@@ -2,7 +2,13 @@
 //! applies each snapshot or delta to its copy of the desired state (checking the content
 //! version), hands the changed services to a backend that programs the kernel, and answers
 //! every version with an ACK or a NACK. It keeps its last state when the controlplane is gone.
+//! Around the session, [`agent`] serves health, metrics and healthCheckNodePorts.
 
+pub mod agent;
 pub mod backend;
+pub mod hcnp;
+pub mod health;
+mod http;
+pub mod metrics;
 pub mod state;
 pub mod stream;

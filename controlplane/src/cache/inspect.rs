@@ -64,13 +64,13 @@ impl Cache {
         let content = snapshot_content(&st, &info);
         drop(st);
         let mut by_service: BTreeMap<String, pb::ServiceState> = BTreeMap::new();
-        for s in content.services_upserted {
+        for s in &content.services_upserted {
             let key = format!("{}/{}", s.namespace, s.name);
-            by_service.insert(key, pb::ServiceState { service: Some((*s).clone()), endpoints: Vec::new() });
+            by_service.insert(key, pb::ServiceState { service: Some((**s).clone()), endpoints: Vec::new() });
         }
-        for e in content.endpoints_upserted {
+        for e in content.upserted_endpoints() {
             if let Some(s) = by_service.get_mut(&e.service) {
-                s.endpoints.push(e);
+                s.endpoints.push(e.clone());
             }
         }
         Ok(pb::NodeState {

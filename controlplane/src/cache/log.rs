@@ -199,6 +199,9 @@ pub struct UpdateContent {
     pub services_upserted: Vec<Arc<pb::Service>>,
     pub services_removed: Vec<pb::ServiceRef>,
     pub endpoints_upserted: Vec<pb::Endpoint>,
+    /// Whole shared views upserted as they are (snapshots): referenced, not copied, so that
+    /// planning a snapshot under the cache lock costs O(services), not O(endpoints).
+    pub endpoint_views: Vec<Arc<super::ClassView>>,
     pub endpoints_removed: Vec<pb::EndpointRef>,
     pub causes: Vec<pb::TraceContext>,
 }
@@ -208,7 +211,13 @@ impl UpdateContent {
         self.services_upserted.len()
             + self.services_removed.len()
             + self.endpoints_upserted.len()
+            + self.endpoint_views.iter().map(|v| v.endpoints.len()).sum::<usize>()
             + self.endpoints_removed.len()
+    }
+
+    /// Every upserted endpoint, whether listed or in a shared view.
+    pub fn upserted_endpoints(&self) -> impl Iterator<Item = &pb::Endpoint> {
+        self.endpoints_upserted.iter().chain(self.endpoint_views.iter().flat_map(|v| v.endpoints.iter()))
     }
 }
 

@@ -311,7 +311,9 @@ pub(super) fn snapshot_content(st: &State, node: &NodeInfo) -> UpdateContent {
     for entry in st.entries.values() {
         let view = entry.view(&entry.prepared.class_of(node));
         c.services_upserted.push(entry.prepared.wire.clone());
-        c.endpoints_upserted.extend(view.endpoints.iter().cloned());
+        if !view.endpoints.is_empty() {
+            c.endpoint_views.push(view);
+        }
     }
     c
 }

@@ -1,81 +1,173 @@
 //! Splits a planned update into wire messages that stay far below gRPC's 4 MiB limit.
+//!
+//! Chunks are produced lazily: the stream task sends one before the next is built, so a node
+//! receiving a large snapshot holds at most a chunk or two in the controlplane, not a copy of
+//! its whole state.
 
 use crate::cache::PlannedUpdate;
+use crate::cache::log::UpdateContent;
 use kpx_proto::v1 as pb;
 use prost::Message;
 
 /// Per-entry framing overhead on the wire: a field tag and a length prefix.
 const FRAMING: usize = 6;
 
-/// Splits an update into chunks of at most about `max_bytes` each. Every chunk carries the
-/// update's nonce and versions; all but the last have `more` set. Causes ride on the last
-/// chunk, the one the node acts on.
-pub fn chunk_update(plan: PlannedUpdate, max_bytes: usize) -> Vec<pb::Update> {
-    let header = |more: bool| pb::Update {
+/// Where the chunker is in the update's entries, in the order the node applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    ServicesRemoved,
+    EndpointsRemoved,
+    ServicesUpserted,
+    EndpointsUpserted,
+    EndpointViews { view: usize },
+    Done,
+}
+
+/// An iterator over the wire chunks of one update. Every chunk carries the update's nonce and
+/// versions; all but the last have `more` set. Causes ride on the last chunk, the one the node
+/// acts on.
+pub struct Chunks {
+    nonce: u64,
+    version: String,
+    base_version: String,
+    full: bool,
+    max_bytes: usize,
+    content: UpdateContent,
+    section: Section,
+    pos: usize,
+    finished: bool,
+}
+
+pub fn chunk_update(plan: PlannedUpdate, max_bytes: usize) -> Chunks {
+    Chunks {
         nonce: plan.nonce,
         version: plan.version.to_version(),
         base_version: plan.base_version.map(|v| v.to_version()).unwrap_or_default(),
         full: plan.full,
-        more,
-        ..Default::default()
-    };
-    let mut chunks = Vec::new();
-    let mut cur = header(true);
-    let mut size = 0usize;
-    let mut flush = |cur: &mut pb::Update, size: &mut usize, next: usize| {
-        if *size > 0 && *size + next > max_bytes {
-            chunks.push(std::mem::replace(cur, header(true)));
-            *size = 0;
+        max_bytes,
+        content: plan.content,
+        section: Section::ServicesRemoved,
+        pos: 0,
+        finished: false,
+    }
+}
+
+impl Chunks {
+    /// Adds the next entry to `chunk` if it fits (or the chunk is empty); false when the
+    /// chunk is full or every entry has been taken.
+    fn take_one(&mut self, chunk: &mut pb::Update, size: &mut usize) -> bool {
+        loop {
+            let c = &self.content;
+            let len = match self.section {
+                Section::ServicesRemoved => c.services_removed.get(self.pos).map(|r| r.encoded_len()),
+                Section::EndpointsRemoved => c.endpoints_removed.get(self.pos).map(|r| r.encoded_len()),
+                Section::ServicesUpserted => c.services_upserted.get(self.pos).map(|s| s.encoded_len()),
+                Section::EndpointsUpserted => c.endpoints_upserted.get(self.pos).map(|e| e.encoded_len()),
+                Section::EndpointViews { view } => match c.endpoint_views.get(view) {
+                    Some(v) => match v.endpoints.get(self.pos) {
+                        Some(e) => Some(e.encoded_len()),
+                        None => {
+                            self.section = Section::EndpointViews { view: view + 1 };
+                            self.pos = 0;
+                            continue;
+                        }
+                    },
+                    None => None,
+                },
+                Section::Done => return false,
+            };
+            let Some(len) = len else {
+                self.section = match self.section {
+                    Section::ServicesRemoved => Section::EndpointsRemoved,
+                    Section::EndpointsRemoved => Section::ServicesUpserted,
+                    Section::ServicesUpserted => Section::EndpointsUpserted,
+                    Section::EndpointsUpserted => Section::EndpointViews { view: 0 },
+                    _ => Section::Done,
+                };
+                self.pos = 0;
+                continue;
+            };
+            if *size > 0 && *size + len + FRAMING > self.max_bytes {
+                return false;
+            }
+            *size += len + FRAMING;
+            let (c, i) = (&mut self.content, self.pos);
+            match self.section {
+                Section::ServicesRemoved => chunk.services_removed.push(std::mem::take(&mut c.services_removed[i])),
+                Section::EndpointsRemoved => chunk.endpoints_removed.push(std::mem::take(&mut c.endpoints_removed[i])),
+                Section::ServicesUpserted => chunk.services_upserted.push((*c.services_upserted[i]).clone()),
+                Section::EndpointsUpserted => {
+                    chunk.endpoints_upserted.push(std::mem::take(&mut c.endpoints_upserted[i]))
+                }
+                Section::EndpointViews { view } => {
+                    chunk.endpoints_upserted.push(c.endpoint_views[view].endpoints[i].clone())
+                }
+                Section::Done => unreachable!("returned above"),
+            }
+            self.pos += 1;
+            return true;
         }
-        *size += next;
-    };
-    let c = plan.content;
-    for r in c.services_removed {
-        flush(&mut cur, &mut size, r.encoded_len() + FRAMING);
-        cur.services_removed.push(r);
     }
-    for r in c.endpoints_removed {
-        flush(&mut cur, &mut size, r.encoded_len() + FRAMING);
-        cur.endpoints_removed.push(r);
+}
+
+impl Iterator for Chunks {
+    type Item = pb::Update;
+
+    fn next(&mut self) -> Option<pb::Update> {
+        if self.finished {
+            return None;
+        }
+        let mut chunk = pb::Update {
+            nonce: self.nonce,
+            version: self.version.clone(),
+            base_version: self.base_version.clone(),
+            full: self.full,
+            more: true,
+            ..Default::default()
+        };
+        let mut size = 0;
+        while self.take_one(&mut chunk, &mut size) {}
+        if self.section == Section::Done {
+            self.finished = true;
+            chunk.more = false;
+            chunk.causes = std::mem::take(&mut self.content.causes);
+        }
+        Some(chunk)
     }
-    for s in c.services_upserted {
-        flush(&mut cur, &mut size, s.encoded_len() + FRAMING);
-        cur.services_upserted.push((*s).clone());
-    }
-    for e in c.endpoints_upserted {
-        flush(&mut cur, &mut size, e.encoded_len() + FRAMING);
-        cur.endpoints_upserted.push(e);
-    }
-    cur.more = false;
-    cur.causes = c.causes;
-    chunks.push(cur);
-    chunks
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::log::UpdateContent;
+    use crate::cache::ClassView;
     use kpx_proto::version::ContentHash;
+    use std::sync::Arc;
 
-    fn plan(endpoints: usize) -> PlannedUpdate {
-        let mut content = UpdateContent::default();
-        for i in 0..endpoints {
-            content.endpoints_upserted.push(pb::Endpoint {
-                service: "default/svc".into(),
-                ip: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
-                ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
-                for_cluster: true,
-                for_local: false,
-            });
+    fn endpoint(i: usize) -> pb::Endpoint {
+        pb::Endpoint {
+            service: "default/svc".into(),
+            ip: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+            ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
+            for_cluster: true,
+            for_local: false,
         }
+    }
+
+    fn plan(listed: usize, in_views: usize) -> PlannedUpdate {
+        let mut content =
+            UpdateContent { endpoints_upserted: (0..listed).map(endpoint).collect(), ..Default::default() };
+        for chunk in (0..in_views).collect::<Vec<_>>().chunks(1000) {
+            let endpoints = chunk.iter().map(|i| endpoint(listed + i)).collect();
+            content.endpoint_views.push(Arc::new(ClassView { endpoints, sum: ContentHash::EMPTY }));
+        }
+        content.services_removed.push(pb::ServiceRef { namespace: "a".into(), name: "b".into() });
         content.causes.push(pb::TraceContext { traceparent: "00-1-2-01".into(), tracestate: String::new() });
         PlannedUpdate { nonce: 7, version: ContentHash(5), base_version: None, full: true, content }
     }
 
     #[test]
-    fn big_snapshot_is_split_below_the_limit_and_keeps_every_entry() {
-        let chunks = chunk_update(plan(100_000), 1 << 20);
+    fn big_snapshot_is_split_below_the_limit_and_keeps_every_entry_in_order() {
+        let chunks: Vec<_> = chunk_update(plan(50_000, 50_000), 1 << 20).collect();
         assert!(chunks.len() > 2, "100k endpoints must not fit one MiB");
         for c in &chunks {
             assert!(c.encoded_len() <= (1 << 20) + 1024, "chunk of {} bytes", c.encoded_len());
@@ -83,14 +175,33 @@ mod tests {
         }
         assert!(chunks[..chunks.len() - 1].iter().all(|c| c.more));
         assert!(!chunks.last().unwrap().more);
-        assert_eq!(chunks.iter().map(|c| c.endpoints_upserted.len()).sum::<usize>(), 100_000);
+        let ips: Vec<&str> = chunks.iter().flat_map(|c| c.endpoints_upserted.iter().map(|e| e.ip.as_str())).collect();
+        assert_eq!(ips.len(), 100_000);
+        assert_eq!(ips[0], endpoint(0).ip);
+        assert_eq!(ips[99_999], endpoint(99_999).ip);
+        assert_eq!(chunks[0].services_removed.len(), 1, "removals come first");
         assert_eq!(chunks.last().unwrap().causes.len(), 1);
         assert!(chunks[0].causes.is_empty());
     }
 
     #[test]
     fn small_update_is_one_message() {
-        let chunks = chunk_update(plan(3), 1 << 20);
+        let chunks: Vec<_> = chunk_update(plan(3, 2), 1 << 20).collect();
+        assert_eq!(chunks.len(), 1);
+        assert!(!chunks[0].more);
+        assert_eq!(chunks[0].endpoints_upserted.len(), 5);
+    }
+
+    #[test]
+    fn empty_update_is_still_one_message() {
+        let p = PlannedUpdate {
+            nonce: 1,
+            version: ContentHash(1),
+            base_version: Some(ContentHash(1)),
+            full: false,
+            content: UpdateContent::default(),
+        };
+        let chunks: Vec<_> = chunk_update(p, 1 << 20).collect();
         assert_eq!(chunks.len(), 1);
         assert!(!chunks[0].more);
     }

@@ -1,0 +1,276 @@
+//! The node agent: a Sync session with the controlplane, the backend(s) it drives (one iptables
+//! backend per IP family), and the small HTTP servers around them (health, metrics,
+//! healthCheckNodePorts).
+//!
+//! The backends sit behind a mutex shared by the session (which applies updates) and a
+//! housekeeping task that runs every sync period: it checks the canary and runs the full
+//! resyncs the backends ask for (table flushed, `--full-resync-period` elapsed, an earlier
+//! failure) even when no update arrives. For that it keeps a copy of the applied services,
+//! updated per changed service, because the session owns the state while it runs.
+//!
+//! Fail static: while the controlplane is unreachable the kernel keeps its rules and the
+//! session reconnects with backoff (1 s doubling to 30 s, with jitter).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kpx_proto::v1 as pb;
+use kpx_proto::version::{self, ContentHash};
+
+use crate::backend::iptables::render::IpFamily;
+use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
+use crate::hcnp::HcnpServers;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::state::{AppliedState, ChangeSet, ServiceEntry};
+use crate::stream::{self, Apply, Backoff, NodeIdentity, Session, SyncEvent};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Iptables,
+    /// Renders iptables rules and prints them instead of applying them.
+    DryRun,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub controlplane: String,
+    pub backend: BackendKind,
+    pub cluster_cidr: Option<String>,
+    pub node_ips: Vec<IpAddr>,
+    pub masquerade_all: bool,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
+    pub ip_families: Vec<IpFamily>,
+    pub full_resync_period: Duration,
+    /// How often the canary is checked and pending full resyncs run; health allows 2 × this.
+    pub sync_period: Duration,
+    /// Tests only: program this network namespace instead of the agent's own.
+    pub netns: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "backend {backend} is not usable on this node: {reason} (is iptables installed, and does this process have NET_ADMIN?)"
+    )]
+    BackendUnavailable { backend: String, reason: String },
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn family_name(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
+}
+
+/// One backend per IP family, probed: an iptables backend whose tools do not run is an error.
+pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, AgentError> {
+    let mut out = Vec::new();
+    for family in &config.ip_families {
+        let mut cfg = IptablesConfig::new(*family, &config.node_name);
+        cfg.cluster_cidr = config.cluster_cidr.clone();
+        cfg.masquerade_all = config.masquerade_all;
+        cfg.node_ips = config.node_ips.clone();
+        cfg.full_resync_period = config.full_resync_period;
+        cfg.netns = config.netns.clone();
+        cfg.dry_run = config.backend == BackendKind::DryRun;
+        if config.backend == BackendKind::Iptables {
+            let version = apply::probe(&cfg).map_err(|e| AgentError::BackendUnavailable {
+                backend: format!("iptables ({})", family_name(*family)),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(family = family_name(*family), %version, "iptables backend");
+        }
+        out.push(IptablesBackend::new(cfg));
+    }
+    Ok(out)
+}
+
+/// The backends and what the housekeeping task needs to resync them.
+struct Core {
+    backends: Vec<IptablesBackend>,
+    /// The applied services, kept in step with the session's state after each apply.
+    mirror: BTreeMap<String, ServiceEntry>,
+    has_state: bool,
+}
+
+impl Core {
+    fn stats(&self) -> Vec<BackendStats> {
+        self.backends.iter().map(|b| b.stats().clone()).collect()
+    }
+
+    /// The mirror as an AppliedState (only for resyncs without an update: O(state)).
+    fn rebuild_state(&self) -> AppliedState {
+        let mut hash = ContentHash::EMPTY;
+        let mut u = pb::Update { full: true, ..Default::default() };
+        for e in self.mirror.values() {
+            hash.add(version::service_hash(&e.service));
+            u.services_upserted.push(e.service.clone());
+            for ep in e.endpoints.values() {
+                hash.add(version::endpoint_hash(ep));
+                u.endpoints_upserted.push(ep.clone());
+            }
+        }
+        u.version = hash.to_version();
+        let mut st = AppliedState::default();
+        if let Err(error) = st.apply(&u) {
+            tracing::error!(%error, "rebuilding the applied state failed");
+        }
+        st
+    }
+}
+
+/// The session's backend: applies to every family, then updates metrics, the mirror and the
+/// healthCheckNodePort servers.
+struct NodeBackend {
+    core: Arc<Mutex<Core>>,
+    metrics: Arc<Metrics>,
+    hcnp: HcnpServers,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Apply for NodeBackend {
+    fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        let mut core = lock(&self.core);
+        let before = core.stats();
+        let errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
+        self.metrics.record_sync(&before, &core.stats());
+        if changes.full {
+            core.mirror = state.services().clone();
+        } else {
+            for k in &changes.services {
+                match state.services().get(k) {
+                    Some(e) => core.mirror.insert(k.clone(), e.clone()),
+                    None => core.mirror.remove(k),
+                };
+            }
+        }
+        core.has_state = true;
+        drop(core);
+        self.hcnp.reconcile(state);
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+    }
+}
+
+/// Every `period`: canary check, then the full resyncs the backends want.
+async fn housekeeping(core: Arc<Mutex<Core>>, metrics: Arc<Metrics>, health: Arc<Health>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (core, metrics, health) = (core.clone(), metrics.clone(), health.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let mut core = lock(&core);
+            if !core.has_state {
+                return;
+            }
+            core.backends.iter_mut().for_each(|b| {
+                b.check_canary();
+            });
+            if !core.backends.iter().any(|b| b.wants_full_sync()) {
+                return;
+            }
+            let state = core.rebuild_state();
+            let before = core.stats();
+            let changes = ChangeSet { full: false, services: Default::default() };
+            let mut ok = true;
+            for b in core.backends.iter_mut().filter(|b| b.wants_full_sync()) {
+                if let Err(error) = b.apply(&state, &changes) {
+                    tracing::warn!(%error, "periodic full resync failed");
+                    ok = false;
+                }
+            }
+            metrics.record_sync(&before, &core.stats());
+            if ok { health.succeeded() } else { health.failed() }
+        })
+        .await;
+        if let Err(error) = done {
+            tracing::error!(%error, "housekeeping task failed");
+        }
+    }
+}
+
+/// Feeds session events into metrics and health.
+async fn observe(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<SyncEvent>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) {
+    while let Some(e) = events.recv().await {
+        match e {
+            SyncEvent::Connected => {
+                metrics.connected.set(1);
+            }
+            SyncEvent::Disconnected { .. } => {
+                metrics.connected.set(0);
+            }
+            SyncEvent::Applied { .. } => {
+                metrics.update(true);
+                health.succeeded();
+            }
+            SyncEvent::Rejected { .. } => {
+                metrics.update(false);
+                health.failed();
+            }
+        }
+    }
+}
+
+async fn listen(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, AgentError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { what, addr, source })
+}
+
+/// Runs the agent until `shutdown` resolves. Errors only at startup (backend unusable, a port
+/// taken); afterwards problems are retried and reported through health and metrics.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let backends = build_backends(&config)?;
+    let health = Arc::new(Health::new(&config.node_name, config.sync_period * 2));
+    let metrics = Arc::new(Metrics::new());
+    let healthz = listen("/healthz", config.healthz_bind_address).await?;
+    let scrape = listen("/metrics", config.metrics_bind_address).await?;
+    let h = health.clone();
+    let m = metrics.clone();
+    let mut tasks = vec![
+        tokio::spawn(crate::http::serve(healthz, Arc::new(move |p: &str| h.reply(p)))),
+        tokio::spawn(crate::http::serve(scrape, Arc::new(move |p: &str| m.reply(p)))),
+    ];
+    tracing::info!(healthz = %config.healthz_bind_address, metrics = %config.metrics_bind_address, "serving");
+
+    let core = Arc::new(Mutex::new(Core { backends, mirror: BTreeMap::new(), has_state: false }));
+    let backend = NodeBackend { core: core.clone(), metrics: metrics.clone(), hcnp: HcnpServers::new(health.clone()) };
+    let identity = NodeIdentity {
+        node_name: config.node_name.clone(),
+        backend: match config.backend {
+            BackendKind::Iptables => "iptables".into(),
+            BackendKind::DryRun => "dry-run".into(),
+        },
+        ip_families: config.ip_families.iter().map(|f| family_name(*f).to_string()).collect(),
+        zone: String::new(),
+    };
+    let mut session = Session::new(identity, backend);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    session.events = Some(tx);
+    tasks.push(tokio::spawn(observe(rx, metrics.clone(), health.clone())));
+    tasks.push(tokio::spawn(housekeeping(core, metrics, health, config.sync_period)));
+
+    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    stream::run_forever(&mut session, &config.controlplane, backoff, shutdown).await;
+    tasks.iter().for_each(|t| t.abort());
+    tracing::info!("stopped; the kernel keeps the current rules");
+    Ok(())
+}

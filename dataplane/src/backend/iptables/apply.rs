@@ -1,0 +1,508 @@
+//! The iptables backend's I/O: one `iptables-restore --noflush` per sync, fed from stdin.
+//!
+//! - A **full sync** reads `iptables-save -t filter` and `-t nat`, rewrites every kpx chain,
+//!   deletes per-service chains nobody wants any more (including ones a previous agent or
+//!   kube-proxy left), recreates the canary and adds any missing jump from the built-in
+//!   chains, all in one restore. It never flushes a table, so a restarted agent adopts the
+//!   rules in the kernel without a moment in which traffic meets no rules.
+//! - A **partial sync** rewrites only the changed services' chains (see `render_partial`).
+//! - Full syncs happen on the first sync, on a snapshot, after any failure, when the canary is
+//!   gone (someone flushed the tables; the agent calls [`IptablesBackend::check_canary`]
+//!   periodically) and after `full_resync_period`. A failed restore is retried once as a full
+//!   sync before the update is NACKed.
+//! - After the rules changed, stale UDP conntrack entries are deleted (see `conntrack`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::conntrack::{self, UdpPort};
+use super::exec::{ExecError, Runner};
+use super::jumps;
+use super::render::{self, IpFamily, PreviousRules, RenderConfig, ServiceRules};
+use super::saved::{self, SavedTable};
+use crate::state::{AppliedState, ChangeSet};
+use crate::stream::Apply;
+
+#[derive(Debug, Clone)]
+pub struct IptablesConfig {
+    pub family: IpFamily,
+    pub cluster_cidr: Option<String>,
+    pub masquerade_all: bool,
+    pub node_ips: Vec<IpAddr>,
+    pub node_name: String,
+    /// "iptables-restore", "ip6tables-restore" or a variant ("iptables-nft-restore", ...).
+    /// The matching iptables command is this name without "-restore".
+    pub restore_cmd: String,
+    pub save_cmd: String,
+    pub full_resync_period: Duration,
+    /// Tests only: run every command inside this network namespace (`ip netns exec NAME`).
+    pub netns: Option<String>,
+    /// Print the restore input to stdout instead of touching the kernel.
+    pub dry_run: bool,
+}
+
+impl IptablesConfig {
+    /// The defaults for `family`: the distribution's iptables (or ip6tables) tools, a full
+    /// resync every hour.
+    pub fn new(family: IpFamily, node_name: &str) -> Self {
+        let tool = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        IptablesConfig {
+            family,
+            cluster_cidr: None,
+            masquerade_all: false,
+            node_ips: Vec::new(),
+            node_name: node_name.to_string(),
+            restore_cmd: format!("{tool}-restore"),
+            save_cmd: format!("{tool}-save"),
+            full_resync_period: Duration::from_secs(3600),
+            netns: None,
+            dry_run: false,
+        }
+    }
+
+    /// The rule-editing command that goes with `restore_cmd` ("iptables-nft-restore" ->
+    /// "iptables-nft").
+    pub fn iptables_cmd(&self) -> String {
+        self.restore_cmd.replacen("-restore", "", 1)
+    }
+
+    fn render_config(&self) -> RenderConfig {
+        RenderConfig {
+            family: self.family,
+            cluster_cidr: self.cluster_cidr.clone(),
+            masquerade_all: self.masquerade_all,
+            node_ips: self.node_ips.clone(),
+            node_name: self.node_name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("reading the {table} table: {source}")]
+    Save {
+        table: &'static str,
+        #[source]
+        source: ExecError,
+    },
+    #[error("iptables-restore: {0}")]
+    Restore(#[source] ExecError),
+    #[error("the rendered restore input is malformed: {0}")]
+    Render(&'static str),
+}
+
+/// Checks that the restore tool exists and runs (`RESTORE --version`); returns its version line.
+pub fn probe(cfg: &IptablesConfig) -> Result<String, ExecError> {
+    let runner = Runner { netns: cfg.netns.clone() };
+    let ran = runner.run_ok(&[&cfg.restore_cmd, "--version"], &[])?;
+    Ok(ran.stdout.trim().to_string())
+}
+
+/// Rules per table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub filter: usize,
+    pub nat: usize,
+}
+
+/// What the backend did, for metrics and logs.
+#[derive(Debug, Clone, Default)]
+pub struct BackendStats {
+    /// Duration of the last sync (restore included, conntrack cleanup excluded).
+    pub last_sync_duration: Option<Duration>,
+    pub last_sync_full: bool,
+    /// When the last sync succeeded.
+    pub last_success: Option<SystemTime>,
+    pub full_syncs: u64,
+    pub partial_syncs: u64,
+    pub restore_failures: u64,
+    pub last_error: Option<String>,
+    /// Rule lines (`-A`/`-I`/`-D`) and bytes of the last restore input.
+    pub last_rules_written: usize,
+    pub last_bytes_written: usize,
+    /// The rules kpx keeps in each table after the last successful sync.
+    pub rules: RuleCounts,
+    pub conntrack_deletes: u64,
+    /// Why the last full sync was full.
+    pub last_full_reason: Option<FullReason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullReason {
+    FirstSync,
+    Snapshot,
+    AfterFailure,
+    CanaryLost,
+    Periodic,
+}
+
+/// What decides between a full and a partial sync (pure, for tests).
+#[derive(Debug, Clone, Copy)]
+pub struct SyncInputs {
+    pub snapshot: bool,
+    pub synced_once: bool,
+    pub failed_before: bool,
+    pub canary_lost: bool,
+    pub since_full: Option<Duration>,
+    pub period: Duration,
+}
+
+/// `Some(reason)` when the next sync must be full.
+pub fn full_reason(i: SyncInputs) -> Option<FullReason> {
+    if !i.synced_once {
+        Some(FullReason::FirstSync)
+    } else if i.failed_before {
+        Some(FullReason::AfterFailure)
+    } else if i.canary_lost {
+        Some(FullReason::CanaryLost)
+    } else if i.snapshot {
+        Some(FullReason::Snapshot)
+    } else if i.since_full.is_none_or(|d| d >= i.period) {
+        Some(FullReason::Periodic)
+    } else {
+        None
+    }
+}
+
+pub struct IptablesBackend {
+    cfg: IptablesConfig,
+    render: RenderConfig,
+    runner: Runner,
+    previous: PreviousRules,
+    udp: BTreeMap<String, Vec<UdpPort>>,
+    synced_once: bool,
+    failed: bool,
+    canary_lost: bool,
+    last_full: Option<Instant>,
+    // Reused between syncs: a large ruleset is tens of MB of text.
+    buf: String,
+    filter_extra: String,
+    nat_extra: String,
+    /// Where the extras go into `buf` in the last full sync (None after a partial one).
+    splits: Option<(usize, usize)>,
+    /// Rules outside the per-service ones (top-level chains, canary), from the last full sync.
+    fixed: RuleCounts,
+    stats: BackendStats,
+}
+
+impl IptablesBackend {
+    pub fn new(cfg: IptablesConfig) -> Self {
+        IptablesBackend {
+            render: cfg.render_config(),
+            runner: Runner { netns: cfg.netns.clone() },
+            cfg,
+            previous: PreviousRules::default(),
+            udp: BTreeMap::new(),
+            synced_once: false,
+            failed: false,
+            canary_lost: false,
+            last_full: None,
+            buf: String::new(),
+            filter_extra: String::new(),
+            nat_extra: String::new(),
+            splits: None,
+            fixed: RuleCounts::default(),
+            stats: BackendStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &IptablesConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &BackendStats {
+        &self.stats
+    }
+
+    /// The argv of every restore.
+    pub fn restore_argv(&self) -> [&str; 3] {
+        [&self.cfg.restore_cmd, "--noflush", "--wait=5"]
+    }
+
+    /// The input of the last restore, assembled (for diagnostics and tests).
+    pub fn last_restore_input(&self) -> String {
+        self.pieces().concat()
+    }
+
+    fn pieces(&self) -> Vec<&str> {
+        match self.splits {
+            Some((f, n)) => {
+                vec![&self.buf[..f], &self.filter_extra, &self.buf[f..n], &self.nat_extra, &self.buf[n..]]
+            }
+            None => vec![&self.buf],
+        }
+    }
+
+    /// Whether kpx's rules are still in the kernel: the canary rule in every table kpx
+    /// programs. When one is gone (a table was flushed), the next sync is full. Nothing to check
+    /// before the first sync or in a dry run.
+    pub fn check_canary(&mut self) -> bool {
+        if self.cfg.dry_run || !self.synced_once {
+            return true;
+        }
+        let cmd = self.cfg.iptables_cmd();
+        for table in jumps::TABLES {
+            let args = jumps::canary_check_args(table);
+            let mut argv: Vec<&str> = vec![&cmd];
+            argv.extend(args.iter().map(String::as_str));
+            match self.runner.run(&argv, &[]) {
+                Ok(r) if r.success => {}
+                Ok(_) => {
+                    tracing::warn!(family = ?self.cfg.family, table, "kpx canary is gone (table flushed?); next sync is full");
+                    self.canary_lost = true;
+                    return false;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot check the kpx canary; next sync is full");
+                    self.canary_lost = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether the next sync will be full (for the agent's periodic resync).
+    pub fn wants_full_sync(&self) -> bool {
+        full_reason(self.inputs(false)).is_some()
+    }
+
+    fn inputs(&self, snapshot: bool) -> SyncInputs {
+        SyncInputs {
+            snapshot,
+            synced_once: self.synced_once,
+            failed_before: self.failed,
+            canary_lost: self.canary_lost,
+            since_full: self.last_full.map(|t| t.elapsed()),
+            period: self.cfg.full_resync_period,
+        }
+    }
+
+    fn save(&self, table: &'static str) -> Result<SavedTable, IptablesError> {
+        let ran = self
+            .runner
+            .run_ok(&[&self.cfg.save_cmd, "-t", table], &[])
+            .map_err(|source| IptablesError::Save { table, source })?;
+        Ok(SavedTable::parse(&ran.stdout))
+    }
+
+    fn restore(&mut self, full: bool) -> Result<(), IptablesError> {
+        let pieces = self.pieces();
+        let bytes: usize = pieces.iter().map(|p| p.len()).sum();
+        let rules: usize = pieces
+            .iter()
+            .map(|p| p.lines().filter(|l| l.starts_with("-A ") || l.starts_with("-I ") || l.starts_with("-D ")).count())
+            .sum();
+        let result = if bytes == 0 {
+            Ok(())
+        } else if self.cfg.dry_run {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let kind = if full { "full" } else { "partial" };
+            let _ = writeln!(out, "# kpx dry-run: {:?} {kind} sync for {}", self.cfg.family, self.cfg.node_name);
+            pieces.iter().for_each(|p| {
+                let _ = out.write_all(p.as_bytes());
+            });
+            let _ = out.flush();
+            Ok(())
+        } else {
+            let argv = self.restore_argv();
+            self.runner.run_ok(&argv, &pieces).map(|_| ()).map_err(IptablesError::Restore)
+        };
+        self.stats.last_rules_written = rules;
+        self.stats.last_bytes_written = bytes;
+        result
+    }
+
+    fn full_sync(&mut self, state: &AppliedState) -> Result<(), IptablesError> {
+        let (saved_filter, saved_nat) = if self.cfg.dry_run {
+            (SavedTable::default(), SavedTable::default())
+        } else {
+            (self.save("filter")?, self.save("nat")?)
+        };
+        let skipped = render::render_full(&self.render, state, &mut self.buf);
+        log_skipped(&skipped);
+        let f = self.buf.find("\nCOMMIT\n*nat\n").map(|i| i + 1).ok_or(IptablesError::Render("no filter COMMIT"))?;
+        let n = self.buf.rfind("COMMIT\n").filter(|n| *n > f).ok_or(IptablesError::Render("no nat COMMIT"))?;
+        let stale: Vec<String> = {
+            let wanted = saved::declared_chains(&self.buf[f..], "nat");
+            saved_nat.stale_service_chains(&wanted).into_iter().map(String::from).collect()
+        };
+        self.filter_extra.clear();
+        jumps::canary_lines(&mut self.filter_extra);
+        let added_filter = jumps::missing_jumps("filter", &saved_filter, &mut self.filter_extra);
+        self.nat_extra.clear();
+        jumps::canary_lines(&mut self.nat_extra);
+        // Declaring a stale chain flushes it; once KUBE-SERVICES (rewritten above) and the
+        // other stale chains no longer jump to it, it can go.
+        for c in &stale {
+            self.nat_extra.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        let added_nat = jumps::missing_jumps("nat", &saved_nat, &mut self.nat_extra);
+        for c in &stale {
+            self.nat_extra.push_str(&format!("-X {c}\n"));
+        }
+        self.splits = Some((f, n));
+        if added_filter + added_nat > 0 || !stale.is_empty() {
+            tracing::info!(family = ?self.cfg.family, jumps_added = added_filter + added_nat, stale_chains = stale.len(), "full sync adopts the kernel's rules");
+        }
+        self.restore(true)?;
+        let (filter, nat) = saved::count_rules(&self.buf);
+        let total = RuleCounts { filter: filter + 1, nat: nat + 1 };
+        self.previous = PreviousRules::from_state(&self.render, state);
+        let services = self.previous.services.values().fold(RuleCounts::default(), |acc, r| add(acc, counts(r)));
+        self.fixed = RuleCounts { filter: total.filter - services.filter, nat: total.nat - services.nat };
+        self.stats.rules = total;
+        Ok(())
+    }
+
+    fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), IptablesError> {
+        let skipped = render::render_partial(&self.render, state, changes, &self.previous, &mut self.buf);
+        log_skipped(&skipped);
+        self.splits = None;
+        self.restore(false)?;
+        let mut rules = self.stats.rules;
+        for k in &changes.services {
+            if let Some(old) = self.previous.services.get(k) {
+                rules = sub(rules, counts(old));
+            }
+        }
+        self.previous.update(&self.render, state, changes);
+        for k in &changes.services {
+            if let Some(new) = self.previous.services.get(k) {
+                rules = add(rules, counts(new));
+            }
+        }
+        self.stats.rules = rules;
+        Ok(())
+    }
+
+    fn sync(
+        &mut self,
+        state: &AppliedState,
+        changes: &ChangeSet,
+        full: Option<FullReason>,
+    ) -> Result<(), IptablesError> {
+        let started = Instant::now();
+        let result = match full {
+            Some(_) => self.full_sync(state),
+            None => self.partial_sync(state, changes),
+        };
+        self.stats.last_sync_duration = Some(started.elapsed());
+        self.stats.last_sync_full = full.is_some();
+        match &result {
+            Ok(()) => {
+                if full.is_some() {
+                    self.stats.full_syncs += 1;
+                    self.stats.last_full_reason = full;
+                    self.last_full = Some(started);
+                    self.canary_lost = false;
+                } else {
+                    self.stats.partial_syncs += 1;
+                }
+                self.failed = false;
+                self.stats.last_success = Some(SystemTime::now());
+                self.stats.last_error = None;
+            }
+            Err(e) => {
+                self.failed = true;
+                self.stats.restore_failures += 1;
+                self.stats.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    /// Deletes stale UDP conntrack entries for the services that changed (all on a full sync).
+    fn clean_conntrack(&mut self, state: &AppliedState, changes: &ChangeSet, full: bool) {
+        let known_old = self.synced_once;
+        let keys: Vec<String> = if full {
+            self.udp.keys().chain(state.services().keys()).cloned().collect()
+        } else {
+            changes.services.iter().cloned().collect()
+        };
+        let mut deletes = Vec::new();
+        for k in keys {
+            let new = state.services().get(&k).map(|e| conntrack::udp_ports(self.cfg.family, e)).unwrap_or_default();
+            let old = self.udp.get(&k).map(Vec::as_slice).unwrap_or_default();
+            deletes.extend(conntrack::cleanups(self.cfg.family, old, &new, known_old));
+            if new.is_empty() {
+                self.udp.remove(&k);
+            } else {
+                self.udp.insert(k, new);
+            }
+        }
+        if self.cfg.dry_run {
+            return;
+        }
+        for args in deletes {
+            let mut argv = vec!["conntrack"];
+            argv.extend(args.iter().map(String::as_str));
+            match self.runner.run(&argv, &[]) {
+                Ok(r) if r.success || conntrack::nothing_matched(&r.stderr) => self.stats.conntrack_deletes += 1,
+                Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
+                Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
+            }
+        }
+    }
+
+    /// Syncs, retrying once as a full sync when the restore fails.
+    fn apply_inner(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        let full = full_reason(self.inputs(changes.full));
+        let result = match self.sync(state, changes, full) {
+            Ok(()) => Ok(full.is_some()),
+            Err(error) => {
+                tracing::warn!(family = ?self.cfg.family, %error, "sync failed; retrying with a full sync");
+                match self.sync(state, changes, Some(FullReason::AfterFailure)) {
+                    Ok(()) => Ok(true),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        let full = result?;
+        self.clean_conntrack(state, changes, full);
+        self.synced_once = true;
+        tracing::debug!(
+            family = ?self.cfg.family,
+            full,
+            duration = ?self.stats.last_sync_duration,
+            bytes = self.stats.last_bytes_written,
+            "iptables synced"
+        );
+        Ok(())
+    }
+}
+
+impl Apply for IptablesBackend {
+    fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        self.apply_inner(state, changes)
+    }
+}
+
+fn counts(r: &ServiceRules) -> RuleCounts {
+    RuleCounts {
+        filter: r.filter_lines.len(),
+        nat: r.chains.iter().map(|(_, l)| l.len()).sum::<usize>() + r.services_lines.len() + r.nodeports_lines.len(),
+    }
+}
+
+fn add(a: RuleCounts, b: RuleCounts) -> RuleCounts {
+    RuleCounts { filter: a.filter + b.filter, nat: a.nat + b.nat }
+}
+
+fn sub(a: RuleCounts, b: RuleCounts) -> RuleCounts {
+    RuleCounts { filter: a.filter.saturating_sub(b.filter), nat: a.nat.saturating_sub(b.nat) }
+}
+
+fn log_skipped(skipped: &[String]) {
+    if !skipped.is_empty() {
+        tracing::warn!(count = skipped.len(), first = ?&skipped[..skipped.len().min(5)], "parts of services left out of the rules");
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! Stale UDP conntrack entries. UDP has no connection end, so a client that keeps sending to a
+//! service keeps its conntrack entry (and with it the DNAT to an endpoint that is gone) alive
+//! forever. After the rules changed, kpx deletes:
+//!
+//! - for every endpoint that left a UDP service port: the entries DNATed to it through each of
+//!   the service's addresses and its node port (`--reply-src` is the endpoint after DNAT);
+//! - for a UDP service port that had no endpoints and now has some: every entry to the
+//!   service's addresses and node port, which were created without DNAT while the service
+//!   could not answer (kube-proxy's "stale services").
+//!
+//! The computation is pure: (old, new) per service -> conntrack argv lists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use kpx_proto::v1 as pb;
+
+use super::render::IpFamily;
+use crate::state::ServiceEntry;
+
+/// What conntrack cleanup needs to know of one UDP service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpPort {
+    pub name: String,
+    /// Cluster, external and load-balancer IPs of the rendered family.
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// Endpoints traffic can be DNATed to.
+    pub endpoints: BTreeSet<IpAddr>,
+}
+
+/// The UDP ports of a service in `family` (empty when it has none).
+pub fn udp_ports(family: IpFamily, entry: &ServiceEntry) -> Vec<UdpPort> {
+    let s = &entry.service;
+    let addresses: Vec<IpAddr> = s
+        .cluster_ips
+        .iter()
+        .chain(&s.external_ips)
+        .chain(&s.load_balancer_ips)
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .filter(|ip| family.matches(*ip))
+        .collect();
+    if addresses.is_empty() {
+        return Vec::new();
+    }
+    s.ports
+        .iter()
+        .filter(|p| p.protocol() == pb::Protocol::Udp)
+        .filter_map(|p| {
+            let port = u16::try_from(p.port).ok().filter(|p| *p != 0)?;
+            let endpoints = entry
+                .endpoints
+                .values()
+                .filter(|e| (e.for_cluster || e.for_local) && e.ports.iter().any(|ep| ep.name == p.name))
+                .filter_map(|e| e.ip.parse::<IpAddr>().ok())
+                .filter(|ip| family.matches(*ip))
+                .collect();
+            Some(UdpPort {
+                name: p.name.clone(),
+                addresses: addresses.clone(),
+                port,
+                node_port: u16::try_from(p.node_port).ok().filter(|p| *p != 0),
+                endpoints,
+            })
+        })
+        .collect()
+}
+
+/// The conntrack deletions (argv after `conntrack`) that `old` -> `new` calls for, for one
+/// service. `gained` cleanups (a port that had no endpoints) are left out when `known_old` is
+/// false: after a restart kpx does not know what the kernel saw before.
+pub fn cleanups(family: IpFamily, old: &[UdpPort], new: &[UdpPort], known_old: bool) -> Vec<Vec<String>> {
+    let fam = match family {
+        IpFamily::V4 => "ipv4",
+        IpFamily::V6 => "ipv6",
+    };
+    let base = |extra: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = ["-D", "-f", fam, "-p", "udp"].map(String::from).to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let mut out = Vec::new();
+    let new_by_name: BTreeMap<&str, &UdpPort> = new.iter().map(|p| (p.name.as_str(), p)).collect();
+    for o in old {
+        let n = new_by_name.get(o.name.as_str());
+        let kept = |ip: &IpAddr| n.is_some_and(|n| n.endpoints.contains(ip));
+        for ep in o.endpoints.iter().filter(|ip| !kept(ip)) {
+            for a in &o.addresses {
+                out.push(base(&[
+                    "--orig-dst".into(),
+                    a.to_string(),
+                    "--dport".into(),
+                    o.port.to_string(),
+                    "--reply-src".into(),
+                    ep.to_string(),
+                ]));
+            }
+            if let Some(np) = o.node_port {
+                out.push(base(&["--dport".into(), np.to_string(), "--reply-src".into(), ep.to_string()]));
+            }
+        }
+    }
+    if known_old {
+        let old_by_name: BTreeMap<&str, &UdpPort> = old.iter().map(|p| (p.name.as_str(), p)).collect();
+        for n in new.iter().filter(|n| !n.endpoints.is_empty()) {
+            if old_by_name.get(n.name.as_str()).is_some_and(|o| !o.endpoints.is_empty()) {
+                continue;
+            }
+            for a in &n.addresses {
+                out.push(base(&["--orig-dst".into(), a.to_string(), "--dport".into(), n.port.to_string()]));
+            }
+            if let Some(np) = n.node_port {
+                out.push(base(&["--dport".into(), np.to_string()]));
+            }
+        }
+    }
+    out
+}
+
+/// conntrack exits 1 when nothing matched; that is success for a cleanup.
+pub fn nothing_matched(stderr: &str) -> bool {
+    stderr.contains("0 flow entries")
+}

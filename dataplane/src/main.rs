@@ -1,0 +1,112 @@
+//! `kpx-dataplane`: flags, logging, signals; everything else is in the library.
+
+use clap::Parser;
+use kpx_dataplane::agent::{self, AgentConfig, BackendKind};
+use kpx_dataplane::backend::iptables::render::IpFamily;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// The kpx node agent: receives this node's proxy state from the controlplane and programs it
+/// into the kernel.
+#[derive(Parser, Debug)]
+#[command(name = "kpx-dataplane", version)]
+struct Flags {
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// The controlplane's gRPC address.
+    #[arg(long, env = "KPX_CONTROLPLANE", value_name = "URL")]
+    controlplane: String,
+    /// How the rules reach the kernel; dry-run prints iptables-restore input instead.
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "dry-run"])]
+    backend: String,
+    /// The pod CIDR: traffic to a service from outside it is masqueraded.
+    #[arg(long, value_name = "CIDR")]
+    cluster_cidr: Option<String>,
+    /// Addresses that accept NodePorts (repeat for several); every local address when omitted.
+    #[arg(long = "node-ip", value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+    /// Masquerade all traffic to services.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// /healthz and /livez.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// /metrics (Prometheus).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// IP families to proxy, comma separated.
+    #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
+    ip_families: Vec<IpFamily>,
+    /// Rewrite every rule this often even when nothing went wrong.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    full_resync_period: Duration,
+    /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    sync_period: Duration,
+    /// Testing: program the named network namespace instead of this process's.
+    #[arg(long, value_name = "NAME", hide = true)]
+    netns: Option<String>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn parse_family(s: &str) -> Result<IpFamily, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "ipv4" => Ok(IpFamily::V4),
+        "ipv6" => Ok(IpFamily::V6),
+        _ => Err(format!("{s:?}: expected IPv4 or IPv6")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if flags.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = AgentConfig {
+        node_name: flags.node,
+        controlplane: flags.controlplane,
+        backend: if flags.backend == "dry-run" { BackendKind::DryRun } else { BackendKind::Iptables },
+        cluster_cidr: flags.cluster_cidr,
+        node_ips: flags.node_ips,
+        masquerade_all: flags.masquerade_all,
+        healthz_bind_address: flags.healthz_bind_address,
+        metrics_bind_address: flags.metrics_bind_address,
+        ip_families: flags.ip_families,
+        full_resync_period: flags.full_resync_period,
+        sync_period: flags.sync_period,
+        netns: flags.netns,
+    };
+    agent::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,185 @@
+//! Prometheus metrics on `/metrics`, with kube-proxy's names where they mean the same thing,
+//! so existing dashboards and alerts keep working.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
+use crate::backend::iptables::BackendStats;
+use crate::http::{self, Reply};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub full_duration: Histogram,
+    pub partial_duration: Histogram,
+    pub restore_failures: Counter,
+    pub last_timestamp: Gauge<f64, AtomicU64>,
+    pub rules: Family<TableLabel, Gauge>,
+    pub updates: Family<ResultLabel, Counter>,
+    pub connected: Gauge,
+}
+
+/// kube-proxy's buckets: 1 ms doubling to ~16 s.
+fn histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            sync_duration: histogram(),
+            full_duration: histogram(),
+            partial_duration: histogram(),
+            restore_failures: Counter::default(),
+            last_timestamp: Gauge::default(),
+            rules: Family::default(),
+            updates: Family::default(),
+            connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.full_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.partial_duration.clone(),
+        );
+        // The encoder appends "_total" to counters.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+            "Cumulative proxy iptables restore failures",
+            m.restore_failures.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            m.last_timestamp.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_iptables_total",
+            "Total number of iptables rules owned by kpx",
+            m.rules.clone(),
+        );
+        registry.register(
+            "kpx_dataplane_updates",
+            "Updates from the controlplane, by answer (ack or nack)",
+            m.updates.clone(),
+        );
+        registry.register("kpx_dataplane_connected", "1 while the Sync stream is up", m.connected.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Records the backends' last syncs: `before` is what the stats said before them.
+    pub fn record_sync(&self, before: &[BackendStats], after: &[BackendStats]) {
+        for (b, a) in before.iter().zip(after) {
+            let syncs = |s: &BackendStats| s.full_syncs + s.partial_syncs;
+            if let Some(d) =
+                a.last_sync_duration.filter(|_| syncs(a) > syncs(b) || a.restore_failures > b.restore_failures)
+            {
+                let secs = d.as_secs_f64();
+                self.sync_duration.observe(secs);
+                if a.last_sync_full { &self.full_duration } else { &self.partial_duration }.observe(secs);
+            }
+            self.restore_failures.inc_by(a.restore_failures.saturating_sub(b.restore_failures));
+        }
+        let (filter, nat) = after.iter().fold((0, 0), |(f, n), s| (f + s.rules.filter, n + s.rules.nat));
+        self.rules.get_or_create(&TableLabel { table: "filter".into() }).set(filter as i64);
+        self.rules.get_or_create(&TableLabel { table: "nat".into() }).set(nat as i64);
+        if let Some(t) = after.iter().filter_map(|s| s.last_success).max() {
+            let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            self.last_timestamp.set(secs);
+        }
+    }
+
+    pub fn update(&self, acked: bool) {
+        let result = if acked { "ack" } else { "nack" };
+        self.updates.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    /// The scrape text (OpenMetrics text format).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reply(&self, path: &str) -> Reply {
+        if path != "/metrics" {
+            return http::not_found();
+        }
+        let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8".to_string();
+        http::reply(200, &[("Content-Type", ct)], self.render())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn scrape_has_kube_proxy_names() {
+        let m = Metrics::new();
+        let before = BackendStats::default();
+        let after = BackendStats {
+            last_sync_duration: Some(Duration::from_millis(12)),
+            last_sync_full: true,
+            full_syncs: 1,
+            restore_failures: 1,
+            last_success: Some(SystemTime::now()),
+            rules: crate::backend::iptables::apply::RuleCounts { filter: 3, nat: 20 },
+            ..Default::default()
+        };
+        m.record_sync(&[before], std::slice::from_ref(&after));
+        m.update(true);
+        m.connected.set(1);
+        let text = m.render();
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+            "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 20",
+            "kpx_dataplane_updates_total{result=\"ack\"} 1",
+            "kpx_dataplane_connected 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        // No sync since: nothing more observed.
+        m.record_sync(std::slice::from_ref(&after), std::slice::from_ref(&after));
+        assert!(m.render().contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"));
+    }
+}
