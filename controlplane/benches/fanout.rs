@@ -44,6 +44,8 @@ struct Args {
     max_rss_gib: f64,
     seed: u64,
     smoke: bool,
+    /// Measure the controlplane alone: N Node objects, no streams.
+    controlplane_memory: bool,
 }
 
 fn parse_args() -> Args {
@@ -59,6 +61,7 @@ fn parse_args() -> Args {
             max_rss_gib: 12.0,
             seed: 1,
             smoke,
+            controlplane_memory: false,
         }
     } else {
         Args {
@@ -70,6 +73,7 @@ fn parse_args() -> Args {
             max_rss_gib: 12.0,
             seed: 1,
             smoke,
+            controlplane_memory: false,
         }
     };
     let mut it = argv.iter();
@@ -83,6 +87,7 @@ fn parse_args() -> Args {
             "--nodes-per-channel" => a.nodes_per_channel = value(flag).parse().expect("--nodes-per-channel K"),
             "--max-rss-gib" => a.max_rss_gib = value(flag).parse().expect("--max-rss-gib G"),
             "--seed" => a.seed = value(flag).parse().expect("--seed X"),
+            "--controlplane-memory" => a.controlplane_memory = true,
             // cargo passes --bench; libtest-style filters and flags are ignored.
             _ => {}
         }
@@ -366,6 +371,9 @@ async fn run(a: Args) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (rss_model, _) = memory();
+    if a.controlplane_memory {
+        return controlplane_memory(&a, &mut inspect, send, rss_start, rss_model).await;
+    }
 
     // The nodes subscribe before the cache publishes, so the snapshot phase starts at Synced.
     let channels = a.nodes.div_ceil(a.nodes_per_channel);
@@ -548,6 +556,41 @@ async fn run(a: Args) -> Result<(), String> {
         Ok(Err(e)) => Err(format!("controlplane task: {e}")),
         Err(_) => Err("controlplane did not stop within 10 s".into()),
     }
+}
+
+/// The controlplane alone, as it stands for a cluster of `a.nodes` nodes once published: the
+/// model, the prepared services, the memoised views and a version per node. No node streams
+/// (their buffers are bounded by the chunk size and the concurrent-snapshot limit).
+async fn controlplane_memory(
+    a: &Args,
+    inspect: &mut pb::inspect_client::InspectClient<tonic::transport::Channel>,
+    send: impl Fn(ClusterEvent) -> Result<(), String>,
+    rss_start: u64,
+    rss_model: u64,
+) -> Result<(), String> {
+    let started = Instant::now();
+    send(ClusterEvent::Synced)?;
+    loop {
+        let nodes = inspect.list_nodes(pb::ListNodesRequest {}).await.map_err(|e| e.to_string())?.into_inner().nodes;
+        if nodes.len() >= a.nodes && nodes.iter().all(|n| !n.desired_version.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let publish = started.elapsed();
+    // One node's full state computed on demand, as a snapshot would (memoises its views).
+    let state = inspect
+        .get_node_state(pb::GetNodeStateRequest { node_name: node_name(0) })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let endpoints: usize = state.services.iter().map(|s| s.endpoints.len()).sum();
+    let (rss, hwm) = memory();
+    println!("controlplane alone, {} nodes / {} services / {} endpoints:", a.nodes, a.services, endpoints);
+    println!("   publish (Synced -> every node's version computed): {}", ms(publish));
+    println!("   RSS at start {}, with the model {}, published {}", mib(rss_start), mib(rss_model), mib(rss));
+    println!("   peak (VmHWM) {}   [target <= 1 GiB: {}]", mib(hwm), verdict(hwm <= 1 << 30));
+    Ok(())
 }
 
 fn main() {

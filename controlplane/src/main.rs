@@ -32,6 +32,10 @@ struct Flags {
     /// After a node rejects (NACKs) a version, wait this long before offering it again.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     nack_retry_interval: Duration,
+    /// Snapshots streamed at once; more nodes needing one wait their turn (bounds memory when
+    /// thousands of nodes reconnect together).
+    #[arg(long, default_value_t = SyncConfig::default().max_concurrent_snapshots)]
+    max_concurrent_snapshots: usize,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -68,7 +72,11 @@ async fn main() -> anyhow::Result<()> {
         listen: flags.listen,
         source,
         cache: CacheConfig { log_capacity: flags.change_log_capacity },
-        sync: SyncConfig { nack_retry: flags.nack_retry_interval, ..SyncConfig::default() },
+        sync: SyncConfig {
+            nack_retry: flags.nack_retry_interval,
+            max_concurrent_snapshots: flags.max_concurrent_snapshots,
+            ..SyncConfig::default()
+        },
     };
     kpx_controlplane::run(config, shutdown_signal()).await?;
     Ok(())

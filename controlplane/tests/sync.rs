@@ -351,3 +351,20 @@ async fn a_change_only_local_to_one_node_leaves_other_nodes_alone() {
     }
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn snapshots_beyond_the_concurrency_limit_wait_their_turn() {
+    let cp = cluster(SyncConfig { max_concurrent_snapshots: 1, ..fast() }, &[]).await;
+    let mut nodes: Vec<SimNode> = (0..4).map(|i| SimNode::new(&format!("node-{i}"), Box::new(Accept))).collect();
+    for n in &mut nodes {
+        n.connect(&cp.url()).await;
+    }
+    for n in &mut nodes {
+        let (full, entries, _, _) = applied(n.next().await);
+        assert!(full && entries == 3);
+    }
+    for n in &mut nodes {
+        n.disconnect().await;
+    }
+    cp.stop().await;
+}

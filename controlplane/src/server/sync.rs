@@ -8,7 +8,7 @@ use kpx_proto::v1::node_message::Msg;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -20,6 +20,9 @@ pub struct SyncConfig {
     /// After a NACK, how long before the same version is offered again.
     pub nack_retry: Duration,
     pub max_chunk_bytes: usize,
+    /// Snapshots being streamed at once. Each one in flight holds a chunk or two of memory;
+    /// the limit keeps a mass reconnect of thousands of nodes from holding thousands of them.
+    pub max_concurrent_snapshots: usize,
 }
 
 impl Default for SyncConfig {
@@ -28,6 +31,7 @@ impl Default for SyncConfig {
             subscribe_timeout: Duration::from_secs(10),
             nack_retry: Duration::from_secs(30),
             max_chunk_bytes: kpx_proto::MAX_CHUNK_BYTES,
+            max_concurrent_snapshots: 64,
         }
     }
 }
@@ -36,13 +40,15 @@ pub struct SyncService {
     cache: Arc<Cache>,
     config: SyncConfig,
     shutdown: watch::Receiver<bool>,
+    snapshot_permits: Arc<Semaphore>,
 }
 
 impl SyncService {
     /// `shutdown` turning true ends every node stream, so that a graceful server shutdown is
     /// not held up by streams that never end on their own; nodes reconnect to another replica.
     pub fn new(cache: Arc<Cache>, config: SyncConfig, shutdown: watch::Receiver<bool>) -> Self {
-        SyncService { cache, config, shutdown }
+        let snapshot_permits = Arc::new(Semaphore::new(config.max_concurrent_snapshots.max(1)));
+        SyncService { cache, config, shutdown, snapshot_permits }
     }
 }
 
@@ -74,6 +80,7 @@ impl pb::sync_server::Sync for SyncService {
             node: sub.node_name,
             conn: subscription.conn,
             shutdown: self.shutdown.clone(),
+            snapshot_permits: self.snapshot_permits.clone(),
         };
         tokio::spawn(driver.run(subscription.wake, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -86,6 +93,7 @@ struct NodeStream {
     node: String,
     conn: u64,
     shutdown: watch::Receiver<bool>,
+    snapshot_permits: Arc<Semaphore>,
 }
 
 impl NodeStream {
@@ -101,6 +109,11 @@ impl NodeStream {
                 break "superseded by a newer stream";
             }
             if let Some(plan) = self.cache.next_update(&self.node, self.conn) {
+                // Held until the last chunk is handed to the stream.
+                let _permit = match plan.full {
+                    true => Some(self.snapshot_permits.clone().acquire_owned().await.expect("never closed")),
+                    false => None,
+                };
                 tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
                 let mut closed = false;
                 for chunk in chunk_update(plan, self.config.max_chunk_bytes) {
