@@ -134,40 +134,60 @@ const FORWARD_RULES: [&str; 2] = [
 
 /// Full iptables-restore input for the filter and nat tables, written into `out` (cleared
 /// first). Returns the skip reasons of malformed entries.
+///
+/// Services are rendered one at a time and dropped as soon as their lines are copied out:
+/// holding every `ServiceRules` (over 300k small strings for 10k services) and freeing them
+/// all at the end cost almost as much as rendering them. The per-service chains, most of
+/// the text, go straight into `out`; the smaller sections that precede them are built on the
+/// side and inserted in front at the end.
 pub fn render_full(cfg: &RenderConfig, state: &AppliedState, out: &mut String) -> Vec<String> {
     out.clear();
-    let rendered: Vec<ServiceRules> = state.services().values().map(|e| render_service(cfg, e)).collect();
-    let rules = &rendered;
+    let (mut filter, mut decl, mut services, mut nodeports) =
+        (String::new(), String::new(), String::new(), String::new());
+    let mut skipped = Vec::new();
+    for entry in state.services().values() {
+        let r = render_service(cfg, entry);
+        r.filter_lines.iter().for_each(|l| push(&mut filter, l));
+        r.services_lines.iter().for_each(|l| push(&mut services, l));
+        r.nodeports_lines.iter().for_each(|l| push(&mut nodeports, l));
+        for (chain, lines) in &r.chains {
+            declare(&mut decl, chain);
+            lines.iter().for_each(|l| push(out, l));
+        }
+        skipped.extend(r.skipped);
+    }
 
-    push(out, "*filter");
+    let mut head = String::with_capacity(filter.len() + decl.len() + services.len() + nodeports.len() + 4096);
+    let h = &mut head;
+    push(h, "*filter");
     for c in [chains::SERVICES, chains::EXTERNAL_SERVICES, chains::FORWARD, chains::NODEPORTS, chains::PROXY_FIREWALL] {
-        declare(out, c);
+        declare(h, c);
     }
-    FORWARD_RULES.iter().for_each(|l| push(out, l));
-    rules.iter().flat_map(|r| &r.filter_lines).for_each(|l| push(out, l));
-    push(out, "COMMIT");
+    FORWARD_RULES.iter().for_each(|l| push(h, l));
+    h.push_str(&filter);
+    push(h, "COMMIT");
 
-    push(out, "*nat");
+    push(h, "*nat");
     for c in [chains::SERVICES, chains::NODEPORTS, chains::POSTROUTING, chains::MARK_MASQ] {
-        declare(out, c);
+        declare(h, c);
     }
-    rules.iter().flat_map(|r| &r.chains).for_each(|(c, _)| declare(out, c));
-    push(out, &format!("-A {} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN", chains::POSTROUTING));
-    push(out, &format!("-A {} -j MARK --xor-mark {MASQ_MARK}", chains::POSTROUTING));
+    h.push_str(&decl);
+    push(h, &format!("-A {} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN", chains::POSTROUTING));
+    push(h, &format!("-A {} -j MARK --xor-mark {MASQ_MARK}", chains::POSTROUTING));
     push(
-        out,
+        h,
         &format!(
             "-A {} -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
             chains::POSTROUTING
         ),
     );
-    push(out, &format!("-A {} -j MARK --or-mark {MASQ_MARK}", chains::MARK_MASQ));
-    rules.iter().flat_map(|r| &r.services_lines).for_each(|l| push(out, l));
-    nodeports_jumps(cfg, out);
-    rules.iter().flat_map(|r| &r.nodeports_lines).for_each(|l| push(out, l));
-    rules.iter().flat_map(|r| &r.chains).flat_map(|(_, lines)| lines).for_each(|l| push(out, l));
+    push(h, &format!("-A {} -j MARK --or-mark {MASQ_MARK}", chains::MARK_MASQ));
+    h.push_str(&services);
+    nodeports_jumps(cfg, h);
+    h.push_str(&nodeports);
+    out.insert_str(0, &head);
     push(out, "COMMIT");
-    rendered.into_iter().flat_map(|r| r.skipped).collect()
+    skipped
 }
 
 /// The last rules of KUBE-SERVICES: hand node-local destinations to KUBE-NODEPORTS.

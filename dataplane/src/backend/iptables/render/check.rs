@@ -71,6 +71,10 @@ pub(super) fn port(p: u32, what: &str) -> Result<u16, String> {
 /// backslashes or control characters (a newline would end the rule and start another), and
 /// short enough for the kernel.
 pub(super) fn comment(text: &str) -> String {
+    // Fast path for the usual, already clean text: one allocation instead of three.
+    if text.len() <= MAX_COMMENT && text.chars().all(is_printable) {
+        return format!("-m comment --comment \"{text}\"");
+    }
     let mut s = printable(text);
     if s.len() > MAX_COMMENT {
         let mut end = MAX_COMMENT;
@@ -84,5 +88,9 @@ pub(super) fn comment(text: &str) -> String {
 
 /// Keeps printable characters only, minus those iptables-restore's tokenizer treats specially.
 pub(super) fn printable(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control() && *c != '"' && *c != '\\' && *c != '\'').collect()
+    s.chars().filter(|c| is_printable(*c)).collect()
+}
+
+fn is_printable(c: char) -> bool {
+    !c.is_control() && c != '"' && c != '\\' && c != '\''
 }

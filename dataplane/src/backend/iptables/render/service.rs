@@ -8,7 +8,10 @@
 //! Traffic that no chain DNATs meets the filter table: REJECT when the service has no
 //! endpoints, DROP for external traffic of a Local service without endpoints on this node.
 
+use std::borrow::Cow;
+use std::fmt::Write;
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use kpx_proto::v1 as pb;
 
@@ -28,12 +31,33 @@ struct Addrs {
 }
 
 struct Ep {
-    ip: IpAddr,
-    /// "ip:port" or "[ip]:port".
+    /// "ip:port" or "[ip]:port", the address printed canonically.
     addr: String,
     chain: String,
+    /// Its comment in the policy chains (`-m comment --comment "NAME -> ADDR"`).
+    comment: String,
     cluster: bool,
     local: bool,
+}
+
+impl Ep {
+    /// The address part of `addr` (printing an address is costly enough to do it once).
+    fn ip_text(&self) -> &str {
+        let host = self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// ` -m statistic --mode random --probability P` for the first of `left` endpoints, P = 1/left.
+/// Formatting a float with a precision is slow and the values repeat from service to
+/// service, so the common ones are formatted once.
+fn probability(left: usize) -> Cow<'static, str> {
+    static COMMON: OnceLock<Vec<String>> = OnceLock::new();
+    let format = |n: usize| format!(" -m statistic --mode random --probability {:.10}", 1.0 / n as f64);
+    match COMMON.get_or_init(|| (0..=256).map(format).collect()).get(left) {
+        Some(p) => Cow::Borrowed(p.as_str()),
+        None => Cow::Owned(format(left)),
+    }
 }
 
 /// Renders the rules of one service (all its ports) for `cfg.family`. A service without a
@@ -100,22 +124,43 @@ fn addrs(cfg: &RenderConfig, s: &pb::Service, skipped: &mut Vec<String>) -> Opti
     Some(Addrs { cluster, external, lb, ranges, cluster_cidr })
 }
 
-fn endpoints(entry: &ServiceEntry, family: IpFamily, port: &pb::ServicePort, name: &str, proto: &str) -> Vec<Ep> {
+/// The endpoints of `port` in `family`. Invalid ones (of either family) are dropped and
+/// reported in `skipped`; validating and collecting in one pass parses every address once.
+fn endpoints(
+    entry: &ServiceEntry,
+    family: IpFamily,
+    port: &pb::ServicePort,
+    name: &str,
+    proto: &str,
+    skipped: &mut Vec<String>,
+) -> Vec<Ep> {
     let mut out = Vec::new();
     for e in entry.endpoints.values() {
-        // Endpoints that fail validation are dropped here; render_port reports them.
-        let Ok(ip) = check::ip(&e.ip) else { continue };
+        let ip = match check::ip(&e.ip) {
+            Ok(ip) => ip,
+            Err(err) => {
+                skipped.push(format!("{}: endpoint: {err}", check::printable(name)));
+                continue;
+            }
+        };
+        let Some(p) = e.ports.iter().find(|p| p.name == port.name) else { continue };
+        let p = match check::port(p.port, "endpoint port") {
+            Ok(p) => p,
+            Err(err) => {
+                skipped.push(format!("{}: endpoint {}: {err}", check::printable(name), check::printable(&e.ip)));
+                continue;
+            }
+        };
         if !family.matches(ip) {
             continue;
         }
-        let Some(p) = e.ports.iter().find(|p| p.name == port.name) else { continue };
-        let Ok(p) = check::port(p.port, "endpoint port") else { continue };
         let addr = match ip {
             IpAddr::V4(_) => format!("{ip}:{p}"),
             IpAddr::V6(_) => format!("[{ip}]:{p}"),
         };
         let chain = chains::endpoint_chain(name, proto, &addr);
-        out.push(Ep { ip, addr, chain, cluster: e.for_cluster, local: e.for_local });
+        let comment = check::comment(&format!("{name} -> {addr}"));
+        out.push(Ep { addr, chain, comment, cluster: e.for_cluster, local: e.for_local });
     }
     out
 }
@@ -138,17 +183,8 @@ fn render_port(
     let p = check::port(port.port, "port")?;
     let node_port = if port.node_port == 0 { None } else { Some(check::port(port.node_port, "node port")?) };
     let name = if port.name.is_empty() { svc_name.to_string() } else { format!("{svc_name}:{}", port.name) };
-    for e in entry.endpoints.values() {
-        if let Err(err) = check::ip(&e.ip) {
-            r.skipped.push(format!("{}: endpoint: {err}", check::printable(&name)));
-        } else if let Some(ep) = e.ports.iter().find(|ep| ep.name == port.name)
-            && let Err(err) = check::port(ep.port, "endpoint port")
-        {
-            r.skipped.push(format!("{}: endpoint {}: {err}", check::printable(&name), check::printable(&e.ip)));
-        }
-    }
+    let eps = endpoints(entry, cfg.family, port, &name, proto, &mut r.skipped);
     let ch = PortChains::new(&name, proto);
-    let eps = endpoints(entry, cfg.family, port, &name, proto);
     let host = cfg.family.host_suffix();
     let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
     let has_cluster = eps.iter().any(|e| e.cluster);
@@ -258,21 +294,19 @@ fn render_port(
             for e in &chosen {
                 rules.push(format!(
                     "-A {chain} {} -m recent --name {} --rcheck --seconds {} --reap -j {}",
-                    c(&format!("{name} -> {}", e.addr)),
-                    e.chain,
-                    s.session_affinity_timeout_seconds,
-                    e.chain
+                    e.comment, e.chain, s.session_affinity_timeout_seconds, e.chain
                 ));
             }
         }
         for (i, e) in chosen.iter().enumerate() {
             let left = chosen.len() - i;
-            let stat = if left > 1 {
-                format!(" -m statistic --mode random --probability {:.10}", 1.0 / left as f64)
-            } else {
-                String::new()
-            };
-            rules.push(format!("-A {chain} {}{stat} -j {}", c(&format!("{name} -> {}", e.addr)), e.chain));
+            // One buffer per rule (writing to a String cannot fail).
+            let mut rule = format!("-A {chain} {}", e.comment);
+            if left > 1 {
+                rule.push_str(&probability(left));
+            }
+            let _ = write!(rule, " -j {}", e.chain);
+            rules.push(rule);
         }
         (chain.clone(), rules)
     };
@@ -336,11 +370,12 @@ fn render_port(
         r.chains.push((ch.fw.clone(), rules));
     }
     let affinity = s.session_affinity_timeout_seconds > 0;
+    let sep_comment = c(&name);
     for e in eps.iter().filter(|e| (e.cluster && svc_used) || (e.local && svl_used)) {
         let recent = if affinity { format!(" -m recent --name {} --set", e.chain) } else { String::new() };
         let rules = vec![
-            format!("-A {} -s {}{host} {} -j {MARK_MASQ}", e.chain, e.ip, c(&name)),
-            format!("-A {} -p {proto} {}{recent} -m {proto} -j DNAT --to-destination {}", e.chain, c(&name), e.addr),
+            format!("-A {} -s {}{host} {sep_comment} -j {MARK_MASQ}", e.chain, e.ip_text()),
+            format!("-A {} -p {proto} {sep_comment}{recent} -m {proto} -j DNAT --to-destination {}", e.chain, e.addr),
         ];
         r.chains.push((e.chain.clone(), rules));
     }
