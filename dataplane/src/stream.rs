@@ -168,7 +168,10 @@ impl<A: Apply> Session<A> {
             + update.endpoints_removed.len();
         let before = self.state.version();
         let result = match self.state.apply(update) {
-            Ok(changes) => self.backend.apply(&self.state, &changes).map_err(|e| (e, false)),
+            Ok(changes) => {
+                let (backend, state) = (&mut self.backend, &self.state);
+                without_stalling_the_runtime(|| backend.apply(state, &changes)).map_err(|e| (e, false))
+            }
             Err(e) => Err((e.to_string(), e.needs_snapshot())),
         };
         let apply = started.elapsed();
@@ -212,6 +215,16 @@ impl<A: Apply> Session<A> {
                 }
             }
         }
+    }
+}
+
+/// Runs blocking backend work (an iptables-restore can take seconds at scale) without stalling
+/// the other tasks queued on this runtime worker: on a multi-thread runtime the worker hands
+/// its queue to another thread first. A current-thread runtime has nothing to hand over to.
+fn without_stalling_the_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
