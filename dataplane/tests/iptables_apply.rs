@@ -263,3 +263,87 @@ fn iptables_nft_sync_flush_and_adopt() {
 fn iptables_legacy_sync_flush_and_adopt() {
     sync_flush_and_adopt("legacy");
 }
+
+/// A full sync on iptables-nft larger than `full_sync_chunk_rules` goes in as several restores
+/// (whole services per restore, KUBE-SERVICES last); the kernel ends up with every rule once,
+/// and a second full sync over it changes nothing.
+#[test]
+fn iptables_nft_split_full_sync() {
+    let Some(ns) = netns_or_skip("iptables_nft_split_full_sync", "split", &["iptables-nft-restore"]) else { return };
+    let save = || {
+        ["filter", "nat"]
+            .map(|t| ns.run(&["iptables-nft-save", "-t", t]))
+            .concat()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let n = 300;
+    let services: Vec<pb::Service> = (0..n)
+        .map(|i| svc(&format!("s{i}"), &format!("172.30.{}.{}", i / 200, i % 200 + 1), pb::Protocol::Tcp, 80))
+        .collect();
+    let eps: Vec<pb::Endpoint> = (0..n)
+        .flat_map(|i| {
+            (1..=2).map(move |j| ep(&format!("s{i}"), &format!("10.180.{}.{}", i / 100, (i % 100) * 2 + j), 8080))
+        })
+        .collect();
+    let st = state(&services, &eps);
+    let mut b = backend(&ns, "nft");
+    let mut cfg = b.config().clone();
+    cfg.full_sync_chunk_rules = 500;
+    b = IptablesBackend::new(cfg);
+
+    b.apply(&st, &changes(true, &[])).unwrap();
+    let restores = b.stats().last_restores;
+    eprintln!("nft: full sync of {n} services in {restores} restores took {:?}", b.stats().last_sync_duration);
+    let rules = b.stats().rules;
+    assert!(restores >= 2 + (rules.filter + rules.nat) / 500, "{restores} restores for {rules:?}");
+    let first = save();
+    let (mut uniq, mut table) = (BTreeSet::new(), "");
+    for l in &first {
+        if l.starts_with('*') {
+            table = l;
+        } else if l.starts_with("-A ") || l.starts_with(':') {
+            assert!(uniq.insert((table, l.as_str())), "twice in {table}: {l}");
+        }
+    }
+    let text = first.join("\n");
+    let svc_lines = lines_of(&text, "KUBE-SERVICES");
+    for i in 0..n {
+        let want = format!("\"ns/s{i}:p cluster IP\"");
+        assert_eq!(svc_lines.iter().filter(|l| l.contains(&want)).count(), 1, "s{i}: {text}");
+    }
+    assert_eq!(chains_like(&text, "KUBE-SVC-").len(), n);
+    assert_eq!(chains_like(&text, "KUBE-SEP-").len(), 2 * n);
+    assert_eq!(lines_of(&text, "KUBE-SERVICES").len(), n + 1);
+    assert_eq!(lines_of(&text, "KUBE-MARK-MASQ").len(), 1);
+    assert_eq!(lines_of(&text, "PREROUTING").len(), 1);
+    // What the backend counts is what the kernel has (its own chains only).
+    let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"];
+    let kpx = first
+        .iter()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .filter(|l| !builtin.contains(&l.split(' ').next().unwrap_or("")))
+        .count();
+    assert_eq!(kpx, rules.filter + rules.nat);
+    assert!(b.check_canary());
+
+    // A second full sync rewrites everything in place and changes nothing.
+    b.apply(&st, &changes(true, &[])).unwrap();
+    assert!(b.stats().last_sync_full && b.stats().last_restores == restores);
+    assert_eq!(save(), first);
+
+    // A restarted agent, with one service gone meanwhile: still split, and the gone service's
+    // chains are deleted.
+    let mut cfg = b.config().clone();
+    cfg.full_sync_chunk_rules = 500;
+    let mut restarted = IptablesBackend::new(cfg);
+    let st2 = state(&services[1..], &eps[2..]);
+    restarted.apply(&st2, &changes(true, &[])).unwrap();
+    assert!(restarted.stats().last_restores > 2);
+    let text = save().join("\n");
+    assert!(!text.contains("\"ns/s0:p"), "{text}");
+    assert_eq!(chains_like(&text, "KUBE-SVC-").len(), n - 1);
+    assert_eq!(chains_like(&text, "KUBE-SEP-").len(), 2 * (n - 1));
+}

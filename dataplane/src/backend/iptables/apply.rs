@@ -1,10 +1,14 @@
-//! The iptables backend's I/O: one `iptables-restore --noflush` per sync, fed from stdin.
+//! The iptables backend's I/O: one `iptables-restore --noflush` per sync, fed from stdin
+//! (a large full sync on iptables-nft takes several, see `split`).
 //!
 //! - A **full sync** reads `iptables-save -t filter` and `-t nat`, rewrites every kpx chain,
 //!   deletes per-service chains nobody wants any more (including ones a previous agent or
 //!   kube-proxy left), recreates the canary and adds any missing jump from the built-in
 //!   chains, all in one restore. It never flushes a table, so a restarted agent adopts the
-//!   rules in the kernel without a moment in which traffic meets no rules.
+//!   rules in the kernel without a moment in which traffic meets no rules. On iptables-nft,
+//!   whose `--noflush` restore slows down super-linearly with its size, a full sync of more
+//!   than `full_sync_chunk_rules` rules is split into restores of whole services, with
+//!   KUBE-SERVICES and the stale-chain deletes in the last one (see `split`).
 //! - A **partial sync** rewrites only the changed services' chains (see `render_partial`).
 //! - Full syncs happen on the first sync, on a snapshot, after any failure, when the canary is
 //!   gone (someone flushed the tables; the agent calls [`IptablesBackend::check_canary`]
@@ -36,6 +40,10 @@ pub struct IptablesConfig {
     pub restore_cmd: String,
     pub save_cmd: String,
     pub full_resync_period: Duration,
+    /// On iptables-nft, a full sync with more rules than this is split into restores of whole
+    /// services of at most this many rules each (see `split`); 0 never splits. Legacy always
+    /// uses one restore.
+    pub full_sync_chunk_rules: usize,
     /// Tests only: run every command inside this network namespace (`ip netns exec NAME`).
     pub netns: Option<String>,
     /// Print the restore input to stdout instead of touching the kernel.
@@ -59,6 +67,7 @@ impl IptablesConfig {
             restore_cmd: format!("{tool}-restore"),
             save_cmd: format!("{tool}-save"),
             full_resync_period: Duration::from_secs(3600),
+            full_sync_chunk_rules: 5000,
             netns: None,
             dry_run: false,
         }
@@ -121,9 +130,11 @@ pub struct BackendStats {
     pub partial_syncs: u64,
     pub restore_failures: u64,
     pub last_error: Option<String>,
-    /// Rule lines (`-A`/`-I`/`-D`) and bytes of the last restore input.
+    /// Rule lines (`-A`/`-I`/`-D`) and bytes of the last sync's restore input(s).
     pub last_rules_written: usize,
     pub last_bytes_written: usize,
+    /// Restores the last sync ran (more than one for a split full sync on iptables-nft).
+    pub last_restores: usize,
     /// The rules kpx keeps in each table after the last successful sync.
     pub rules: RuleCounts,
     pub conntrack_deletes: u64,
@@ -184,6 +195,10 @@ pub struct IptablesBackend {
     nat_extra: String,
     /// Where the extras go into `buf` in the last full sync (None after a partial one).
     splits: Option<(usize, usize)>,
+    /// Restores that run before `buf` in a split full sync (empty otherwise).
+    chunks: Vec<String>,
+    /// Whether the restore command is iptables-nft, once known.
+    nft: Option<bool>,
     /// Rules outside the per-service ones (top-level chains, canary), from the last full sync.
     fixed: RuleCounts,
     stats: BackendStats,
@@ -205,6 +220,8 @@ impl IptablesBackend {
             filter_extra: String::new(),
             nat_extra: String::new(),
             splits: None,
+            chunks: Vec::new(),
+            nft: None,
             fixed: RuleCounts::default(),
             stats: BackendStats::default(),
         }
@@ -223,9 +240,43 @@ impl IptablesBackend {
         [&self.cfg.restore_cmd, "--noflush", "--wait=5"]
     }
 
-    /// The input of the last restore, assembled (for diagnostics and tests).
+    /// The input of the last sync, assembled (for diagnostics and tests); the restores of a
+    /// split full sync one after the other.
     pub fn last_restore_input(&self) -> String {
-        self.pieces().concat()
+        self.restore_inputs().concat()
+    }
+
+    /// The input of every restore of the last sync, in order.
+    pub fn restore_inputs(&self) -> Vec<String> {
+        let mut out = self.chunks.clone();
+        out.push(self.pieces().concat());
+        out
+    }
+
+    /// Whether the restore command is iptables-nft: from its name, else from `--version`
+    /// (remembered once it answered).
+    fn is_nft(&mut self) -> bool {
+        if let Some(nft) = self.nft {
+            return nft;
+        }
+        if let Some(nft) = split::nft_by_name(&self.cfg.restore_cmd) {
+            self.nft = Some(nft);
+            return nft;
+        }
+        if self.cfg.dry_run {
+            return false;
+        }
+        match probe(&self.cfg) {
+            Ok(version) => {
+                let nft = split::version_is_nft(&version);
+                self.nft = Some(nft);
+                nft
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell the iptables variant; full sync in one restore");
+                false
+            }
+        }
     }
 
     fn pieces(&self) -> Vec<&str> {
@@ -290,31 +341,45 @@ impl IptablesBackend {
         Ok(SavedTable::parse(&ran.stdout))
     }
 
+    /// Runs the chunks (if any), then the main input, stopping at the first failure.
     fn restore(&mut self, full: bool) -> Result<(), IptablesError> {
-        let pieces = self.pieces();
-        let bytes: usize = pieces.iter().map(|p| p.len()).sum();
-        let rules: usize = pieces
+        let mut inputs: Vec<Vec<&str>> = self.chunks.iter().map(|c| vec![c.as_str()]).collect();
+        inputs.push(self.pieces());
+        inputs.retain(|pieces| pieces.iter().any(|p| !p.is_empty()));
+        let bytes: usize = inputs.iter().flatten().map(|p| p.len()).sum();
+        let rules: usize = inputs
             .iter()
+            .flatten()
             .map(|p| p.lines().filter(|l| l.starts_with("-A ") || l.starts_with("-I ") || l.starts_with("-D ")).count())
             .sum();
-        let result = if bytes == 0 {
-            Ok(())
-        } else if self.cfg.dry_run {
+        let restores = inputs.len();
+        let result = if self.cfg.dry_run {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             let kind = if full { "full" } else { "partial" };
-            let _ = writeln!(out, "# kpx dry-run: {:?} {kind} sync for {}", self.cfg.family, self.cfg.node_name);
-            pieces.iter().for_each(|p| {
-                let _ = out.write_all(p.as_bytes());
-            });
+            for (i, pieces) in inputs.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "# kpx dry-run: {:?} {kind} sync for {}, restore {} of {restores}",
+                    self.cfg.family,
+                    self.cfg.node_name,
+                    i + 1
+                );
+                pieces.iter().for_each(|p| {
+                    let _ = out.write_all(p.as_bytes());
+                });
+            }
             let _ = out.flush();
             Ok(())
         } else {
             let argv = self.restore_argv();
-            self.runner.run_ok(&argv, &pieces).map(|_| ()).map_err(IptablesError::Restore)
+            inputs
+                .iter()
+                .try_for_each(|pieces| self.runner.run_ok(&argv, pieces).map(|_| ()).map_err(IptablesError::Restore))
         };
         self.stats.last_rules_written = rules;
         self.stats.last_bytes_written = bytes;
+        self.stats.last_restores = restores;
         result
     }
 
@@ -326,12 +391,26 @@ impl IptablesBackend {
         };
         let skipped = render::render_full(&self.render, state, &mut self.buf);
         log_skipped(&skipped);
-        let f = self.buf.find("\nCOMMIT\n*nat\n").map(|i| i + 1).ok_or(IptablesError::Render("no filter COMMIT"))?;
-        let n = self.buf.rfind("COMMIT\n").filter(|n| *n > f).ok_or(IptablesError::Render("no nat COMMIT"))?;
+        let (filter, nat) = saved::count_rules(&self.buf);
+        let (f, _) = commits(&self.buf)?;
         let stale: Vec<String> = {
             let wanted = saved::declared_chains(&self.buf[f..], "nat");
             saved_nat.stale_service_chains(&wanted).into_iter().map(String::from).collect()
         };
+        self.chunks.clear();
+        let max = self.cfg.full_sync_chunk_rules;
+        let previous = if max > 0 && filter + nat > max && self.is_nft() {
+            let mut first = String::new();
+            split::first_restore(&self.buf, &saved_nat, &mut first);
+            self.chunks.push(first);
+            let previous = split::service_chunks(&self.render, state, max, &mut self.chunks);
+            self.buf = split::keep_top_level(&self.buf);
+            tracing::debug!(family = ?self.cfg.family, restores = self.chunks.len() + 1, "full sync split");
+            Some(previous)
+        } else {
+            None
+        };
+        let (f, n) = commits(&self.buf)?;
         self.filter_extra.clear();
         jumps::canary_lines(&mut self.filter_extra);
         let added_filter = jumps::missing_jumps("filter", &saved_filter, &mut self.filter_extra);
@@ -351,9 +430,8 @@ impl IptablesBackend {
             tracing::info!(family = ?self.cfg.family, jumps_added = added_filter + added_nat, stale_chains = stale.len(), "full sync adopts the kernel's rules");
         }
         self.restore(true)?;
-        let (filter, nat) = saved::count_rules(&self.buf);
         let total = RuleCounts { filter: filter + 1, nat: nat + 1 };
-        self.previous = PreviousRules::from_state(&self.render, state);
+        self.previous = previous.unwrap_or_else(|| PreviousRules::from_state(&self.render, state));
         let services = self.previous.services.values().fold(RuleCounts::default(), |acc, r| add(acc, counts(r)));
         self.fixed = RuleCounts { filter: total.filter - services.filter, nat: total.nat - services.nat };
         self.stats.rules = total;
@@ -364,6 +442,7 @@ impl IptablesBackend {
         let skipped = render::render_partial(&self.render, state, changes, &self.previous, &mut self.buf);
         log_skipped(&skipped);
         self.splits = None;
+        self.chunks.clear();
         self.restore(false)?;
         let mut rules = self.stats.rules;
         for k in &changes.services {
@@ -483,6 +562,13 @@ impl Apply for IptablesBackend {
     }
 }
 
+/// Where the filter section ends (just after its COMMIT line) and where the nat COMMIT starts.
+fn commits(buf: &str) -> Result<(usize, usize), IptablesError> {
+    let f = buf.find("\nCOMMIT\n*nat\n").map(|i| i + 1).ok_or(IptablesError::Render("no filter COMMIT"))?;
+    let n = buf.rfind("COMMIT\n").filter(|n| *n > f).ok_or(IptablesError::Render("no nat COMMIT"))?;
+    Ok((f, n))
+}
+
 fn counts(r: &ServiceRules) -> RuleCounts {
     RuleCounts {
         filter: r.filter_lines.len(),
@@ -504,5 +590,6 @@ fn log_skipped(skipped: &[String]) {
     }
 }
 
+mod split;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use kpx_proto::v1 as pb;
 use kpx_proto::version::{self, ContentHash};
 
 use super::*;
+use crate::backend::iptables::chains;
 use crate::backend::iptables::conntrack::{cleanups, udp_ports};
 use crate::backend::iptables::jumps::{JUMPS, missing_jumps};
 use crate::state::ServiceEntry;
@@ -219,4 +220,132 @@ fn dry_run_full_then_partial() {
     assert!(input.contains("-X KUBE-SEP-"), "the gone endpoint's chain is deleted: {input}");
     // Two rules of the gone endpoint's chain, one line of the SVC chain.
     assert_eq!(b.stats().rules.nat, rules.nat - 3);
+}
+
+/// `n` services "ns/sI" with `eps` endpoints each (every 7th a NodePort).
+fn many(n: usize, eps: usize) -> AppliedState {
+    let mut services = Vec::new();
+    let mut endpoints = Vec::new();
+    for i in 0..n {
+        let name = format!("s{i}");
+        let node_port = if i % 7 == 0 { 30000 + i as u32 } else { 0 };
+        services.push(pb::Service {
+            namespace: "ns".into(),
+            name: name.clone(),
+            cluster_ips: vec![format!("172.30.{}.{}", i / 250, i % 250 + 1)],
+            ports: vec![pb::ServicePort { name: "p".into(), protocol: pb::Protocol::Tcp as i32, port: 80, node_port }],
+            ..Default::default()
+        });
+        for j in 0..eps {
+            endpoints.push(pb::Endpoint {
+                service: format!("ns/{name}"),
+                ip: format!("10.{}.{}.{}", i / 250, i % 250, j + 1),
+                ports: vec![pb::EndpointPort { name: "p".into(), port: 8080 }],
+                for_cluster: true,
+                for_local: false,
+            });
+        }
+    }
+    state(services, endpoints)
+}
+
+fn declared(input: &str) -> Vec<&str> {
+    input.lines().filter_map(|l| l.strip_prefix(':')).filter_map(|l| l.split_whitespace().next()).collect()
+}
+
+#[test]
+fn nft_full_sync_is_split_by_service() {
+    let st = many(400, 3);
+    let mut cfg = IptablesConfig::new(IpFamily::V4, "node1");
+    cfg.dry_run = true;
+    cfg.restore_cmd = "iptables-nft-restore".into();
+    cfg.full_sync_chunk_rules = 500;
+    let mut b = IptablesBackend::new(cfg.clone());
+    b.apply(&st, &ChangeSet { full: true, services: BTreeSet::new() }).unwrap();
+    let inputs = b.restore_inputs();
+    let total = b.stats().rules.filter + b.stats().rules.nat;
+    // The first restore, then ceil(rules / 500) or so chunks, then the main one.
+    assert!(inputs.len() >= 2 + total / 500, "{} restores for {total} rules", inputs.len());
+    assert_eq!(b.stats().last_restores, inputs.len());
+
+    // The first restore only prepares KUBE-MARK-MASQ (which the service chains jump to).
+    assert_eq!(declared(&inputs[0]), [chains::SERVICES, chains::NODEPORTS, chains::POSTROUTING, chains::MARK_MASQ]);
+    assert!(!inputs[0].contains("-A KUBE-SERVICES"), "{}", inputs[0]);
+
+    // Every service's chains are declared and filled in exactly one chunk, with no more than
+    // 500 rules per chunk; no chunk touches a top-level chain.
+    let (chunks, last) = (&inputs[1..inputs.len() - 1], &inputs[inputs.len() - 1]);
+    let mut seen = BTreeSet::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        assert!(chunk.starts_with("*nat\n") && chunk.ends_with("COMMIT\n"));
+        assert!(saved::count_rules(chunk).1 <= 500, "chunk {i} too large");
+        assert!(!chunk.contains("KUBE-SERVICES") && !chunk.contains("KUBE-NODEPORTS"), "chunk {i}");
+        let decl: BTreeSet<&str> = declared(chunk).into_iter().collect();
+        for l in chunk.lines().filter_map(|l| l.strip_prefix("-A ")) {
+            assert!(decl.contains(l.split(' ').next().unwrap()), "a rule of a chain declared elsewhere: {l}");
+        }
+        for c in decl {
+            assert!(seen.insert(c.to_string()), "{c} declared twice");
+        }
+    }
+    let previous = PreviousRules::from_state(&b.render, &st);
+    for (key, r) in &previous.services {
+        let holders: Vec<usize> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| r.chains.iter().any(|(ch, _)| c.contains(&format!(":{ch} - [0:0]\n"))))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(holders.len(), 1, "{key} is in chunks {holders:?}");
+    }
+    assert_eq!(seen.len(), previous.chains().len());
+    assert_eq!(b.previous, previous, "what the chunks installed is recorded");
+
+    // KUBE-SERVICES is written only by the last restore, which has no service chain.
+    assert!(inputs[..inputs.len() - 1].iter().all(|i| !i.contains("-A KUBE-SERVICES")));
+    assert_eq!(last.matches("-A KUBE-SERVICES ").count(), 401, "400 cluster IPs and the nodeports jump");
+    assert!(last.starts_with("*filter\n") && last.contains(":KUBE-PROXY-CANARY"));
+    assert!(declared(last).iter().all(|c| !saved::SERVICE_CHAIN_PREFIXES.iter().any(|p| c.starts_with(p))));
+
+    // All the rules, once: the same as the single restore legacy gets.
+    let mut one = cfg.clone();
+    one.restore_cmd = "iptables-legacy-restore".into();
+    let mut legacy = IptablesBackend::new(one);
+    legacy.apply(&st, &ChangeSet { full: true, services: BTreeSet::new() }).unwrap();
+    assert_eq!(legacy.restore_inputs().len(), 1);
+    assert_eq!(legacy.stats().rules, b.stats().rules);
+    let rules = |inputs: &[String]| {
+        let mut v: Vec<String> = inputs
+            .iter()
+            .flat_map(|i| i.lines())
+            .filter(|l| l.starts_with("-A ") && !l.starts_with("-A KUBE-MARK-MASQ"))
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(rules(&inputs), rules(&legacy.restore_inputs()));
+
+    // 0 never splits; neither does a ruleset under the limit.
+    for (max, st) in [(0, &st), (500, &many(3, 2))] {
+        let mut c = cfg.clone();
+        c.full_sync_chunk_rules = max;
+        let mut b = IptablesBackend::new(c);
+        b.apply(st, &ChangeSet { full: true, services: BTreeSet::new() }).unwrap();
+        assert_eq!(b.restore_inputs().len(), 1);
+    }
+    // A partial sync after a split one is one restore.
+    let st2 = many(401, 3);
+    b.apply(&st2, &ChangeSet { full: false, services: ["ns/s400".to_string()].into() }).unwrap();
+    assert!(!b.stats().last_sync_full);
+    assert_eq!(b.restore_inputs().len(), 1);
+}
+
+#[test]
+fn nft_detection() {
+    assert_eq!(split::nft_by_name("iptables-nft-restore"), Some(true));
+    assert_eq!(split::nft_by_name("/usr/sbin/ip6tables-legacy-restore"), Some(false));
+    assert_eq!(split::nft_by_name("iptables-restore"), None);
+    assert!(split::version_is_nft("iptables-restore v1.8.9 (nf_tables)"));
+    assert!(!split::version_is_nft("iptables-restore v1.8.9 (legacy)"));
 }
