@@ -92,7 +92,17 @@ pub async fn serve(
     let apply_cache = cache.clone();
     tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
-            apply_cache.apply(event, Some(trace_context::new_root()));
+            // Before the first publish nothing reaches a node by itself (the initial listing
+            // arrives in snapshots), so only changes after it get a trace.
+            let (span, cause) = match apply_cache.is_synced() {
+                true => {
+                    let (span, cause) = trace_context::change_span(&event);
+                    (Some(span), cause)
+                }
+                false => (None, trace_context::new_root()),
+            };
+            apply_cache.apply(event, Some(cause));
+            drop(span);
         }
     });
 

@@ -56,14 +56,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if flags.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    // Flushes exported spans when main returns.
+    let _telemetry = kpx_telemetry::init("kpx-controlplane", flags.log_format == "json")?;
     let source = match flags.manifests {
         Some(dir) => SourceConfig::Manifests { dir, poll_interval: flags.manifests_poll_interval },
         None => SourceConfig::Kube { kubeconfig: flags.kubeconfig },

@@ -2,8 +2,54 @@
 //! so that the update carrying it to each node can be tied back to it (the observability work
 //! exports these as OpenTelemetry spans).
 
+use crate::model::ClusterEvent;
 use kpx_proto::v1::TraceContext;
+use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
 use rand::Rng;
+use std::time::SystemTime;
+
+/// Starts the `cp.change` span of one event from the source: the root of the change's trace.
+/// It starts at the EndpointSlice's last-change-trigger-time when there is one (the moment
+/// Kubernetes saw the change), so the trace shows the whole programming latency. Returns the
+/// span (end it once the cache has applied the event) and the cause to carry to the nodes: the
+/// span's context, or a fresh root when spans are not recorded, so updates always name their
+/// change.
+pub fn change_span(event: &ClusterEvent) -> (DistSpan, TraceContext) {
+    let (kind, object, trigger) = match event {
+        ClusterEvent::Service(k, _) => ("Service", k.to_string(), None),
+        ClusterEvent::Slice(k, s) => {
+            ("EndpointSlice", k.to_string(), s.as_ref().and_then(|s| s.trigger_time.as_deref()))
+        }
+        ClusterEvent::Node(n, _) => ("Node", n.clone(), None),
+        ClusterEvent::Synced => ("Synced", String::new(), None),
+    };
+    let mut attributes = vec![Attr::new("kind", kind), Attr::new("object", object)];
+    let deleted =
+        matches!(event, ClusterEvent::Service(_, None) | ClusterEvent::Slice(_, None) | ClusterEvent::Node(_, None));
+    attributes.push(Attr::new("deleted", deleted));
+    if let Some(t) = trigger {
+        attributes.push(Attr::new("trigger_time", t.to_string()));
+    }
+    let span = DistSpan::start(
+        "cp.change",
+        Start { start_time: trigger.and_then(parse_rfc3339), attributes, ..Start::default() },
+    );
+    let cause = span.w3c().map(to_wire).unwrap_or_else(new_root);
+    (span, cause)
+}
+
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let ts: jiff::Timestamp = s.parse().ok()?;
+    Some(SystemTime::from(ts))
+}
+
+pub fn to_wire(w: W3c) -> TraceContext {
+    TraceContext { traceparent: w.traceparent, tracestate: w.tracestate }
+}
+
+pub fn from_wire(t: &TraceContext) -> W3c {
+    W3c { traceparent: t.traceparent.clone(), tracestate: t.tracestate.clone() }
+}
 
 /// A new sampled root context: `00-<trace id>-<span id>-01`.
 pub fn new_root() -> TraceContext {
@@ -23,5 +69,12 @@ mod tests {
         assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"));
         assert_ne!(parts[1], "0".repeat(32));
         assert_ne!(super::new_root().traceparent, tp);
+    }
+
+    #[test]
+    fn trigger_times_parse() {
+        let t = super::parse_rfc3339("2026-11-23T04:26:12Z").expect("parses");
+        assert_eq!(t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 1_795_407_972);
+        assert!(super::parse_rfc3339("yesterday").is_none());
     }
 }

@@ -21,6 +21,7 @@ use kpx_proto::version::{self, ContentHash};
 
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
+use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -30,6 +31,8 @@ use crate::stream::{self, Apply, Backoff, NodeIdentity, Session, SyncEvent};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Iptables,
+    /// IPVS virtual servers (kube-proxy's ipvs mode); falls back to iptables without IPVS.
+    Ipvs,
     /// Renders iptables rules and prints them instead of applying them.
     DryRun,
 }
@@ -50,6 +53,10 @@ pub struct AgentConfig {
     pub sync_period: Duration,
     /// Tests only: program this network namespace instead of the agent's own.
     pub netns: Option<String>,
+    /// The IPVS scheduler of `--backend ipvs`.
+    pub ipvs_scheduler: String,
+    /// Use iptables when the kernel has no IPVS (else startup fails).
+    pub ipvs_fallback: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +65,8 @@ pub enum AgentError {
         "backend {backend} is not usable on this node: {reason} (is iptables installed, and does this process have NET_ADMIN?)"
     )]
     BackendUnavailable { backend: String, reason: String },
+    #[error("backend ipvs is not usable on this node and --no-ipvs-fallback is set: {0}")]
+    IpvsUnavailable(#[source] kpx_ipvs_netlink::IpvsError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -97,9 +106,40 @@ pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, Agen
     Ok(out)
 }
 
+/// `--backend ipvs`: the IPVS backend, or `None` after falling back to iptables (logged) when
+/// the kernel has no IPVS, as kube-proxy does; an error instead with `--no-ipvs-fallback`.
+pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentError> {
+    let mut cfg = IpvsConfig::new(&config.node_name);
+    cfg.scheduler = config.ipvs_scheduler.clone();
+    cfg.node_ips = config.node_ips.clone();
+    cfg.families = config
+        .ip_families
+        .iter()
+        .map(|f| match f {
+            IpFamily::V4 => kpx_ipvs_netlink::Family::Inet,
+            IpFamily::V6 => kpx_ipvs_netlink::Family::Inet6,
+        })
+        .collect();
+    cfg.cluster_cidrs = config.cluster_cidr.iter().flat_map(|c| c.split(',')).map(str::to_string).collect();
+    cfg.masquerade_all = config.masquerade_all;
+    cfg.reconcile_period = config.sync_period;
+    match IpvsBackend::new(cfg) {
+        Ok(b) => {
+            tracing::info!(scheduler = %config.ipvs_scheduler, "ipvs backend");
+            Ok(Some(b))
+        }
+        Err(e) if !config.ipvs_fallback => Err(AgentError::IpvsUnavailable(e)),
+        Err(error) => {
+            tracing::warn!(%error, "ipvs backend unavailable: falling back to the iptables backend");
+            Ok(None)
+        }
+    }
+}
+
 /// The backends and what the housekeeping task needs to resync them.
 struct Core {
     backends: Vec<IptablesBackend>,
+    ipvs: Option<IpvsBackend>,
     /// The applied services, kept in step with the session's state after each apply.
     mirror: BTreeMap<String, ServiceEntry>,
     has_state: bool,
@@ -147,7 +187,8 @@ impl Apply for NodeBackend {
     fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
         let mut core = lock(&self.core);
         let before = core.stats();
-        let errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
+        let mut errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
+        errors.extend(core.ipvs.as_mut().and_then(|b| b.apply(state, changes).err()));
         self.metrics.record_sync(&before, &core.stats());
         if changes.full {
             core.mirror = state.services().clone();
@@ -182,6 +223,15 @@ async fn housekeeping(core: Arc<Mutex<Core>>, metrics: Arc<Metrics>, health: Arc
             core.backends.iter_mut().for_each(|b| {
                 b.check_canary();
             });
+            if let Some(ipvs) = core.ipvs.as_mut() {
+                match ipvs.tick() {
+                    Ok(()) => health.succeeded(),
+                    Err(error) => {
+                        tracing::warn!(%error, "ipvs reconcile failed");
+                        health.failed();
+                    }
+                }
+            }
             if !core.backends.iter().any(|b| b.wants_full_sync()) {
                 return;
             }
@@ -238,7 +288,16 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpL
 /// Runs the agent until `shutdown` resolves. Errors only at startup (backend unusable, a port
 /// taken); afterwards problems are retried and reported through health and metrics.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let backends = build_backends(&config)?;
+    let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
+    let backends = if config.backend == BackendKind::Ipvs {
+        if ipvs.is_some() {
+            Vec::new()
+        } else {
+            build_backends(&AgentConfig { backend: BackendKind::Iptables, ..config.clone() })?
+        }
+    } else {
+        build_backends(&config)?
+    };
     let health = Arc::new(Health::new(&config.node_name, config.sync_period * 2));
     let metrics = Arc::new(Metrics::new());
     let healthz = listen("/healthz", config.healthz_bind_address).await?;
@@ -251,14 +310,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     ];
     tracing::info!(healthz = %config.healthz_bind_address, metrics = %config.metrics_bind_address, "serving");
 
-    let core = Arc::new(Mutex::new(Core { backends, mirror: BTreeMap::new(), has_state: false }));
+    let backend_name = match config.backend {
+        BackendKind::Ipvs if ipvs.is_some() => "ipvs",
+        BackendKind::Iptables | BackendKind::Ipvs => "iptables",
+        BackendKind::DryRun => "dry-run",
+    };
+    let core = Arc::new(Mutex::new(Core { backends, ipvs, mirror: BTreeMap::new(), has_state: false }));
     let backend = NodeBackend { core: core.clone(), metrics: metrics.clone(), hcnp: HcnpServers::new(health.clone()) };
     let identity = NodeIdentity {
         node_name: config.node_name.clone(),
-        backend: match config.backend {
-            BackendKind::Iptables => "iptables".into(),
-            BackendKind::DryRun => "dry-run".into(),
-        },
+        backend: backend_name.into(),
         ip_families: config.ip_families.iter().map(|f| family_name(*f).to_string()).collect(),
         zone: String::new(),
     };

@@ -3,3 +3,4 @@
 //! kernel; iptables is the first one.
 
 pub mod iptables;
+pub mod ipvs;

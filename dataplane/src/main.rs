@@ -18,8 +18,14 @@ struct Flags {
     #[arg(long, env = "KPX_CONTROLPLANE", value_name = "URL")]
     controlplane: String,
     /// How the rules reach the kernel; dry-run prints iptables-restore input instead.
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "dry-run"])]
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run"])]
     backend: String,
+    /// The IPVS scheduler (with --backend ipvs).
+    #[arg(long, default_value = "rr", value_parser = kpx_dataplane::backend::ipvs::plan::SCHEDULERS)]
+    ipvs_scheduler: String,
+    /// With --backend ipvs: exit if the kernel has no IPVS instead of falling back to iptables.
+    #[arg(long)]
+    no_ipvs_fallback: bool,
     /// The pod CIDR: traffic to a service from outside it is masqueraded.
     #[arg(long, value_name = "CIDR")]
     cluster_cidr: Option<String>,
@@ -76,18 +82,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if flags.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    // Flushes exported spans when main returns.
+    let _telemetry = kpx_telemetry::init("kpx-dataplane", flags.log_format == "json")?;
     let config = AgentConfig {
         node_name: flags.node,
         controlplane: flags.controlplane,
-        backend: if flags.backend == "dry-run" { BackendKind::DryRun } else { BackendKind::Iptables },
+        backend: match flags.backend.as_str() {
+            "dry-run" => BackendKind::DryRun,
+            "ipvs" => BackendKind::Ipvs,
+            _ => BackendKind::Iptables,
+        },
         cluster_cidr: flags.cluster_cidr,
         node_ips: flags.node_ips,
         masquerade_all: flags.masquerade_all,
@@ -97,6 +101,8 @@ async fn main() -> anyhow::Result<()> {
         full_resync_period: flags.full_resync_period,
         sync_period: flags.sync_period,
         netns: flags.netns,
+        ipvs_scheduler: flags.ipvs_scheduler,
+        ipvs_fallback: !flags.no_ipvs_fallback,
     };
     agent::run(config, shutdown_signal()).await?;
     Ok(())

@@ -8,6 +8,7 @@
 use crate::state::{AppliedState, ChangeSet};
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::sync_client::SyncClient;
+use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
 use prost::Message;
 use rand::Rng;
 use std::time::{Duration, Instant};
@@ -167,6 +168,7 @@ impl<A: Apply> Session<A> {
             + update.endpoints_upserted.len()
             + update.endpoints_removed.len();
         let before = self.state.version();
+        let span = apply_span(&self.identity.node_name, update, entries);
         let result = match self.state.apply(update) {
             Ok(changes) => {
                 let (backend, state) = (&mut self.backend, &self.state);
@@ -175,6 +177,10 @@ impl<A: Apply> Session<A> {
             Err(e) => Err((e.to_string(), e.needs_snapshot())),
         };
         let apply = started.elapsed();
+        if let Err((error, _)) = &result {
+            span.error(error.clone());
+        }
+        let trace = span.w3c().map(|w| pb::TraceContext { traceparent: w.traceparent, tracestate: w.tracestate });
         match result {
             Ok(()) => {
                 tracing::debug!(version = %update.version, full = update.full, entries, "applied");
@@ -193,6 +199,7 @@ impl<A: Apply> Session<A> {
                     error: String::new(),
                     apply_micros: apply.as_micros() as u64,
                     need_snapshot: false,
+                    trace,
                 }
             }
             Err((error, need_snapshot)) => {
@@ -212,10 +219,37 @@ impl<A: Apply> Session<A> {
                     error,
                     apply_micros: apply.as_micros() as u64,
                     need_snapshot: need_snapshot || still.is_none(),
+                    trace,
                 }
             }
         }
     }
+}
+
+/// `dp.apply`: a child of the update's first cause (the controlplane's send of it), linked to
+/// the changes coalesced into it. It covers checking, rendering and programming the update.
+fn apply_span(node: &str, update: &pb::Update, entries: usize) -> DistSpan {
+    let causes: Vec<W3c> = update
+        .causes
+        .iter()
+        .map(|c| W3c { traceparent: c.traceparent.clone(), tracestate: c.tracestate.clone() })
+        .collect();
+    DistSpan::start(
+        "dp.apply",
+        Start {
+            parent: causes.first(),
+            links: causes.get(1..).unwrap_or_default(),
+            attributes: vec![
+                Attr::new("node", node.to_string()),
+                Attr::new("version", update.version.clone()),
+                Attr::new("full", update.full),
+                Attr::new("entries", entries as i64),
+                Attr::new("services_upserted", update.services_upserted.len() as i64),
+                Attr::new("endpoints_upserted", update.endpoints_upserted.len() as i64),
+            ],
+            ..Start::default()
+        },
+    )
 }
 
 /// Runs blocking backend work (an iptables-restore can take seconds at scale) without stalling

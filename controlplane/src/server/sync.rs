@@ -1,10 +1,13 @@
 //! `kpx.v1.Sync`: one task per node stream sends what the cache plans, one update at a time.
 
 use super::chunk::chunk_update;
-use crate::cache::Cache;
+use crate::cache::{Cache, PlannedUpdate};
+use crate::trace_context::{from_wire, to_wire};
 use futures::Stream;
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::node_message::Msg;
+use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
+use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,25 +106,32 @@ impl NodeStream {
         mut inbound: Streaming<pb::NodeMessage>,
         tx: mpsc::Sender<Result<pb::Update, Status>>,
     ) {
+        // The last update's send span: the parent of its ack span when the node sends no trace.
+        let mut last_send: Option<W3c> = None;
         let end = loop {
             wake.borrow_and_update();
             if !self.cache.is_current(&self.node, self.conn) {
                 break "superseded by a newer stream";
             }
-            if let Some(plan) = self.cache.next_update(&self.node, self.conn) {
+            if let Some(mut plan) = self.cache.next_update(&self.node, self.conn) {
                 // Held until the last chunk is handed to the stream.
                 let _permit = match plan.full {
                     true => Some(self.snapshot_permits.clone().acquire_owned().await.expect("never closed")),
                     false => None,
                 };
                 tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
-                let mut closed = false;
+                let send = send_span(&self.node, &mut plan);
+                last_send = send.w3c();
+                let (mut closed, mut bytes) = (false, 0usize);
                 for chunk in chunk_update(plan, self.config.max_chunk_bytes) {
+                    bytes += chunk.encoded_len();
                     if tx.send(Ok(chunk)).await.is_err() {
                         closed = true;
                         break;
                     }
                 }
+                send.set(Attr::new("bytes", bytes as i64));
+                drop(send);
                 if closed {
                     break "stream closed";
                 }
@@ -130,7 +140,10 @@ impl NodeStream {
             tokio::select! {
                 changed = wake.changed() => if changed.is_err() { break "node record removed" },
                 msg = inbound.message() => match msg {
-                    Ok(Some(pb::NodeMessage { msg: Some(Msg::Ack(ack)) })) => self.cache.on_ack(&self.node, self.conn, &ack),
+                    Ok(Some(pb::NodeMessage { msg: Some(Msg::Ack(ack)) })) => {
+                        let _span = ack_span(&self.node, &ack, last_send.take());
+                        self.cache.on_ack(&self.node, self.conn, &ack);
+                    }
                     Ok(Some(_)) => {
                         let _ = tx.send(Err(Status::invalid_argument("only Ack may follow Subscribe on a Sync stream"))).await;
                         break "protocol error";
@@ -149,6 +162,57 @@ impl NodeStream {
         tracing::debug!(reason = end, "node stream ended");
         self.cache.disconnect(&self.node, self.conn);
     }
+}
+
+/// `cp.send`: one update to one node, a child of its primary cause and linked to the changes
+/// coalesced into it. It takes the primary cause's place in the update, so the node's apply
+/// span becomes its child (same trace); a snapshot without causes starts a trace of its own.
+fn send_span(node: &str, plan: &mut PlannedUpdate) -> DistSpan {
+    let causes: Vec<W3c> = plan.content.causes.iter().map(from_wire).collect();
+    let span = DistSpan::start(
+        "cp.send",
+        Start {
+            parent: causes.first(),
+            links: causes.get(1..).unwrap_or_default(),
+            attributes: vec![
+                Attr::new("node", node.to_string()),
+                Attr::new("version", plan.version.to_version()),
+                Attr::new("full", plan.full),
+                Attr::new("entries", plan.content.entry_count() as i64),
+                Attr::new("causes", causes.len() as i64),
+            ],
+            ..Start::default()
+        },
+    );
+    if let Some(w) = span.w3c() {
+        match plan.content.causes.first_mut() {
+            Some(first) => *first = to_wire(w),
+            None => plan.content.causes.push(to_wire(w)),
+        }
+    }
+    span
+}
+
+/// `cp.ack`: the node's answer arriving, a child of the node's apply span.
+fn ack_span(node: &str, ack: &pb::Ack, sent: Option<W3c>) -> DistSpan {
+    let parent = ack.trace.as_ref().map(from_wire).filter(|w| w.span_context().is_some()).or(sent);
+    let span = DistSpan::start(
+        "cp.ack",
+        Start {
+            parent: parent.as_ref(),
+            attributes: vec![
+                Attr::new("node", node.to_string()),
+                Attr::new("version", ack.version.clone()),
+                Attr::new("nack", !ack.error.is_empty()),
+                Attr::new("apply_micros", ack.apply_micros as i64),
+            ],
+            ..Start::default()
+        },
+    );
+    if !ack.error.is_empty() {
+        span.error(ack.error.clone());
+    }
+    span
 }
 
 async fn shutting_down(rx: &mut watch::Receiver<bool>) {

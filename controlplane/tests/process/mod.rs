@@ -34,6 +34,11 @@ impl ControlplaneProcess {
     /// Starts `bin --listen 127.0.0.1:PORT --manifests DIR --manifests-poll-interval 100ms`
     /// on a free port and waits until it answers with synced state.
     pub fn start(bin: &Path, manifests: &Path) -> ControlplaneProcess {
+        Self::start_with_env(bin, manifests, &[])
+    }
+
+    /// [`ControlplaneProcess::start`] with extra environment variables (OTEL_*, RUST_LOG).
+    pub fn start_with_env(bin: &Path, manifests: &Path, env: &[(&str, &str)]) -> ControlplaneProcess {
         assert!(bin.is_file(), "no controlplane binary at {}", bin.display());
         for attempt in 1..=PORT_ATTEMPTS {
             let addr = free_port();
@@ -46,6 +51,7 @@ impl ControlplaneProcess {
                 .arg(manifests)
                 .args(["--manifests-poll-interval", "100ms"])
                 .env("RUST_LOG", "info")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file)

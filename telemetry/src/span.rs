@@ -1,0 +1,126 @@
+//! Spans with remote parents, for a change's trace across the controlplane and the nodes.
+//!
+//! Trace context crosses processes as W3C `traceparent`/`tracestate` strings (the wire types
+//! live in kpx-proto; this crate does not depend on them). Without an exporter the global
+//! tracer is a no-op: spans cost almost nothing and have no context of their own.
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanContext, TraceContextExt, Tracer as _};
+use opentelemetry::{Context, KeyValue, global};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+/// A W3C trace context: `traceparent` and (possibly empty) `tracestate`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct W3c {
+    pub traceparent: String,
+    pub tracestate: String,
+}
+
+impl W3c {
+    /// The context it names; `None` when it does not parse.
+    pub fn span_context(&self) -> Option<SpanContext> {
+        let mut carrier = HashMap::new();
+        carrier.insert("traceparent".to_string(), self.traceparent.clone());
+        if !self.tracestate.is_empty() {
+            carrier.insert("tracestate".to_string(), self.tracestate.clone());
+        }
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then_some(sc)
+    }
+
+    fn of(cx: &Context) -> Option<W3c> {
+        let mut carrier = HashMap::new();
+        TraceContextPropagator::new().inject_context(cx, &mut carrier);
+        let traceparent = carrier.remove("traceparent")?;
+        Some(W3c { traceparent, tracestate: carrier.remove("tracestate").unwrap_or_default() })
+    }
+}
+
+/// One span with an explicit (usually remote) parent; ends when dropped.
+#[derive(Debug)]
+pub struct DistSpan {
+    cx: Context,
+}
+
+/// How to start a [`DistSpan`].
+#[derive(Debug, Default)]
+pub struct Start<'a> {
+    /// Its parent; a new trace when `None` or invalid.
+    pub parent: Option<&'a W3c>,
+    /// Other traces this span continues (coalesced changes).
+    pub links: &'a [W3c],
+    /// When the work really began (an event's trigger time), if earlier than now.
+    pub start_time: Option<SystemTime>,
+    pub attributes: Vec<KeyValue>,
+}
+
+impl DistSpan {
+    pub fn start(name: &'static str, how: Start<'_>) -> DistSpan {
+        let tracer = global::tracer("kpx");
+        let parent = match how.parent.and_then(W3c::span_context) {
+            Some(sc) => Context::new().with_remote_span_context(sc),
+            None => Context::new(),
+        };
+        let links = how
+            .links
+            .iter()
+            .filter_map(W3c::span_context)
+            .map(opentelemetry::trace::Link::with_context)
+            .collect::<Vec<_>>();
+        let mut builder = tracer.span_builder(name).with_attributes(how.attributes).with_links(links);
+        if let Some(t) = how.start_time.filter(|t| *t <= SystemTime::now()) {
+            builder = builder.with_start_time(t);
+        }
+        let span = builder.start_with_context(&tracer, &parent);
+        DistSpan { cx: Context::new().with_span(span) }
+    }
+
+    /// The context to hand to the next hop; `None` when spans are not recorded (no exporter).
+    pub fn w3c(&self) -> Option<W3c> {
+        self.cx.span().span_context().is_valid().then(|| W3c::of(&self.cx)).flatten()
+    }
+
+    pub fn set(&self, attribute: KeyValue) {
+        self.cx.span().set_attribute(attribute);
+    }
+
+    /// Marks the span failed with `message`.
+    pub fn error(&self, message: impl Into<String>) {
+        let message = message.into();
+        self.cx.span().set_attribute(KeyValue::new("error.message", message.clone()));
+        self.cx.span().set_status(opentelemetry::trace::Status::error(message));
+    }
+}
+
+impl Drop for DistSpan {
+    fn drop(&mut self) {
+        self.cx.span().end();
+    }
+}
+
+/// Attributes, re-exported so callers need not depend on opentelemetry.
+pub use opentelemetry::KeyValue as Attr;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_through_the_propagator() {
+        let w = W3c { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(), ..W3c::default() };
+        let sc = w.span_context().expect("valid");
+        assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert!(sc.is_sampled() && sc.is_remote());
+        assert_eq!(W3c::of(&Context::new().with_remote_span_context(sc)), Some(w));
+        assert!(W3c { traceparent: "garbage".into(), ..W3c::default() }.span_context().is_none());
+    }
+
+    #[test]
+    fn without_an_exporter_spans_have_no_context() {
+        let span = DistSpan::start("t", Start::default());
+        assert_eq!(span.w3c(), None);
+    }
+}
