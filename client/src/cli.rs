@@ -1,8 +1,10 @@
 //! Command-line flags of kpxctl. Usage errors are clap's (exit code 2).
 
+use crate::explain::{Cidr, Target};
 use crate::output::Format;
 use clap::{Parser, Subcommand};
 use std::fmt;
+use std::net::IpAddr;
 
 pub const DEFAULT_CONTROLPLANE: &str = "http://127.0.0.1:10900";
 
@@ -35,6 +37,31 @@ pub enum Command {
         /// NAMESPACE/NAME
         #[arg(value_parser = parse_service_name)]
         service: ServiceName,
+    },
+    /// Stream a node's state: the snapshot, then one line per change, until Ctrl-C.
+    Watch {
+        /// The node's name, as in its Node object.
+        node: String,
+    },
+    /// Explain where a packet to DST:PORT/PROTO goes on a node, and why.
+    Explain {
+        /// The node's name, as in its Node object.
+        node: String,
+        /// DST:PORT/PROTO, for example 10.96.0.10:80/tcp or [fd00::10]:53/udp.
+        destination: Target,
+        /// The packet's source address (decides masquerade, source ranges, hairpin).
+        #[arg(long = "from", value_name = "SRC")]
+        from: Option<IpAddr>,
+        /// An address of the node that accepts NodePorts (repeat for several; as the dataplane's
+        /// --node-ip). Without it, a node port matches on any destination.
+        #[arg(long = "node-ip", value_name = "IP")]
+        node_ips: Vec<IpAddr>,
+        /// The pod CIDR the dataplane runs with (its --cluster-cidr; repeat for dual-stack).
+        #[arg(long = "cluster-cidr", value_name = "CIDR")]
+        cluster_cidrs: Vec<Cidr>,
+        /// The dataplane runs with --masquerade-all.
+        #[arg(long)]
+        masquerade_all: bool,
     },
 }
 
@@ -85,6 +112,38 @@ mod tests {
         let Command::Service { service } = cli.command else { panic!("not a service command") };
         assert_eq!(service, ServiceName { namespace: "demo".into(), name: "web".into() });
         assert_eq!(service.to_string(), "demo/web");
+    }
+
+    #[test]
+    fn watch_and_explain() {
+        let cli = parse(&["watch", "node-a", "-o", "json"]).unwrap();
+        assert!(matches!(cli.command, Command::Watch { node } if node == "node-a"));
+        let cli = parse(&[
+            "explain",
+            "node-b",
+            "[fd00::10]:53/UDP",
+            "--from",
+            "fd00::1",
+            "--node-ip",
+            "10.77.0.11",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ])
+        .unwrap();
+        let Command::Explain { node, destination, from, node_ips, cluster_cidrs, masquerade_all } = cli.command else {
+            panic!("not explain")
+        };
+        assert_eq!(node, "node-b");
+        assert_eq!(destination.to_string(), "[fd00::10]:53/UDP");
+        assert_eq!(from, Some("fd00::1".parse().unwrap()));
+        assert_eq!(node_ips, ["10.77.0.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(cluster_cidrs[0].to_string(), "10.244.0.0/16");
+        assert!(!masquerade_all);
+        for bad in ["10.96.0.10:80", "10.96.0.10/tcp", "fd00::1:80/tcp", "10.96.0.10:80/icmp", "10.96.0.10:0/tcp"] {
+            let err = parse(&["explain", "n", bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+        }
+        assert!(parse(&["explain", "n", "10.96.0.10:80/tcp", "--cluster-cidr", "10.0.0.0/33"]).is_err());
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum ClientError {
     Unimplemented { addr: String, rpc: &'static str, message: String },
     #[error("{rpc} failed: {code}: {message}")]
     Rpc { rpc: &'static str, code: Code, message: String },
+    #[error("the watch stream broke: {message}")]
+    Stream { message: String },
     #[error("encoding the output as {format}: {reason}")]
     Encode { format: &'static str, reason: String },
 }

@@ -4,8 +4,9 @@
 //! ("NODE_PORT", "TCP", as grpcurl prints them) instead of prost's integers.
 
 use crate::ClientError;
+use crate::explain::Explanation;
 use crate::render;
-use kpx_proto::v1::{ListNodesResponse, NodeState, Protocol, ServiceAcrossNodes, ServiceType};
+use kpx_proto::v1::{ListNodesResponse, NodeState, Protocol, ServiceAcrossNodes, ServiceType, Update};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -34,6 +35,27 @@ pub fn service(resp: &ServiceAcrossNodes, format: Format) -> Result<String, Clie
     match format {
         Format::Table => Ok(render::service_view(resp)),
         _ => encode(resp, format),
+    }
+}
+
+pub fn explain(ex: &Explanation, format: Format) -> Result<String, ClientError> {
+    match format {
+        Format::Table => Ok(render::explain_view(ex)),
+        _ => encode(ex, format),
+    }
+}
+
+/// One streamed update for `watch -o json|yaml`: a JSON object on one line, or a YAML
+/// document starting with `---`.
+pub fn update(u: &Update, format: Format) -> Result<String, ClientError> {
+    match format {
+        Format::Yaml => Ok(format!("---\n{}", encode(u, Format::Yaml)?)),
+        _ => {
+            let err = |e: serde_json::Error| ClientError::Encode { format: "json", reason: e.to_string() };
+            let mut value = serde_json::to_value(u).map_err(err)?;
+            name_enums(&mut value);
+            Ok(serde_json::to_string(&value).map_err(err)? + "\n")
+        }
     }
 }
 

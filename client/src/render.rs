@@ -1,12 +1,14 @@
 //! Pure renderers: an Inspect response in, the text of a table out. No I/O, no clock (the
 //! current time is a parameter), so every output is tested on hand-built responses.
 
+mod explain;
 mod nodes;
 mod service;
 mod state;
 #[cfg(test)]
 mod tests;
 
+pub use explain::explain_view;
 pub use nodes::nodes_table;
 pub use service::service_view;
 pub use state::state_table;

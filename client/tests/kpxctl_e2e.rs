@@ -205,3 +205,83 @@ fn errors_exit_1_with_a_message_a_person_can_act_on() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot reach the controlplane") && stderr.contains("connection refused"), "{stderr}");
 }
+
+#[test]
+fn explain_says_where_a_packet_goes() {
+    let cp = start();
+    let table = ok(&cp, &["explain", "node-a", "10.96.0.10:80/tcp"]);
+    assert!(table.starts_with("DNAT to one of 3 endpoints, at random\n"), "{table}");
+    assert!(table.contains("demo/web:http (cluster IP, port 80)"), "{table}");
+    for ep in ["10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:8080"] {
+        assert!(table.contains(ep), "{table}");
+    }
+
+    // web-local: NodePort 30081 with externalTrafficPolicy Local; node-b runs one of its pods.
+    let json: Value = serde_json::from_str(&ok(
+        &cp,
+        &["explain", "node-b", "10.77.0.11:30081/tcp", "--node-ip", "10.77.0.11", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(json["verdict"], "DNAT", "{json:#}");
+    assert_eq!(json["matched"]["service"], "demo/web-local");
+    assert_eq!(json["matched"]["address_kind"], "NODE_PORT");
+    assert_eq!(json["policy_value"], "Local");
+    assert_eq!(json["masquerade"], "NO");
+    let eps: Vec<&str> = json["endpoints"].as_array().unwrap().iter().map(|e| e["ip"].as_str().unwrap()).collect();
+    assert_eq!(eps, ["10.244.2.2"], "only node-b's own pod");
+
+    let table = ok(&cp, &["explain", "node-a", "10.96.0.30:80/tcp"]);
+    assert!(table.starts_with("REJECT: demo/empty"), "{table}");
+    let yaml = ok(&cp, &["explain", "node-a", "10.96.0.99:80/tcp", "-o", "yaml"]);
+    let v: Value = serde_saphyr::from_str(&yaml).unwrap();
+    assert_eq!(v["verdict"], "NO_RULE", "{yaml}");
+
+    let out = kpxctl(&cp.url(), &["explain", "nope", "10.96.0.10:80/tcp"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), r#"error: node "nope" not found"#);
+    let out = kpxctl(&cp.url(), &["explain", "node-a", "10.96.0.10:80"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+}
+
+#[test]
+fn watch_streams_the_snapshot_and_ends_with_the_controlplane() {
+    use std::io::{BufRead, BufReader};
+    let cp = start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kpxctl"))
+        .args(["--controlplane", &cp.url(), "watch", "node-a", "-o", "json"])
+        .env_remove("KPX_CONTROLPLANE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["full"], true, "{first:#}");
+    assert!(first["services_upserted"].as_array().unwrap().iter().any(|s| s["name"] == "web"), "{first:#}");
+    // The controlplane going away breaks the stream: an error, exit 1.
+    drop(cp);
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("error:"), "{stderr}");
+
+    // Table output: the snapshot summary.
+    let cp = start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kpxctl"))
+        .args(["--controlplane", &cp.url(), "watch", "node-a"])
+        .env_remove("KPX_CONTROLPLANE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("snapshot  node node-a, version "), "{first}");
+    let next = lines.next().unwrap().unwrap();
+    assert!(next.starts_with("  demo/"), "{next}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
