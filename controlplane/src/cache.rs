@@ -116,6 +116,7 @@ pub struct Cache {
     changes: watch::Sender<u64>,
     nonce: AtomicU64,
     conn_ids: AtomicU64,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Cache {
@@ -130,11 +131,17 @@ impl Cache {
             // repeating across restarts, which makes logs easier to read.
             nonce: AtomicU64::new(now_ms() as u64 * 1000),
             conn_ids: AtomicU64::new(1),
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("cache state poisoned")
+    }
+
+    /// The controlplane's Prometheus metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     pub fn skips(&self) -> &Arc<Skips> {
@@ -338,7 +345,8 @@ impl State {
         self.set_entry(key.clone(), new);
         if changed {
             self.head = head;
-            let entry = LogEntry { seq: head, service: key.clone(), classing, diffs, cause };
+            let at = std::time::Instant::now();
+            let entry = LogEntry { seq: head, service: key.clone(), classing, diffs, cause, at };
             self.log.as_mut().expect("log").push(entry);
             tracing::debug!(service = %key, seq = head, nodes = touched, "service changed");
         }

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod k8s;
+pub mod metrics;
 pub mod model;
 pub mod node_view;
 pub mod server;
@@ -40,6 +41,8 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Prometheus `/metrics` and `/healthz`, `/livez`, `/readyz` (None: not served).
+    pub metrics_listen: Option<SocketAddr>,
     pub source: SourceConfig,
     pub cache: CacheConfig,
     pub sync: SyncConfig,
@@ -73,7 +76,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             Box::new(k8s::watch::KubeSource::new(client, skips.clone()))
         }
     };
-    serve(listener, source, skips, config.cache, config.sync, shutdown).await
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| RunError::Listen { addr, source })?),
+        None => None,
+    };
+    serve_with_metrics(listener, metrics, source, skips, config.cache, config.sync, shutdown).await
 }
 
 /// Serves on an already bound listener (tests bind port 0) from any source of cluster state.
@@ -85,13 +92,34 @@ pub async fn serve(
     sync_config: SyncConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    serve_with_metrics(listener, None, source, skips, cache_config, sync_config, shutdown).await
+}
+
+/// [`serve`], also serving `/metrics`, `/healthz`, `/livez` and `/readyz` on `metrics` (see
+/// [`metrics::reply`]).
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    source: Box<dyn ClusterSource>,
+    skips: Arc<Skips>,
+    cache_config: CacheConfig,
+    sync_config: SyncConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let addr = listener.local_addr().ok();
     let cache = Cache::new(skips, cache_config);
+    let metrics_task = metrics.map(|l| {
+        tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /livez, /readyz");
+        let cache = cache.clone();
+        tokio::spawn(kpx_telemetry::http::serve(l, Arc::new(move |p: &str| metrics::reply(&cache, p))))
+    });
+    let _metrics_task = AbortOnDrop(metrics_task);
     let (events_tx, mut events_rx) = mpsc::channel(4096);
     let mut source_task = tokio::spawn(source.run(events_tx));
     let apply_cache = cache.clone();
     tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
+            apply_cache.metrics().source_event(&event);
             // Before the first publish nothing reaches a node by itself (the initial listing
             // arrives in snapshots), so only changes after it get a trace.
             let (span, cause) = match apply_cache.is_synced() {
@@ -159,5 +187,16 @@ pub async fn serve(
             Ok(Err(e)) => Err(e.into()),
             Err(join) => Err(SourceError::Kube { context: "source task".into(), source: Box::new(join) }.into()),
         },
+    }
+}
+
+/// Stops a background task when the server it belongs to returns.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
     }
 }

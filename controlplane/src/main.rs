@@ -16,6 +16,9 @@ struct Flags {
     /// gRPC listen address (Sync, Inspect, health, reflection).
     #[arg(long, env = "KPX_LISTEN", default_value = "127.0.0.1:10900")]
     listen: SocketAddr,
+    /// Prometheus /metrics and /healthz, /livez, /readyz (HTTP); empty to disable.
+    #[arg(long, env = "KPX_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10251")]
+    metrics_bind_address: String,
     /// Read cluster state from a directory of Kubernetes manifests instead of the apiserver.
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
@@ -62,8 +65,13 @@ async fn main() -> anyhow::Result<()> {
         Some(dir) => SourceConfig::Manifests { dir, poll_interval: flags.manifests_poll_interval },
         None => SourceConfig::Kube { kubeconfig: flags.kubeconfig },
     };
+    let metrics_listen = match flags.metrics_bind_address.as_str() {
+        "" => None,
+        a => Some(a.parse::<SocketAddr>().map_err(|e| anyhow::anyhow!("--metrics-bind-address {a:?}: {e}"))?),
+    };
     let config = Config {
         listen: flags.listen,
+        metrics_listen,
         source,
         cache: CacheConfig { log_capacity: flags.change_log_capacity },
         sync: SyncConfig {

@@ -34,8 +34,13 @@ pub fn change_span(event: &ClusterEvent) -> (DistSpan, TraceContext) {
         "cp.change",
         Start { start_time: trigger.and_then(parse_rfc3339), attributes, ..Start::default() },
     );
+    let change_time = trigger.and_then(parse_rfc3339).map(unix_ms).unwrap_or_else(|| unix_ms(SystemTime::now()));
     let cause = span.w3c().map(to_wire).unwrap_or_else(new_root);
-    (span, cause)
+    (span, TraceContext { change_time_unix_ms: change_time, ..cause })
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn parse_rfc3339(s: &str) -> Option<SystemTime> {
@@ -44,7 +49,7 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 }
 
 pub fn to_wire(w: W3c) -> TraceContext {
-    TraceContext { traceparent: w.traceparent, tracestate: w.tracestate }
+    TraceContext { traceparent: w.traceparent, tracestate: w.tracestate, change_time_unix_ms: 0 }
 }
 
 pub fn from_wire(t: &TraceContext) -> W3c {
@@ -56,7 +61,11 @@ pub fn new_root() -> TraceContext {
     let mut rng = rand::rng();
     let trace: u128 = rng.random::<u128>().max(1);
     let span: u64 = rng.random::<u64>().max(1);
-    TraceContext { traceparent: format!("00-{trace:032x}-{span:016x}-01"), tracestate: String::new() }
+    TraceContext {
+        traceparent: format!("00-{trace:032x}-{span:016x}-01"),
+        tracestate: String::new(),
+        change_time_unix_ms: 0,
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +85,30 @@ mod tests {
         let t = super::parse_rfc3339("2026-11-23T04:26:12Z").expect("parses");
         assert_eq!(t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), 1_795_407_972);
         assert!(super::parse_rfc3339("yesterday").is_none());
+    }
+
+    #[test]
+    fn causes_carry_the_change_time() {
+        use crate::model::{ClusterEvent, EndpointSlice, IpFamily, ServiceKey};
+        let slice = |trigger: Option<&str>| {
+            let key = ServiceKey::new("default", "web-abc");
+            ClusterEvent::Slice(
+                key.clone(),
+                Some(EndpointSlice {
+                    key,
+                    service: ServiceKey::new("default", "web"),
+                    family: IpFamily::V4,
+                    ports: Vec::new(),
+                    endpoints: Vec::new(),
+                    trigger_time: trigger.map(str::to_string),
+                }),
+            )
+        };
+        let (_span, cause) = super::change_span(&slice(Some("2026-11-23T04:26:12Z")));
+        assert_eq!(cause.change_time_unix_ms, 1_795_407_972_000);
+        let before = super::unix_ms(std::time::SystemTime::now());
+        let (_span, cause) = super::change_span(&slice(None));
+        assert!(cause.change_time_unix_ms >= before, "receipt time when there is no trigger time");
+        assert_eq!(super::new_root().change_time_unix_ms, 0);
     }
 }

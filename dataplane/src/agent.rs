@@ -269,9 +269,11 @@ async fn observe(
             SyncEvent::Disconnected { .. } => {
                 metrics.connected.set(0);
             }
-            SyncEvent::Applied { .. } => {
+            SyncEvent::Applied { change_times_unix_ms, programmed_at, .. } => {
                 metrics.update(true);
+                metrics.programmed(&change_times_unix_ms, programmed_at);
                 health.succeeded();
+                health.applied();
             }
             SyncEvent::Rejected { .. } => {
                 metrics.update(false);

@@ -10,12 +10,17 @@
 //! - **503** when an update, or a repair (full resync after a flush), has kept failing for
 //!   longer than the timeout, or when no sync succeeded within the grace after startup.
 //!
+//! `/readyz`: **200** once the node has applied an update from the controlplane successfully
+//! (its rules reflect the cluster), **503** before. It stays 200 afterwards: a node that has
+//! programmed the cluster's state keeps serving it when the controlplane goes away.
+//!
 //! The JSON body is kube-proxy's: `{"lastUpdated": T,"currentTime": T, "nodeName": N}`. As in
 //! kube-proxy, `lastUpdated` is the current time when healthy (older clients read a recent
 //! `lastUpdated` as "the sync loop runs"); when unhealthy it is the last successful sync, or
 //! empty if there was none.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::http::{self, Reply};
@@ -33,6 +38,7 @@ pub struct Health {
     pub timeout: Duration,
     started: Instant,
     inner: Mutex<Inner>,
+    ready: AtomicBool,
 }
 
 /// The decision, pure: see the module doc.
@@ -51,7 +57,13 @@ pub fn is_healthy(
 
 impl Health {
     pub fn new(node_name: &str, timeout: Duration) -> Self {
-        Health { node_name: node_name.to_string(), timeout, started: Instant::now(), inner: Mutex::default() }
+        Health {
+            node_name: node_name.to_string(),
+            timeout,
+            started: Instant::now(),
+            inner: Mutex::default(),
+            ready: AtomicBool::new(false),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -62,6 +74,15 @@ impl Health {
         let mut i = self.lock();
         i.last_success = Some((Instant::now(), SystemTime::now()));
         i.failing_since = None;
+    }
+
+    /// An update from the controlplane was applied: the node is ready (for good).
+    pub fn applied(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     pub fn failed(&self) {
@@ -77,8 +98,15 @@ impl Health {
         self.lock().last_success.map(|s| s.1)
     }
 
-    /// The `/healthz` and `/livez` response.
+    /// The `/healthz`, `/livez` and `/readyz` response.
     pub fn reply(&self, path: &str) -> Reply {
+        if path == "/readyz" {
+            let headers = [("Content-Type", "text/plain; charset=utf-8".to_string())];
+            return match self.ready() {
+                true => http::reply(200, &headers, "ok\n".into()),
+                false => http::reply(503, &headers, "not ready: no update from the controlplane applied yet\n".into()),
+            };
+        }
         if path != "/healthz" && path != "/livez" {
             return http::not_found();
         }
@@ -170,6 +198,10 @@ mod tests {
         assert_eq!(h.reply("/livez").status(), 503);
         h.succeeded();
         assert_eq!(h.reply("/livez").status(), 200);
+        // Ready only once an update was applied.
+        assert_eq!(h.reply("/readyz").status(), 503);
+        h.applied();
+        assert_eq!(h.reply("/readyz").status(), 200);
     }
 
     #[test]

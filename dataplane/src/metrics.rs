@@ -34,11 +34,31 @@ pub struct Metrics {
     pub rules: Family<TableLabel, Gauge>,
     pub updates: Family<ResultLabel, Counter>,
     pub connected: Gauge,
+    pub network_programming: Histogram,
 }
 
 /// kube-proxy's buckets: 1 ms doubling to ~16 s.
 fn histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// kube-proxy's network programming latency buckets: 0.25 s, 0.5 s, 1..59 s by 1 s,
+/// 60..115 s by 5 s, 120..300 s by 30 s.
+fn programming_histogram() -> Histogram {
+    let b = [0.25, 0.5]
+        .into_iter()
+        .chain((1..60).map(f64::from))
+        .chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)))
+        .chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    Histogram::new(b)
+}
+
+/// Network programming latency of each change, in seconds: from its start (ms since the epoch)
+/// to when the rules were programmed. A start in the future (clock skew between the apiserver,
+/// the controlplane and this node) counts as 0.
+pub fn programming_latencies(change_times_unix_ms: &[i64], programmed_at: SystemTime) -> Vec<f64> {
+    let now_ms = programmed_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    change_times_unix_ms.iter().filter(|t| **t > 0).map(|t| (now_ms - t).max(0) as f64 / 1000.0).collect()
 }
 
 impl Default for Metrics {
@@ -59,6 +79,7 @@ impl Metrics {
             rules: Family::default(),
             updates: Family::default(),
             connected: Gauge::default(),
+            network_programming: programming_histogram(),
             registry: Registry::default(),
         };
         registry.register(
@@ -97,6 +118,11 @@ impl Metrics {
             "Updates from the controlplane, by answer (ack or nack)",
             m.updates.clone(),
         );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming.clone(),
+        );
         registry.register("kpx_dataplane_connected", "1 while the Sync stream is up", m.connected.clone());
         Metrics { registry, ..m }
     }
@@ -120,6 +146,13 @@ impl Metrics {
         if let Some(t) = after.iter().filter_map(|s| s.last_success).max() {
             let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
             self.last_timestamp.set(secs);
+        }
+    }
+
+    /// An update was programmed: observes the latency of every change it carried.
+    pub fn programmed(&self, change_times_unix_ms: &[i64], programmed_at: SystemTime) {
+        for secs in programming_latencies(change_times_unix_ms, programmed_at) {
+            self.network_programming.observe(secs);
         }
     }
 
@@ -178,8 +211,28 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+        assert!(text.contains("kubeproxy_network_programming_duration_seconds_count 0"), "{text}");
         // No sync since: nothing more observed.
         m.record_sync(std::slice::from_ref(&after), std::slice::from_ref(&after));
         assert!(m.render().contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"));
+    }
+
+    #[test]
+    fn network_programming_latency() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_000_000);
+        // 1.5 s and 250 ms ago; unknown (0) left out; a start in the future counts as 0.
+        assert_eq!(programming_latencies(&[998_500, 999_750, 0, 1_000_400], at), vec![1.5, 0.25, 0.0]);
+        let m = Metrics::new();
+        m.programmed(&[998_500, 999_750], at);
+        let text = m.render();
+        for want in [
+            "kubeproxy_network_programming_duration_seconds_count 2",
+            "kubeproxy_network_programming_duration_seconds_sum 1.75",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 1",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"2.0\"} 2",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"} 2",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use kpx_proto::v1::sync_client::SyncClient;
 use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
 use prost::Message;
 use rand::Rng;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
@@ -59,6 +59,11 @@ pub enum SyncEvent {
         wire_bytes: usize,
         chunks: usize,
         apply: Duration,
+        /// When each change the update carries started (`TraceContext.change_time_unix_ms`,
+        /// ms since the epoch; unknown ones left out).
+        change_times_unix_ms: Vec<i64>,
+        /// When the rules were in the kernel (the backend's apply returned successfully).
+        programmed_at: SystemTime,
     },
     Rejected {
         nonce: u64,
@@ -177,10 +182,15 @@ impl<A: Apply> Session<A> {
             Err(e) => Err((e.to_string(), e.needs_snapshot())),
         };
         let apply = started.elapsed();
+        let programmed_at = SystemTime::now();
         if let Err((error, _)) = &result {
             span.error(error.clone());
         }
-        let trace = span.w3c().map(|w| pb::TraceContext { traceparent: w.traceparent, tracestate: w.tracestate });
+        let trace = span.w3c().map(|w| pb::TraceContext {
+            traceparent: w.traceparent,
+            tracestate: w.tracestate,
+            change_time_unix_ms: 0,
+        });
         match result {
             Ok(()) => {
                 tracing::debug!(version = %update.version, full = update.full, entries, "applied");
@@ -192,6 +202,13 @@ impl<A: Apply> Session<A> {
                     wire_bytes,
                     chunks,
                     apply,
+                    change_times_unix_ms: update
+                        .causes
+                        .iter()
+                        .map(|c| c.change_time_unix_ms)
+                        .filter(|t| *t > 0)
+                        .collect(),
+                    programmed_at,
                 });
                 pb::Ack {
                     nonce: update.nonce,

@@ -203,6 +203,7 @@ async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"nodeName\": \"node-a\"") && text.contains("\"lastUpdated\""), "{text}");
     assert_eq!(wait_for("/livez", || get(healthz, "/livez")).await.0, 200);
+    assert_eq!(wait_for("/readyz", || get(healthz, "/readyz")).await.0, 200, "ready once an update is applied");
 
     let (status, text) = wait_for("/metrics", || get(metrics, "/metrics")).await;
     assert_eq!(status, 200);
@@ -238,6 +239,19 @@ async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     std::fs::rename(&staged, &path).unwrap();
     let text = wait_for("503 from the healthCheckNodePort", || get(hcnp, "/").filter(|(s, _)| *s == 503)).await.1;
     assert!(text.contains("\"localEndpoints\": 0"), "{text}");
+
+    // That change was programmed: its network programming latency is counted.
+    let text = wait_for("the programming-latency histogram counted", || {
+        get(metrics, "/metrics").filter(|(_, t)| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("kubeproxy_network_programming_duration_seconds_count "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|n| n >= 1)
+        })
+    })
+    .await
+    .1;
+    assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}"), "{text}");
 
     drop(dp);
     let _ = stop.send(());

@@ -7,6 +7,7 @@ use crate::node_view::{NodeInfo, ViewClass};
 use kpx_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What one change did to the state of every node of one view class.
 #[derive(Debug, Default)]
@@ -56,6 +57,8 @@ pub struct LogEntry {
     pub classing: Classing,
     pub diffs: HashMap<ViewClass, Arc<ClassDiff>>,
     pub cause: Option<pb::TraceContext>,
+    /// When the change was published (for the change-to-ack latency metric).
+    pub at: Instant,
 }
 
 #[derive(Debug)]
@@ -98,6 +101,9 @@ impl ChangeLog {
             let class = entry.classing.class_of(node);
             let diff = entry.diffs.get(&class)?;
             merged.add(&entry.service, diff);
+            if !diff.is_empty() {
+                merged.oldest_change.get_or_insert(entry.at);
+            }
             if let Some(cause) = &entry.cause
                 && merged.causes.len() < MAX_CAUSES
             {
@@ -134,6 +140,8 @@ pub struct MergedDelta {
     /// (service, ip) -> Some(upsert) or None (remove).
     endpoints: BTreeMap<(String, String), Option<pb::Endpoint>>,
     pub causes: Vec<pb::TraceContext>,
+    /// When the oldest change that affects the node was published.
+    pub oldest_change: Option<Instant>,
 }
 
 impl MergedDelta {
@@ -169,7 +177,7 @@ impl MergedDelta {
     }
 
     pub fn into_content(self) -> UpdateContent {
-        let mut c = UpdateContent { causes: self.causes, ..Default::default() };
+        let mut c = UpdateContent { causes: self.causes, oldest_change: self.oldest_change, ..Default::default() };
         for (name, ops) in self.services {
             if ops.removed {
                 c.services_removed.push(service_ref(&name));
@@ -204,6 +212,8 @@ pub struct UpdateContent {
     pub endpoint_views: Vec<Arc<super::ClassView>>,
     pub endpoints_removed: Vec<pb::EndpointRef>,
     pub causes: Vec<pb::TraceContext>,
+    /// When the oldest change this update carries was published (deltas only).
+    pub oldest_change: Option<Instant>,
 }
 
 impl UpdateContent {
@@ -244,6 +254,7 @@ mod tests {
             classing: Classing::default(),
             diffs: HashMap::from([(ViewClass::All, Arc::new(diff))]),
             cause: None,
+            at: Instant::now(),
         }
     }
 

@@ -161,7 +161,7 @@ mod tests {
             content.endpoint_views.push(Arc::new(ClassView { endpoints, sum: ContentHash::EMPTY }));
         }
         content.services_removed.push(pb::ServiceRef { namespace: "a".into(), name: "b".into() });
-        content.causes.push(pb::TraceContext { traceparent: "00-1-2-01".into(), tracestate: String::new() });
+        content.causes.push(pb::TraceContext { traceparent: "00-1-2-01".into(), ..Default::default() });
         PlannedUpdate { nonce: 7, version: ContentHash(5), base_version: None, full: true, content }
     }
 

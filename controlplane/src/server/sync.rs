@@ -108,6 +108,8 @@ impl NodeStream {
     ) {
         // The last update's send span: the parent of its ack span when the node sends no trace.
         let mut last_send: Option<W3c> = None;
+        // The in-flight delta's nonce and when the oldest change it carries was published.
+        let mut carried: Option<(u64, std::time::Instant)> = None;
         let end = loop {
             wake.borrow_and_update();
             if !self.cache.is_current(&self.node, self.conn) {
@@ -120,6 +122,7 @@ impl NodeStream {
                     false => None,
                 };
                 tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
+                carried = plan.content.oldest_change.map(|t| (plan.nonce, t));
                 let send = send_span(&self.node, &mut plan);
                 last_send = send.w3c();
                 let (mut closed, mut bytes) = (false, 0usize);
@@ -143,6 +146,8 @@ impl NodeStream {
                     Ok(Some(pb::NodeMessage { msg: Some(Msg::Ack(ack)) })) => {
                         let _span = ack_span(&self.node, &ack, last_send.take());
                         self.cache.on_ack(&self.node, self.conn, &ack);
+                        let oldest = carried.take().filter(|(n, _)| *n == ack.nonce).map(|(_, t)| t);
+                        self.cache.metrics().ack(!ack.error.is_empty(), oldest);
                     }
                     Ok(Some(_)) => {
                         let _ = tx.send(Err(Status::invalid_argument("only Ack may follow Subscribe on a Sync stream"))).await;
@@ -186,7 +191,8 @@ fn send_span(node: &str, plan: &mut PlannedUpdate) -> DistSpan {
     );
     if let Some(w) = span.w3c() {
         match plan.content.causes.first_mut() {
-            Some(first) => *first = to_wire(w),
+            // Keep the change's start time: nodes measure programming latency from it.
+            Some(first) => *first = pb::TraceContext { change_time_unix_ms: first.change_time_unix_ms, ..to_wire(w) },
             None => plan.content.causes.push(to_wire(w)),
         }
     }

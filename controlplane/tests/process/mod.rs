@@ -50,6 +50,8 @@ impl ControlplaneProcess {
                 .arg("--manifests")
                 .arg(manifests)
                 .args(["--manifests-poll-interval", "100ms"])
+                // Tests run several controlplanes at once: not the fixed default port.
+                .args(["--metrics-bind-address", "127.0.0.1:0"])
                 .env("RUST_LOG", "info")
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
