@@ -5,7 +5,7 @@ use prost::Message;
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["kpx/v1/state.proto", "kpx/v1/sync.proto", "kpx/v1/inspect.proto"];
+    let files = ["kpx/v1/state.proto", "kpx/v1/sync.proto", "kpx/v1/inspect.proto", "kpx/v1/admin.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

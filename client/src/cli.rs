@@ -43,6 +43,15 @@ pub enum Command {
         /// The node's name, as in its Node object.
         node: String,
     },
+    /// Compare a node's desired state (controlplane) with what its dataplane applied, per service
+    /// and endpoint, and check the kernel has the applied services' chains.
+    Diff {
+        /// The node's name, as in its Node object.
+        node: String,
+        /// The node's dataplane admin API (its --admin-listen, default 127.0.0.1:10257 on the node).
+        #[arg(long, env = "KPX_DATAPLANE", value_name = "ADDR")]
+        dataplane: String,
+    },
     /// Explain where a packet to DST:PORT/PROTO goes on a node, and why.
     Explain {
         /// The node's name, as in its Node object.
@@ -144,6 +153,17 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
         }
         assert!(parse(&["explain", "n", "10.96.0.10:80/tcp", "--cluster-cidr", "10.0.0.0/33"]).is_err());
+    }
+
+    #[test]
+    fn diff_needs_the_dataplane() {
+        let cli = parse(&["diff", "node-a", "--dataplane", "127.0.0.1:10257", "-o", "yaml"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Diff { node, dataplane } if node == "node-a" && dataplane == "127.0.0.1:10257")
+        );
+        if std::env::var_os("KPX_DATAPLANE").is_none() {
+            assert_eq!(parse(&["diff", "node-a"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+        }
     }
 
     #[test]

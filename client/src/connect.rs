@@ -20,6 +20,10 @@ pub enum ClientError {
     InvalidAddress { addr: String, reason: String },
     #[error("cannot reach the controlplane at {addr}: {reason} (is kpx-controlplane running?)")]
     Unreachable { addr: String, reason: String },
+    #[error("cannot reach the dataplane admin API at {addr}: {reason} (is kpx-dataplane running with --admin-listen?)")]
+    DataplaneUnreachable { addr: String, reason: String },
+    #[error("the dataplane at {addr} is node {actual:?}, not {expected:?}")]
+    WrongNode { addr: String, expected: String, actual: String },
     #[error("{what} not found")]
     NotFound { what: String },
     /// Also what a plain HTTP server answers (404 maps to Unimplemented), hence the hint.
@@ -69,7 +73,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<InspectClient<Chann
 
 /// tonic's transport errors display as "transport error"; the useful part is at the bottom of
 /// the source chain, usually an io::Error.
-fn root_cause(err: &tonic::transport::Error) -> String {
+pub(crate) fn root_cause(err: &tonic::transport::Error) -> String {
     let mut cause: &dyn std::error::Error = err;
     let mut current = err.source();
     while let Some(e) = current {

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod connect;
+pub mod diff;
 pub mod explain;
 pub mod output;
 pub mod render;
@@ -26,6 +27,13 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
     let target = connect::normalize_address(&cli.controlplane)?;
     if let Command::Watch { node } = &cli.command {
         return watch_node(&target, node, cli.output).await.map(|()| String::new());
+    }
+    if let Command::Diff { node, dataplane } = &cli.command {
+        let diff = diff::fetch(&target, dataplane, node).await?;
+        return match cli.output {
+            Format::Table => Ok(diff::render(&diff)),
+            format => output::encode(&diff, format),
+        };
     }
     let mut client = connect::connect(&target, connect::CONNECT_TIMEOUT).await?;
     match cli.command {
@@ -65,7 +73,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             let query = explain::Query { dst: destination, src: from, node_ips, cluster_cidrs, masquerade_all };
             output::explain(&explain::explain(&state, &query), cli.output)
         }
-        Command::Watch { .. } => unreachable!("handled above"),
+        Command::Watch { .. } | Command::Diff { .. } => unreachable!("handled above"),
     }
 }
 

@@ -144,6 +144,7 @@ fn reflection_lists_and_describes_the_services() {
     for want in ["kpx.v1.Sync", "kpx.v1.Inspect", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"] {
         assert!(services.contains(want), "list misses {want}: {services:?}");
     }
+    assert!(!services.contains("kpx.v1.Admin"), "the dataplane's admin API is not served here: {services:?}");
 
     let inspect = cluster.text(&["describe", "kpx.v1.Inspect"]);
     let rpcs: BTreeSet<String> = inspect

@@ -19,6 +19,7 @@ use std::time::Duration;
 use kpx_proto::v1 as pb;
 use kpx_proto::version::{self, ContentHash};
 
+use crate::admin::{AdminService, AdminStatus, CoreView, ViewFn};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
@@ -57,6 +58,8 @@ pub struct AgentConfig {
     pub ipvs_scheduler: String,
     /// Use iptables when the kernel has no IPVS (else startup fails).
     pub ipvs_fallback: bool,
+    /// The admin gRPC API (`kpx.v1.Admin`); None: not served.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,30 +211,43 @@ impl Apply for NodeBackend {
 }
 
 /// Every `period`: canary check, then the full resyncs the backends want.
-async fn housekeeping(core: Arc<Mutex<Core>>, metrics: Arc<Metrics>, health: Arc<Health>, period: Duration) {
+async fn housekeeping(
+    core: Arc<Mutex<Core>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    status: Arc<AdminStatus>,
+    period: Duration,
+) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let (core, metrics, health) = (core.clone(), metrics.clone(), health.clone());
+        let (core, metrics, health, status) = (core.clone(), metrics.clone(), health.clone(), status.clone());
         let done = tokio::task::spawn_blocking(move || {
             let mut core = lock(&core);
             if !core.has_state {
                 return;
             }
-            core.backends.iter_mut().for_each(|b| {
-                b.check_canary();
-            });
+            let mut drift: Vec<String> = core
+                .backends
+                .iter_mut()
+                .filter_map(|b| {
+                    let lost = !b.check_canary();
+                    lost.then(|| format!("iptables {}: canary gone (table flushed?)", family_name(b.config().family)))
+                })
+                .collect();
             if let Some(ipvs) = core.ipvs.as_mut() {
                 match ipvs.tick() {
                     Ok(()) => health.succeeded(),
                     Err(error) => {
                         tracing::warn!(%error, "ipvs reconcile failed");
+                        drift.push(format!("ipvs reconcile failed: {error}"));
                         health.failed();
                     }
                 }
             }
+            status.checked(drift.join("; "));
             if !core.backends.iter().any(|b| b.wants_full_sync()) {
                 return;
             }
@@ -260,8 +276,10 @@ async fn observe(
     mut events: tokio::sync::mpsc::UnboundedReceiver<SyncEvent>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    status: Arc<AdminStatus>,
 ) {
     while let Some(e) = events.recv().await {
+        status.event(&e);
         match e {
             SyncEvent::Connected => {
                 metrics.connected.set(1);
@@ -325,11 +343,34 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         ip_families: config.ip_families.iter().map(|f| family_name(*f).to_string()).collect(),
         zone: String::new(),
     };
+    let status = Arc::new(AdminStatus::default());
+    // The admin API is a debugging aid: a taken port (several agents on one host, or
+    // kube-controller-manager's 10257 on a control-plane node) does not stop the proxy.
+    let admin = match config.admin_listen {
+        Some(addr) => listen("admin gRPC", addr)
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "admin gRPC API not served (set --admin-listen)"))
+            .ok(),
+        None => None,
+    };
+    if let Some(listener) = admin {
+        let view_core = core.clone();
+        let view: ViewFn = Arc::new(move || {
+            let c = lock(&view_core);
+            CoreView {
+                services: c.mirror.clone(),
+                iptables: c.backends.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
+                ipvs: c.ipvs.is_some(),
+            }
+        });
+        let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);
+        tasks.push(tokio::spawn(crate::admin::serve(listener, service)));
+    }
     let mut session = Session::new(identity, backend);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     session.events = Some(tx);
-    tasks.push(tokio::spawn(observe(rx, metrics.clone(), health.clone())));
-    tasks.push(tokio::spawn(housekeeping(core, metrics, health, config.sync_period)));
+    tasks.push(tokio::spawn(observe(rx, metrics.clone(), health.clone(), status.clone())));
+    tasks.push(tokio::spawn(housekeeping(core, metrics, health, status, config.sync_period)));
 
     let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     stream::run_forever(&mut session, &config.controlplane, backoff, shutdown).await;

@@ -4,6 +4,7 @@
 //! every version with an ACK or a NACK. It keeps its last state when the controlplane is gone.
 //! Around the session, [`agent`] serves health, metrics and healthCheckNodePorts.
 
+pub mod admin;
 pub mod agent;
 pub mod backend;
 pub mod hcnp;

@@ -41,6 +41,10 @@ struct Flags {
     /// /metrics (Prometheus).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    /// The admin gRPC API (kpx.v1.Admin: applied version and state, kernel rules; reflection
+    /// and health on); empty disables it.
+    #[arg(long, default_value = "127.0.0.1:10257", value_name = "ADDR", value_parser = parse_optional_addr)]
+    admin_listen: OptionalAddr,
     /// IP families to proxy, comma separated.
     #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
     ip_families: Vec<IpFamily>,
@@ -64,6 +68,17 @@ fn parse_family(s: &str) -> Result<IpFamily, String> {
         "ipv6" => Ok(IpFamily::V6),
         _ => Err(format!("{s:?}: expected IPv4 or IPv6")),
     }
+}
+
+/// An address, or none (given as "").
+#[derive(Debug, Clone, Copy)]
+struct OptionalAddr(Option<SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s.is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse().map(|a| OptionalAddr(Some(a))).map_err(|_| format!("{s:?} is not an address like 127.0.0.1:10257"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -103,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         netns: flags.netns,
         ipvs_scheduler: flags.ipvs_scheduler,
         ipvs_fallback: !flags.no_ipvs_fallback,
+        admin_listen: flags.admin_listen.0,
     };
     agent::run(config, shutdown_signal()).await?;
     Ok(())

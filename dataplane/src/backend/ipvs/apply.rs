@@ -1,6 +1,9 @@
 //! The I/O half of the ipvs backend. The kernel's table is dumped once (adopting whatever a
 //! previous run left, never flushing), then kept as a model that each successful operation
-//! updates, so an update costs only the operations its plan needs. A fresh dump replaces the
+//! updates, so an update costs only the operations its plan needs. A delta (a `ChangeSet` that is
+//! not full) recomputes only the services it names and plans, drains and rewrites ipset members for
+//! their virtual servers alone ([`plan::update_desired`]); snapshots, the first sync, syncs after a
+//! failure and reconciles compare the whole table. A fresh dump replaces the
 //! model every reconcile period and after any failure, which repairs drift (a virtual server
 //! deleted by hand comes back). Real servers that drain have their counters re-read on every
 //! sync and tick until they can be deleted.

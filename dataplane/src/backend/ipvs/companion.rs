@@ -15,6 +15,8 @@ use super::plan::{Desired, DesiredService, Key, VipKind};
 
 pub const MARK_MASQ: &str = "0x4000/0x4000";
 
+const MAX_ELEM: u32 = 1 << 22;
+
 const LB_FIREWALL: &str = "kubernetes load balancer firewall";
 
 /// The jumps from the built-in chains: (table, chain, comment, target).
@@ -69,12 +71,16 @@ impl Set {
         format!("KPX-T{v}{}", self.base())
     }
 
+    /// Hash sets get a `maxelem` far above ipset's default of 65536, which LOOP-BACK (one member
+    /// per real server) passes at 100,000 endpoints; a hash set only allocates what it holds.
     fn kind(self, family: Family) -> String {
         let f = if family == Family::Inet { "inet" } else { "inet6" };
         match self {
-            Set::ClusterIp | Set::ExternalIp | Set::LoadBalancerFw => format!("hash:ip,port family {f}"),
-            Set::LoadBalancerSourceCidr => format!("hash:ip,port,net family {f}"),
-            Set::LoopBack => format!("hash:ip,port,ip family {f}"),
+            Set::ClusterIp | Set::ExternalIp | Set::LoadBalancerFw => {
+                format!("hash:ip,port family {f} maxelem {MAX_ELEM}")
+            }
+            Set::LoadBalancerSourceCidr => format!("hash:ip,port,net family {f} maxelem {MAX_ELEM}"),
+            Set::LoopBack => format!("hash:ip,port,ip family {f} maxelem {MAX_ELEM}"),
             Set::NodePort(_) | Set::NodePortLocal(_) => "bitmap:port range 0-65535".into(),
         }
     }

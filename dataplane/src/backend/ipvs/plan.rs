@@ -148,8 +148,9 @@ pub fn desired_indexed(cfg: &PlanConfig, state: &AppliedState) -> (Desired, Inde
         let mut part = Desired::default();
         add_service(cfg, entry, &mut part);
         index.claim(name, &part);
-        d.services.append(&mut part.services);
-        d.vips.append(&mut part.vips);
+        // extend, not append: BTreeMap::append rebuilds the whole map.
+        d.services.extend(part.services);
+        d.vips.extend(part.vips);
         d.skipped.append(&mut part.skipped);
     }
     (d, index)
@@ -225,7 +226,7 @@ pub fn update_desired(
                 up.vips_added.push(*ip);
             }
         }
-        d.services.append(&mut part.services);
+        d.services.extend(part.services);
         up.skipped.append(&mut part.skipped);
     }
     // A VIP that left one service and came back with another was there all along.

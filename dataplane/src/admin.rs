@@ -1,0 +1,483 @@
+//! The admin gRPC API (`kpx.v1.Admin`, `--admin-listen`): the version and state this node has
+//! applied, its sync status and counters, the drift the last canary/reconcile check found, and
+//! what is really in the kernel for kpx's chains. Served with gRPC health and server reflection
+//! (v1 and v1alpha) so that grpcurl works without .proto files.
+//!
+//! The handlers only read what the agent keeps anyway: [`AdminStatus`] (fed from the session's
+//! events and the housekeeping checks) and a [`CoreView`] taken under the agent's core mutex
+//! (on a blocking thread, as an apply may hold that mutex for a while). `iptables-save` runs
+//! on a blocking thread too.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kpx_proto::v1 as pb;
+use kpx_proto::v1::admin_server::{Admin, AdminServer};
+use kpx_proto::version::{self, ContentHash};
+use tonic::{Request, Response, Status};
+
+use crate::backend::iptables::chains::PortChains;
+use crate::backend::iptables::exec::Runner;
+use crate::backend::iptables::render::IpFamily;
+use crate::backend::iptables::{BackendStats, IptablesConfig, jumps};
+use crate::state::ServiceEntry;
+use crate::stream::SyncEvent;
+
+/// What the admin API needs from the agent's core, copied out under its lock.
+#[derive(Debug, Clone, Default)]
+pub struct CoreView {
+    /// The applied services, by "namespace/name".
+    pub services: BTreeMap<String, ServiceEntry>,
+    /// One iptables backend per family, with its stats.
+    pub iptables: Vec<(IptablesConfig, BackendStats)>,
+    /// Whether the IPVS backend drives this node.
+    pub ipvs: bool,
+}
+
+/// Produces a [`CoreView`]; blocking (it takes the agent's core mutex).
+pub type ViewFn = Arc<dyn Fn() -> CoreView + Send + Sync>;
+
+#[derive(Debug, Default, Clone)]
+struct StatusInner {
+    connected: bool,
+    applied_version: String,
+    last_error: String,
+    last_check_unix_ms: i64,
+    drift: String,
+}
+
+/// The session's and the housekeeping's part of `GetStatus`.
+#[derive(Debug, Default)]
+pub struct AdminStatus {
+    inner: Mutex<StatusInner>,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl AdminStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one session event.
+    pub fn event(&self, e: &SyncEvent) {
+        let mut s = self.lock();
+        match e {
+            SyncEvent::Connected => {
+                s.connected = true;
+                s.last_error.clear();
+            }
+            SyncEvent::Disconnected { error } => {
+                s.connected = false;
+                s.last_error = error.clone();
+            }
+            SyncEvent::Applied { version, .. } => {
+                s.applied_version = version.clone();
+                s.last_error.clear();
+            }
+            SyncEvent::Rejected { version, error, .. } => {
+                s.last_error = format!("version {version} rejected: {error}");
+            }
+        }
+    }
+
+    /// Records a canary/reconcile check: the drift it found, empty when none.
+    pub fn checked(&self, drift: String) {
+        let mut s = self.lock();
+        s.last_check_unix_ms = unix_ms(SystemTime::now());
+        s.drift = drift;
+    }
+}
+
+fn family_name(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
+}
+
+fn proto_name(p: pb::Protocol) -> Option<&'static str> {
+    match p {
+        pb::Protocol::Tcp => Some("tcp"),
+        pb::Protocol::Udp => Some("udp"),
+        pb::Protocol::Sctp => Some("sctp"),
+        pb::Protocol::Unspecified => None,
+    }
+}
+
+/// The per-service-port chains the iptables backend of `family` programs for these services
+/// (pure): KUBE-SVC when cluster traffic has endpoints, KUBE-SVL when node-local traffic does,
+/// following the render's rules. Ports without usable endpoints have no chain (their traffic is
+/// rejected from KUBE-SERVICES). Returns (service port name, chain).
+pub fn expected_chains(services: &BTreeMap<String, ServiceEntry>, family: IpFamily) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (key, entry) in services {
+        let s = &entry.service;
+        for port in &s.ports {
+            let Some(proto) = proto_name(port.protocol()) else { continue };
+            let name = if port.name.is_empty() { key.clone() } else { format!("{key}:{}", port.name) };
+            let eps = entry.endpoints.values().filter(|e| {
+                let v4 = e.ip.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_ipv4());
+                v4 == (family == IpFamily::V4) && e.ports.iter().any(|p| p.name == port.name && p.port != 0)
+            });
+            let (mut cluster, mut local) = (false, false);
+            for e in eps {
+                cluster |= e.for_cluster;
+                local |= e.for_local;
+            }
+            let has_ext = port.node_port != 0 || !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty();
+            let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
+            let ch = PortChains::new(&name, proto);
+            if cluster && (!itp || has_ext) {
+                out.push((name.clone(), ch.svc));
+            }
+            if local && (itp || (etp && has_ext)) {
+                out.push((name, ch.svl));
+            }
+        }
+    }
+    out
+}
+
+/// The lines of `iptables-save -t TABLE` output that belong to KUBE-* chains (pure).
+pub fn kube_lines(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| {
+            let rest = l.strip_prefix(':').or_else(|| l.strip_prefix("-A "));
+            rest.is_some_and(|r| r.starts_with("KUBE-"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The status message (pure).
+pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: &CoreView) -> pb::DataplaneStatus {
+    let backends = view
+        .iptables
+        .iter()
+        .map(|(cfg, st)| pb::BackendStatus {
+            name: format!("{} {}", if cfg.dry_run { "dry-run" } else { "iptables" }, family_name(cfg.family)),
+            last_sync_full: st.last_sync_full,
+            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
+            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+            last_error: st.last_error.clone().unwrap_or_default(),
+            full_syncs: st.full_syncs,
+            partial_syncs: st.partial_syncs,
+            restore_failures: st.restore_failures,
+            rules_filter: st.rules.filter as u64,
+            rules_nat: st.rules.nat as u64,
+        })
+        .chain(view.ipvs.then(|| pb::BackendStatus { name: "ipvs".into(), ..Default::default() }))
+        .collect();
+    pb::DataplaneStatus {
+        node_name: node.to_string(),
+        backend: backend.to_string(),
+        applied_version: s.0.applied_version.clone(),
+        connected: s.0.connected,
+        last_error: s.0.last_error.clone(),
+        backends,
+        last_check_unix_ms: s.0.last_check_unix_ms,
+        drift: s.0.drift.clone(),
+        services: view.services.len() as u64,
+        endpoints: view.services.values().map(|e| e.endpoints.len() as u64).sum(),
+    }
+}
+
+/// A copy of [`AdminStatus`] at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct AdminStatusSnapshot(StatusInner);
+
+/// The applied services as a NodeState, with the content version they hash to (pure).
+pub fn applied_state(node: &str, services: &BTreeMap<String, ServiceEntry>) -> pb::NodeState {
+    let mut hash = ContentHash::EMPTY;
+    let services = services
+        .values()
+        .map(|e| {
+            hash.add(version::service_hash(&e.service));
+            e.endpoints.values().for_each(|ep| hash.add(version::endpoint_hash(ep)));
+            pb::ServiceState { service: Some(e.service.clone()), endpoints: e.endpoints.values().cloned().collect() }
+        })
+        .collect();
+    pb::NodeState { node_name: node.to_string(), version: hash.to_version(), services }
+}
+
+/// Reads the kernel (blocking: runs iptables-save).
+fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
+    let mut out = pb::KernelRules { backend: backend.to_string(), ..Default::default() };
+    if view.ipvs {
+        out.note = "the ipvs backend does not expose its IPVS table through the admin API yet".into();
+        return out;
+    }
+    if view.iptables.iter().all(|(cfg, _)| cfg.dry_run) {
+        out.note = "dry-run: nothing is programmed into the kernel".into();
+        return out;
+    }
+    out.supported = true;
+    let mut errors = Vec::new();
+    for (cfg, _) in view.iptables.iter().filter(|(cfg, _)| !cfg.dry_run) {
+        let family = family_name(cfg.family);
+        let runner = Runner { netns: cfg.netns.clone() };
+        let mut chains = std::collections::BTreeSet::new();
+        for table in jumps::TABLES {
+            match runner.run_ok(&[&cfg.save_cmd, "-t", table], &[]) {
+                Ok(ran) => {
+                    let lines = kube_lines(&ran.stdout);
+                    chains.extend(
+                        lines.iter().filter_map(|l| l.strip_prefix(':')?.split_whitespace().next()).map(String::from),
+                    );
+                    out.tables.push(pb::KernelTable { name: format!("iptables {family} {table}"), lines });
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        out.chains.extend(expected_chains(&view.services, cfg.family).into_iter().map(|(port, chain)| {
+            pb::ExpectedChain { present: chains.contains(&chain), service_port: port, chain, family: family.into() }
+        }));
+    }
+    out.note = errors.join("; ");
+    out
+}
+
+/// The `kpx.v1.Admin` service.
+#[derive(Clone)]
+pub struct AdminService {
+    node: String,
+    backend: String,
+    status: Arc<AdminStatus>,
+    view: ViewFn,
+}
+
+impl AdminService {
+    pub fn new(node: &str, backend: &str, status: Arc<AdminStatus>, view: ViewFn) -> Self {
+        AdminService { node: node.to_string(), backend: backend.to_string(), status, view }
+    }
+
+    async fn view(&self) -> Result<CoreView, Status> {
+        let view = self.view.clone();
+        tokio::task::spawn_blocking(move || view()).await.map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::DataplaneStatus>, Status> {
+        let view = self.view().await?;
+        let snap = AdminStatusSnapshot(self.status.lock().clone());
+        Ok(Response::new(status_message(&self.node, &self.backend, &snap, &view)))
+    }
+
+    async fn get_applied_state(
+        &self,
+        _: Request<pb::GetAppliedStateRequest>,
+    ) -> Result<Response<pb::NodeState>, Status> {
+        let view = self.view().await?;
+        Ok(Response::new(applied_state(&self.node, &view.services)))
+    }
+
+    async fn get_kernel_rules(
+        &self,
+        _: Request<pb::GetKernelRulesRequest>,
+    ) -> Result<Response<pb::KernelRules>, Status> {
+        let view = self.view.clone();
+        let backend = self.backend.clone();
+        let rules = tokio::task::spawn_blocking(move || kernel_rules(&backend, &view()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(rules))
+    }
+}
+
+/// Serves the admin API, health and reflection on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, service: AdminService) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    // Only the services served here are listed (the descriptor set also holds Sync and Inspect).
+    let reflection = |reflection_name: &str| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kpx_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("kpx.v1.Admin")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(reflection_name)
+    };
+    let reflection_v1 =
+        reflection("grpc.reflection.v1.ServerReflection").build_v1().expect("kpx descriptors are valid");
+    // grpcurl 1.8 only speaks the v1alpha reflection protocol.
+    let reflection_v1alpha =
+        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().expect("kpx descriptors are valid");
+    tracing::info!(addr = ?addr, "serving kpx.v1.Admin");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AdminServer::new(service))
+        .serve_with_incoming(incoming)
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "admin gRPC server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, port_name: &str, eps: &[(&str, bool, bool)]) -> ServiceEntry {
+        let (ns, name) = key.split_once('/').unwrap();
+        ServiceEntry {
+            service: pb::Service {
+                namespace: ns.into(),
+                name: name.into(),
+                cluster_ips: vec!["10.96.0.10".into()],
+                ports: vec![pb::ServicePort {
+                    name: port_name.into(),
+                    protocol: pb::Protocol::Tcp as i32,
+                    port: 80,
+                    node_port: 0,
+                }],
+                ..Default::default()
+            },
+            endpoints: eps
+                .iter()
+                .map(|(ip, cluster, local)| {
+                    let ep = pb::Endpoint {
+                        service: key.into(),
+                        ip: ip.to_string(),
+                        ports: vec![pb::EndpointPort { name: port_name.into(), port: 8080 }],
+                        for_cluster: *cluster,
+                        for_local: *local,
+                    };
+                    (ip.to_string(), ep)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn expected_chains_follow_endpoints_and_family() {
+        let mut services = BTreeMap::new();
+        services.insert("default/hostnames".into(), entry("default/hostnames", "", &[("10.244.1.9", true, false)]));
+        services.insert("demo/empty".into(), entry("demo/empty", "http", &[]));
+        services.insert("demo/v6".into(), entry("demo/v6", "http", &[("fd00::9", true, false)]));
+        let v4 = expected_chains(&services, IpFamily::V4);
+        // An unnamed port's chain is named after the service alone, as the render does.
+        let svc = PortChains::new("default/hostnames", "tcp").svc;
+        assert_eq!(v4, [("default/hostnames".to_string(), svc)]);
+        let v6 = expected_chains(&services, IpFamily::V6);
+        assert_eq!(v6.len(), 1);
+        assert_eq!(v6[0].0, "demo/v6:http");
+        assert!(v6[0].1.starts_with("KUBE-SVC-"));
+    }
+
+    #[test]
+    fn expected_chains_are_the_ones_the_render_declares() {
+        let mut local = entry("demo/web-local", "http", &[("10.244.1.9", true, true)]);
+        local.service.external_policy_local = true;
+        local.service.ports[0].node_port = 30080;
+        let services = BTreeMap::from([
+            ("default/hostnames".to_string(), entry("default/hostnames", "", &[("10.244.1.9", true, false)])),
+            ("demo/web-local".to_string(), local),
+            ("demo/empty".to_string(), entry("demo/empty", "http", &[])),
+        ]);
+        let st = applied_state("node-a", &services);
+        let u = pb::Update {
+            full: true,
+            version: st.version.clone(),
+            services_upserted: st.services.iter().map(|s| s.service.clone().unwrap()).collect(),
+            endpoints_upserted: st.services.iter().flat_map(|s| s.endpoints.clone()).collect(),
+            ..Default::default()
+        };
+        let mut state = crate::state::AppliedState::default();
+        let changes = state.apply(&u).unwrap();
+        let cfg = IptablesConfig { dry_run: true, ..IptablesConfig::new(IpFamily::V4, "node-a") };
+        let mut backend = crate::backend::iptables::IptablesBackend::new(cfg);
+        crate::stream::Apply::apply(&mut backend, &state, &changes).unwrap();
+        let restore = backend.last_restore_input();
+        let declared = crate::backend::iptables::saved::declared_chains(&restore, "nat");
+        let expected = expected_chains(&services, IpFamily::V4);
+        assert_eq!(expected.len(), 3, "{expected:?}");
+        for (port, chain) in &expected {
+            assert!(declared.contains(chain.as_str()), "{port}: {chain} not declared in\n{restore}");
+        }
+    }
+
+    #[test]
+    fn local_internal_policy_uses_svl() {
+        let mut e = entry("demo/web", "", &[("10.244.1.9", true, true)]);
+        e.service.internal_policy_local = true;
+        let services = BTreeMap::from([("demo/web".to_string(), e)]);
+        let chains = expected_chains(&services, IpFamily::V4);
+        assert_eq!(chains.len(), 1);
+        assert!(chains[0].1.starts_with("KUBE-SVL-"), "{chains:?}");
+    }
+
+    #[test]
+    fn kube_lines_keep_only_kube_chains() {
+        let save = "# Generated by iptables-save\n*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+                    :KUBE-SVC-ABC - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-ABC\n\
+                    -A DOCKER -j RETURN\nCOMMIT\n";
+        assert_eq!(
+            kube_lines(save),
+            [":KUBE-SERVICES - [0:0]", ":KUBE-SVC-ABC - [0:0]", "-A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-ABC"]
+        );
+    }
+
+    #[test]
+    fn applied_state_hashes_like_the_controlplane() {
+        let services = BTreeMap::from([(
+            "demo/web".to_string(),
+            entry("demo/web", "", &[("10.244.1.9", true, false), ("10.244.2.9", true, false)]),
+        )]);
+        let st = applied_state("node-a", &services);
+        let mut state = crate::state::AppliedState::default();
+        let u = pb::Update {
+            full: true,
+            version: st.version.clone(),
+            services_upserted: vec![st.services[0].service.clone().unwrap()],
+            endpoints_upserted: st.services[0].endpoints.clone(),
+            ..Default::default()
+        };
+        state.apply(&u).expect("the version matches the content");
+        assert_eq!(st.node_name, "node-a");
+        assert_eq!(st.services[0].endpoints.len(), 2);
+    }
+
+    #[test]
+    fn status_tracks_events_and_checks() {
+        let s = AdminStatus::default();
+        s.event(&SyncEvent::Connected);
+        s.event(&SyncEvent::Rejected { nonce: 1, version: "v1".into(), error: "boom".into() });
+        assert!(s.lock().last_error.contains("boom"));
+        s.event(&SyncEvent::Applied {
+            nonce: 2,
+            version: "v2".into(),
+            full: true,
+            entries: 0,
+            wire_bytes: 0,
+            chunks: 1,
+            apply: std::time::Duration::ZERO,
+            change_times_unix_ms: vec![],
+            programmed_at: SystemTime::now(),
+        });
+        s.checked("IPv4: canary gone".into());
+        let cfg = IptablesConfig { dry_run: true, ..IptablesConfig::new(IpFamily::V4, "node-a") };
+        let view = CoreView { iptables: vec![(cfg, BackendStats::default())], ..Default::default() };
+        let msg = status_message("node-a", "dry-run", &AdminStatusSnapshot(s.lock().clone()), &view);
+        assert!(msg.connected);
+        assert_eq!(msg.applied_version, "v2");
+        assert_eq!(msg.last_error, "");
+        assert_eq!(msg.drift, "IPv4: canary gone");
+        assert!(msg.last_check_unix_ms > 0);
+        assert_eq!(msg.backends[0].name, "dry-run IPv4");
+        let rules = kernel_rules("dry-run", &view);
+        assert!(!rules.supported);
+        assert!(rules.note.contains("dry-run"));
+    }
+}
