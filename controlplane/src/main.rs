@@ -23,7 +23,7 @@ struct Flags {
     #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
     /// How often the manifest directory is checked for changes.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = kpx_telemetry::flags::parse_duration)]
     manifests_poll_interval: Duration,
     /// kubeconfig for the apiserver; in-cluster config (or $KUBECONFIG / ~/.kube/config) when
     /// omitted.
@@ -33,7 +33,7 @@ struct Flags {
     #[arg(long, default_value_t = CacheConfig::default().log_capacity)]
     change_log_capacity: usize,
     /// After a node rejects (NACKs) a version, wait this long before offering it again.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = kpx_telemetry::flags::parse_duration)]
     nack_retry_interval: Duration,
     /// Snapshots streamed at once; more nodes needing one wait their turn (bounds memory when
     /// thousands of nodes reconnect together).
@@ -42,18 +42,6 @@ struct Flags {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 2s or 1m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[tokio::main]

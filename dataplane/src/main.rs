@@ -49,10 +49,10 @@ struct Flags {
     #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
     ip_families: Vec<IpFamily>,
     /// Rewrite every rule this often even when nothing went wrong.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = kpx_telemetry::flags::parse_duration)]
     full_resync_period: Duration,
     /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = kpx_telemetry::flags::parse_duration)]
     sync_period: Duration,
     /// Testing: program the named network namespace instead of this process's.
     #[arg(long, value_name = "NAME", hide = true)]
@@ -79,19 +79,6 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
         return Ok(OptionalAddr(None));
     }
     s.parse().map(|a| OptionalAddr(Some(a))).map_err(|_| format!("{s:?} is not an address like 127.0.0.1:10257"))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[tokio::main]
