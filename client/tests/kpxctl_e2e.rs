@@ -4,15 +4,17 @@
 //! Cargo only builds (and names, via CARGO_BIN_EXE_*) this crate's binaries for its tests, so the
 //! controlplane is found next to this test in the target directory (see `controlplane_bin`).
 
+mod common;
 #[path = "../../controlplane/tests/process/mod.rs"]
 mod process;
+
+use common::workspace_bin;
 
 use process::{ControlplaneProcess, examples_dir};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::SystemTime;
 
 /// `target/<profile>/kpx-controlplane`, next to this test. `cargo test --workspace` has just
 /// built it; otherwise (`cargo test -p kpx-client`) it is built here when missing or older than
@@ -21,49 +23,8 @@ use std::time::SystemTime;
 fn controlplane_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // This test is target/<profile>/deps/kpxctl_e2e-<hash>.
-        let profile_dir = exe.parent().and_then(Path::parent).expect("test executable in target/<profile>/deps");
-        let bin = profile_dir.join("kpx-controlplane");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let sources = ["controlplane", "proto", "Cargo.lock"].map(|p| newest_mtime(&workspace.join(p)));
-        let built = bin.metadata().and_then(|m| m.modified()).ok();
-        if built.is_some_and(|b| sources.iter().all(|s| *s <= b)) {
-            return bin;
-        }
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet", "-p", "kpx-controlplane", "--bin", "kpx-controlplane"]);
-        match profile_dir.file_name().unwrap().to_str().unwrap() {
-            "debug" => {}
-            "release" => {
-                cargo.arg("--release");
-            }
-            other => {
-                cargo.args(["--profile", other]);
-            }
-        }
-        let status = cargo
-            .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target/<profile>"))
-            .current_dir(&workspace)
-            .stdin(Stdio::null())
-            .status()
-            .expect("run cargo build -p kpx-controlplane");
-        assert!(status.success(), "cargo build -p kpx-controlplane: {status}");
-        assert!(bin.is_file(), "cargo built kpx-controlplane, but not at {}", bin.display());
-        bin
+        workspace_bin("kpx-controlplane", "kpx-controlplane", &["controlplane", "proto", "telemetry", "Cargo.lock"])
     })
-}
-
-/// The newest modification time of a file or of any file under a directory.
-fn newest_mtime(path: &Path) -> SystemTime {
-    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut newest = meta.modified().unwrap();
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path).unwrap() {
-            newest = newest.max(newest_mtime(&entry.unwrap().path()));
-        }
-    }
-    newest
 }
 
 fn start() -> ControlplaneProcess {

@@ -1,0 +1,49 @@
+//! Helpers shared by the client's end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::SystemTime;
+
+/// `target/<profile>/BIN`, next to this test, built when missing or older than its sources.
+pub fn workspace_bin(package: &str, bin: &str, sources: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).expect("test executable in target/<profile>/deps");
+    let path = profile_dir.join(bin);
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = path.metadata().and_then(|m| m.modified()).ok();
+    if built.is_some_and(|b| sources.iter().all(|s| newest_mtime(&workspace.join(s)) <= b)) {
+        return path;
+    }
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => {}
+        "release" => {
+            cargo.arg("--release");
+        }
+        other => {
+            cargo.args(["--profile", other]);
+        }
+    }
+    let status = cargo
+        .env("CARGO_TARGET_DIR", profile_dir.parent().expect("target/<profile>"))
+        .current_dir(&workspace)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package}: {status}");
+    assert!(path.is_file(), "cargo built {bin}, but not at {}", path.display());
+    path
+}
+
+fn newest_mtime(path: &Path) -> SystemTime {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut newest = meta.modified().unwrap();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            newest = newest.max(newest_mtime(&entry.unwrap().path()));
+        }
+    }
+    newest
+}
