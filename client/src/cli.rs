@@ -48,7 +48,7 @@ pub enum Command {
     Diff {
         /// The node's name, as in its Node object.
         node: String,
-        /// The node's dataplane admin API (its --admin-listen, default 127.0.0.1:10257 on the node).
+        /// The node's dataplane admin API (its --admin-listen, default 127.0.0.1:10266 on the node).
         #[arg(long, env = "KPX_DATAPLANE", value_name = "ADDR")]
         dataplane: String,
     },
@@ -157,9 +157,9 @@ mod tests {
 
     #[test]
     fn diff_needs_the_dataplane() {
-        let cli = parse(&["diff", "node-a", "--dataplane", "127.0.0.1:10257", "-o", "yaml"]).unwrap();
+        let cli = parse(&["diff", "node-a", "--dataplane", "127.0.0.1:10266", "-o", "yaml"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Diff { node, dataplane } if node == "node-a" && dataplane == "127.0.0.1:10257")
+            matches!(cli.command, Command::Diff { node, dataplane } if node == "node-a" && dataplane == "127.0.0.1:10266")
         );
         if std::env::var_os("KPX_DATAPLANE").is_none() {
             assert_eq!(parse(&["diff", "node-a"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);

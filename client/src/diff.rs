@@ -1,6 +1,6 @@
 //! `kpxctl diff NODE`: the node's desired state at the controlplane vs the state its dataplane
-//! applied (kpx.v1.Admin), per service and endpoint, plus whether the kernel has the chains of
-//! the applied services. [`compare`] and [`render`] are pure; [`fetch`] does the RPCs.
+//! applied (kpx.v1.Admin), per service and endpoint, plus whether the kernel has the chains
+//! (iptables) or virtual and real servers (ipvs) of the applied services. [`compare`] and [`render`] are pure; [`fetch`] does the RPCs.
 
 use crate::connect::{self, ClientError};
 use crate::table::Table;
@@ -27,12 +27,17 @@ pub struct Change {
     pub detail: String,
 }
 
-/// What the kernel check found (iptables: the per-service chains of the applied services).
+/// What the kernel check found (iptables: the per-service chains of the applied services;
+/// ipvs: their virtual servers and real servers).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct KernelCheck {
+    /// The node's backend ("iptables", "ipvs", "dry-run"): what the entries are.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub backend: String,
     pub checked: bool,
     pub present: usize,
-    /// "namespace/name:port CHAIN (family)" of every missing chain.
+    /// "namespace/name:port CHAIN (family)" of every missing chain; for ipvs CHAIN is the
+    /// virtual server ("TCP  10.96.0.10:80") or a real server of it ("... -> 10.244.1.3:8080").
     pub missing: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub note: String,
@@ -125,6 +130,7 @@ pub fn compare(desired: &NodeState, applied: &NodeState, status: &DataplaneStatu
         }
     }
     let kernel = KernelCheck {
+        backend: kernel.backend.clone(),
         checked: kernel.supported,
         present: kernel.chains.iter().filter(|c| c.present).count(),
         missing: kernel
@@ -173,7 +179,9 @@ pub fn render(diff: &Diff) -> String {
     }
     let k = &diff.kernel;
     if k.checked {
-        out.push_str(&format!("kernel: {} present, {} missing\n", plural(k.present, "chain"), k.missing.len()));
+        // ipvs entries are virtual servers and their real servers, not chains.
+        let what = if k.backend == "ipvs" { "virtual/real server" } else { "chain" };
+        out.push_str(&format!("kernel: {} present, {} missing\n", plural(k.present, what), k.missing.len()));
         for m in &k.missing {
             out.push_str(&format!("  missing {m}\n"));
         }
@@ -350,5 +358,25 @@ mod tests {
         let json = serde_json::to_value(&d).unwrap();
         assert_eq!(json["in_sync"], false);
         assert_eq!(json["kernel"]["missing"][0], "demo/web:http KUBE-SVC-X (IPv4)");
+    }
+
+    #[test]
+    fn ipvs_counts_virtual_and_real_servers() {
+        let s = state("v1", vec![svc("demo", "web", vec![ep("demo/web", "10.244.1.2", 8080)])]);
+        let entry = |chain: &str, present| ExpectedChain {
+            service_port: "demo/web:http".into(),
+            chain: chain.into(),
+            present,
+            family: "IPv4".into(),
+        };
+        let kernel = KernelRules {
+            backend: "ipvs".into(),
+            supported: true,
+            chains: vec![entry("TCP  10.96.0.10:80", true), entry("TCP  10.96.0.10:80 -> 10.244.1.2:8080", false)],
+            ..Default::default()
+        };
+        let text = render(&compare(&s, &s, &connected(), &kernel));
+        let want = "kernel: 1 virtual/real server present, 1 missing\n  missing demo/web:http TCP  10.96.0.10:80 -> 10.244.1.2:8080 (IPv4)";
+        assert!(text.contains(want), "{text}");
     }
 }

@@ -230,6 +230,21 @@ fn one_trace_covers_a_change_from_the_controlplane_to_both_nodes_and_back() {
         assert_eq!(attr(&apply, "version"), attr(&send, "version"));
         assert_eq!(attr(&ack, "version"), attr(&send, "version"));
         assert_eq!(attr(&ack, "nack"), false);
+
+        // Inside the apply: the backend's sync (dry-run is the iptables backend printing its
+        // restore input), its render and its restore, with their counts.
+        let child = |parent: &Value, name: &str| {
+            let found: Vec<&Value> =
+                trace.iter().filter(|s| s["name"] == name && s["parent_span_id"] == parent["span_id"]).collect();
+            assert_eq!(found.len(), 1, "{node}: one {name} under {}: {found:?}", parent["name"]);
+            found[0].clone()
+        };
+        let sync = child(&apply, "dp.iptables.sync");
+        let (render, restore) = (child(&sync, "dp.iptables.render"), child(&sync, "dp.iptables.restore"));
+        assert_eq!((attr(&sync, "full"), attr(&render, "full")), (&Value::Bool(false), &Value::Bool(false)));
+        assert_eq!(attr(&render, "services"), 1, "{node}: only web's rules are rendered");
+        assert!(attr(&restore, "rules").as_i64().unwrap() > 0, "{restore}");
+        assert!(attr(&restore, "bytes").as_i64().unwrap() > 0, "{restore}");
     }
     // No library internals (h2, hyper, tower, tonic) in the export.
     let names: std::collections::BTreeSet<String> =

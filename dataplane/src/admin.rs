@@ -1,12 +1,13 @@
 //! The admin gRPC API (`kpx.v1.Admin`, `--admin-listen`): the version and state this node has
 //! applied, its sync status and counters, the drift the last canary/reconcile check found, and
-//! what is really in the kernel for kpx's chains. Served with gRPC health and server reflection
-//! (v1 and v1alpha) so that grpcurl works without .proto files.
+//! what is really in the kernel for kpx's chains or virtual servers. Served with gRPC health and
+//! server reflection (v1 and v1alpha) so that grpcurl works without .proto files.
 //!
 //! The handlers only read what the agent keeps anyway: [`AdminStatus`] (fed from the session's
 //! events and the housekeeping checks) and a [`CoreView`] taken under the agent's core mutex
-//! (on a blocking thread, as an apply may hold that mutex for a while). `iptables-save` runs
-//! on a blocking thread too.
+//! (on a blocking thread, as an apply may hold that mutex for a while). `iptables-save` and the
+//! IPVS netlink dump run on a blocking thread too; the dump uses its own socket, so that it
+//! never waits for the backend's.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ use crate::backend::iptables::chains::PortChains;
 use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesConfig, jumps};
-use crate::state::ServiceEntry;
+use crate::backend::ipvs::{IpvsConfig, dump, plan};
+use crate::state::{AppliedState, ServiceEntry};
 use crate::stream::SyncEvent;
 
 /// What the admin API needs from the agent's core, copied out under its lock.
@@ -32,8 +34,9 @@ pub struct CoreView {
     pub services: BTreeMap<String, ServiceEntry>,
     /// One iptables backend per family, with its stats.
     pub iptables: Vec<(IptablesConfig, BackendStats)>,
-    /// Whether the IPVS backend drives this node.
-    pub ipvs: bool,
+    /// The IPVS backend's configuration (node addresses resolved) when it drives this node: what
+    /// its desired virtual servers are computed with.
+    pub ipvs: Option<IpvsConfig>,
 }
 
 /// Produces a [`CoreView`]; blocking (it takes the agent's core mutex).
@@ -172,7 +175,7 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
             rules_filter: st.rules.filter as u64,
             rules_nat: st.rules.nat as u64,
         })
-        .chain(view.ipvs.then(|| pb::BackendStatus { name: "ipvs".into(), ..Default::default() }))
+        .chain(view.ipvs.as_ref().map(|_| pb::BackendStatus { name: "ipvs".into(), ..Default::default() }))
         .collect();
     pb::DataplaneStatus {
         node_name: node.to_string(),
@@ -206,11 +209,50 @@ pub fn applied_state(node: &str, services: &BTreeMap<String, ServiceEntry>) -> p
     pb::NodeState { node_name: node.to_string(), version: hash.to_version(), services }
 }
 
-/// Reads the kernel (blocking: runs iptables-save).
+fn ipvs_family_name(f: kpx_ipvs_netlink::Family) -> &'static str {
+    match f {
+        kpx_ipvs_netlink::Family::Inet => "IPv4",
+        kpx_ipvs_netlink::Family::Inet6 => "IPv6",
+    }
+}
+
+/// The IPVS part of `GetKernelRules` (pure): the dumped table as one "ipvs" table, and every
+/// virtual server and real server the backend wants for `services`, with whether the dump has it.
+pub fn ipvs_kernel_rules(
+    out: &mut pb::KernelRules,
+    cfg: &IpvsConfig,
+    services: &BTreeMap<String, ServiceEntry>,
+    kernel: dump::Dump,
+) {
+    out.supported = true;
+    out.tables.push(pb::KernelTable { name: "ipvs".into(), lines: dump::lines(&kernel) });
+    let desired = plan::desired(&cfg.plan_config(), &AppliedState::from_services(services));
+    let expected = dump::expected(&desired, &dump::PortNames::new(services), &plan::table_from(kernel));
+    out.chains = expected
+        .into_iter()
+        .map(|e| pb::ExpectedChain {
+            service_port: e.service_port,
+            chain: e.entry,
+            present: e.present,
+            family: ipvs_family_name(e.family).into(),
+        })
+        .collect();
+}
+
+/// Reads the IPVS table through a netlink socket of its own (blocking).
+fn read_ipvs() -> Result<dump::Dump, kpx_ipvs_netlink::IpvsError> {
+    let mut client = kpx_ipvs_netlink::IpvsClient::new()?;
+    dump::read(&mut client)
+}
+
+/// Reads the kernel (blocking: runs iptables-save or dumps the IPVS table).
 fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
     let mut out = pb::KernelRules { backend: backend.to_string(), ..Default::default() };
-    if view.ipvs {
-        out.note = "the ipvs backend does not expose its IPVS table through the admin API yet".into();
+    if let Some(cfg) = &view.ipvs {
+        match read_ipvs() {
+            Ok(kernel) => ipvs_kernel_rules(&mut out, cfg, &view.services, kernel),
+            Err(e) => out.note = format!("reading the IPVS table: {e}"),
+        }
         return out;
     }
     if view.iptables.iter().all(|(cfg, _)| cfg.dry_run) {
@@ -450,16 +492,76 @@ mod tests {
     }
 
     #[test]
+    fn a_state_from_services_has_the_version_they_hash_to() {
+        let services = BTreeMap::from([(
+            "demo/web".to_string(),
+            entry("demo/web", "http", &[("10.244.1.9", true, false), ("10.244.2.9", true, false)]),
+        )]);
+        let st = AppliedState::from_services(&services);
+        assert_eq!(st.version().map(|v| v.to_version()), Some(applied_state("node-a", &services).version));
+        assert_eq!(st.endpoint_count(), 2);
+    }
+
+    fn ipvs_dump(dests: &[&str]) -> dump::Dump {
+        use kpx_ipvs_netlink::{Destination, DestinationInfo, Protocol, Service, ServiceInfo};
+        let service = Service::new(Protocol::Tcp, "10.96.0.10:80".parse().unwrap(), "lc");
+        let dests = dests
+            .iter()
+            .map(|d| DestinationInfo {
+                dest: Destination::new(d.parse().unwrap(), 1),
+                active_conns: 0,
+                inactive_conns: 0,
+                persist_conns: 0,
+                stats: Default::default(),
+            })
+            .collect();
+        vec![(ServiceInfo { service, stats: Default::default() }, dests)]
+    }
+
+    #[test]
+    fn ipvs_kernel_rules_list_the_table_and_check_the_desired_servers() {
+        let services = BTreeMap::from([(
+            "demo/web".to_string(),
+            entry("demo/web", "http", &[("10.244.1.9", true, false), ("10.244.2.9", true, false)]),
+        )]);
+        let cfg = IpvsConfig { scheduler: "lc".into(), ..IpvsConfig::new("node-a") };
+        let mut out = pb::KernelRules::default();
+        ipvs_kernel_rules(&mut out, &cfg, &services, ipvs_dump(&["10.244.1.9:8080"]));
+        assert!(out.supported);
+        assert_eq!(out.tables[0].name, "ipvs");
+        assert_eq!(out.tables[0].lines, ["TCP  10.96.0.10:80 lc", "  -> 10.244.1.9:8080  Masq  1  0  0"]);
+        let chains: Vec<(&str, &str, bool, &str)> = out
+            .chains
+            .iter()
+            .map(|c| (c.service_port.as_str(), c.chain.as_str(), c.present, c.family.as_str()))
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                ("demo/web:http", "TCP  10.96.0.10:80", true, "IPv4"),
+                ("demo/web:http", "TCP  10.96.0.10:80 -> 10.244.1.9:8080", true, "IPv4"),
+                ("demo/web:http", "TCP  10.96.0.10:80 -> 10.244.2.9:8080", false, "IPv4"),
+            ]
+        );
+    }
+
+    #[test]
     fn status_tracks_events_and_checks() {
         let s = AdminStatus::default();
         s.event(&SyncEvent::Connected);
-        s.event(&SyncEvent::Rejected { nonce: 1, version: "v1".into(), error: "boom".into() });
+        s.event(&SyncEvent::Rejected {
+            nonce: 1,
+            version: "v1".into(),
+            error: "boom".into(),
+            changes: Default::default(),
+        });
         assert!(s.lock().last_error.contains("boom"));
         s.event(&SyncEvent::Applied {
             nonce: 2,
             version: "v2".into(),
             full: true,
             entries: 0,
+            changes: Default::default(),
             wire_bytes: 0,
             chunks: 1,
             apply: std::time::Duration::ZERO,

@@ -16,9 +16,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kpx_proto::v1 as pb;
-use kpx_proto::version::{self, ContentHash};
-
 use crate::admin::{AdminService, AdminStatus, CoreView, ViewFn};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
@@ -155,22 +152,7 @@ impl Core {
 
     /// The mirror as an AppliedState (only for resyncs without an update: O(state)).
     fn rebuild_state(&self) -> AppliedState {
-        let mut hash = ContentHash::EMPTY;
-        let mut u = pb::Update { full: true, ..Default::default() };
-        for e in self.mirror.values() {
-            hash.add(version::service_hash(&e.service));
-            u.services_upserted.push(e.service.clone());
-            for ep in e.endpoints.values() {
-                hash.add(version::endpoint_hash(ep));
-                u.endpoints_upserted.push(ep.clone());
-            }
-        }
-        u.version = hash.to_version();
-        let mut st = AppliedState::default();
-        if let Err(error) = st.apply(&u) {
-            tracing::error!(%error, "rebuilding the applied state failed");
-        }
-        st
+        AppliedState::from_services(&self.mirror)
     }
 }
 
@@ -287,13 +269,15 @@ async fn observe(
             SyncEvent::Disconnected { .. } => {
                 metrics.connected.set(0);
             }
-            SyncEvent::Applied { change_times_unix_ms, programmed_at, .. } => {
+            SyncEvent::Applied { change_times_unix_ms, programmed_at, changes, .. } => {
+                metrics.changes(changes, true);
                 metrics.update(true);
                 metrics.programmed(&change_times_unix_ms, programmed_at);
                 health.succeeded();
                 health.applied();
             }
-            SyncEvent::Rejected { .. } => {
+            SyncEvent::Rejected { changes, .. } => {
+                metrics.changes(changes, false);
                 metrics.update(false);
                 health.failed();
             }
@@ -345,7 +329,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
     let status = Arc::new(AdminStatus::default());
     // The admin API is a debugging aid: a taken port (several agents on one host, or
-    // kube-controller-manager's 10257 on a control-plane node) does not stop the proxy.
+    // another program's port on a control-plane node) does not stop the proxy.
     let admin = match config.admin_listen {
         Some(addr) => listen("admin gRPC", addr)
             .await
@@ -360,7 +344,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             CoreView {
                 services: c.mirror.clone(),
                 iptables: c.backends.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
-                ipvs: c.ipvs.is_some(),
+                ipvs: c.ipvs.as_ref().map(|b| b.config().clone()),
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);

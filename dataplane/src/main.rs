@@ -43,7 +43,7 @@ struct Flags {
     metrics_bind_address: SocketAddr,
     /// The admin gRPC API (kpx.v1.Admin: applied version and state, kernel rules; reflection
     /// and health on); empty disables it.
-    #[arg(long, default_value = "127.0.0.1:10257", value_name = "ADDR", value_parser = parse_optional_addr)]
+    #[arg(long, default_value = "127.0.0.1:10266", value_name = "ADDR", value_parser = parse_optional_addr)]
     admin_listen: OptionalAddr,
     /// IP families to proxy, comma separated.
     #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
@@ -78,7 +78,7 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
     if s.is_empty() {
         return Ok(OptionalAddr(None));
     }
-    s.parse().map(|a| OptionalAddr(Some(a))).map_err(|_| format!("{s:?} is not an address like 127.0.0.1:10257"))
+    s.parse().map(|a| OptionalAddr(Some(a))).map_err(|_| format!("{s:?} is not an address like 127.0.0.1:10266"))
 }
 
 #[tokio::main]

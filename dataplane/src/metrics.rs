@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use crate::backend::iptables::BackendStats;
 use crate::http::{self, Reply};
+use crate::stream::ChangeCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
@@ -35,6 +36,10 @@ pub struct Metrics {
     pub updates: Family<ResultLabel, Counter>,
     pub connected: Gauge,
     pub network_programming: Histogram,
+    pub endpoint_changes_pending: Gauge,
+    pub endpoint_changes_total: Counter,
+    pub service_changes_pending: Gauge,
+    pub service_changes_total: Counter,
 }
 
 /// kube-proxy's buckets: 1 ms doubling to ~16 s.
@@ -80,6 +85,10 @@ impl Metrics {
             updates: Family::default(),
             connected: Gauge::default(),
             network_programming: programming_histogram(),
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes_total: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes_total: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -124,6 +133,26 @@ impl Metrics {
             m.network_programming.clone(),
         );
         registry.register("kpx_dataplane_connected", "1 while the Sync stream is up", m.connected.clone());
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            m.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            m.endpoint_changes_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            m.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes_total.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -153,6 +182,22 @@ impl Metrics {
     pub fn programmed(&self, change_times_unix_ms: &[i64], programmed_at: SystemTime) {
         for secs in programming_latencies(change_times_unix_ms, programmed_at) {
             self.network_programming.observe(secs);
+        }
+    }
+
+    /// An update's changes were received and applied (`programmed`) or not: every change counts
+    /// once in the totals; pending counts the changes received but not in the kernel, which a
+    /// NACK leaves pending until an update is applied again (the state is cumulative, so an
+    /// applied update programs everything received before it).
+    pub fn changes(&self, changes: ChangeCounts, programmed: bool) {
+        self.endpoint_changes_total.inc_by(changes.endpoints as u64);
+        self.service_changes_total.inc_by(changes.services as u64);
+        if programmed {
+            self.endpoint_changes_pending.set(0);
+            self.service_changes_pending.set(0);
+        } else {
+            self.endpoint_changes_pending.inc_by(changes.endpoints as i64);
+            self.service_changes_pending.inc_by(changes.services as i64);
         }
     }
 
@@ -215,6 +260,25 @@ mod tests {
         // No sync since: nothing more observed.
         m.record_sync(std::slice::from_ref(&after), std::slice::from_ref(&after));
         assert!(m.render().contains("kubeproxy_sync_proxy_rules_duration_seconds_count 1"));
+    }
+
+    #[test]
+    fn change_counters_and_pending() {
+        let m = Metrics::new();
+        let line = |name: &str| {
+            let text = m.render();
+            let value = text.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string));
+            value.unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        };
+        m.changes(ChangeCounts { services: 1, endpoints: 3 }, false);
+        m.changes(ChangeCounts { services: 0, endpoints: 2 }, false);
+        assert_eq!(line("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), "5");
+        assert_eq!(line("kubeproxy_sync_proxy_rules_service_changes_pending"), "1");
+        m.changes(ChangeCounts { services: 2, endpoints: 1 }, true);
+        assert_eq!(line("kubeproxy_sync_proxy_rules_endpoint_changes_pending"), "0");
+        assert_eq!(line("kubeproxy_sync_proxy_rules_service_changes_pending"), "0");
+        assert_eq!(line("kubeproxy_sync_proxy_rules_endpoint_changes_total"), "6");
+        assert_eq!(line("kubeproxy_sync_proxy_rules_service_changes_total"), "3");
     }
 
     #[test]

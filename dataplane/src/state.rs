@@ -55,6 +55,18 @@ fn key(namespace: &str, name: &str) -> String {
 }
 
 impl AppliedState {
+    /// A state holding exactly `services`, a copy of another state's [`AppliedState::services`]
+    /// (keyed "namespace/name"), at the version they hash to: for the backends' periodic full
+    /// resync and the admin API, which keep the services but not the state.
+    pub fn from_services(services: &BTreeMap<String, ServiceEntry>) -> AppliedState {
+        let mut hash = ContentHash::EMPTY;
+        for e in services.values() {
+            hash.add(version::service_hash(&e.service));
+            e.endpoints.values().for_each(|ep| hash.add(version::endpoint_hash(ep)));
+        }
+        AppliedState { services: services.clone(), hash, version: Some(hash) }
+    }
+
     /// The version this state was last confirmed to be, if any.
     pub fn version(&self) -> Option<ContentHash> {
         self.version

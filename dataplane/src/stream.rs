@@ -47,6 +47,28 @@ pub struct NodeIdentity {
     pub zone: String,
 }
 
+/// How many changes an update carries, counted as kube-proxy counts them: one service change
+/// per service added, changed or removed, one endpoints change per service whose endpoints
+/// changed (kube-proxy counts EndpointSlice updates; kpx's updates are per service).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    pub services: usize,
+    pub endpoints: usize,
+}
+
+impl ChangeCounts {
+    pub fn of(update: &pb::Update) -> ChangeCounts {
+        let services = update.services_upserted.len() + update.services_removed.len();
+        let endpoints: std::collections::BTreeSet<&str> = update
+            .endpoints_upserted
+            .iter()
+            .map(|e| e.service.as_str())
+            .chain(update.endpoints_removed.iter().map(|e| e.service.as_str()))
+            .collect();
+        ChangeCounts { services, endpoints: endpoints.len() }
+    }
+}
+
 /// What happened on the stream, for observers (metrics, tests, benchmarks).
 #[derive(Clone, Debug)]
 pub enum SyncEvent {
@@ -56,6 +78,7 @@ pub enum SyncEvent {
         version: String,
         full: bool,
         entries: usize,
+        changes: ChangeCounts,
         wire_bytes: usize,
         chunks: usize,
         apply: Duration,
@@ -69,6 +92,8 @@ pub enum SyncEvent {
         nonce: u64,
         version: String,
         error: String,
+        /// The changes this update carried, which are not programmed now.
+        changes: ChangeCounts,
     },
     Disconnected {
         error: String,
@@ -177,7 +202,13 @@ impl<A: Apply> Session<A> {
         let result = match self.state.apply(update) {
             Ok(changes) => {
                 let (backend, state) = (&mut self.backend, &self.state);
-                without_stalling_the_runtime(|| backend.apply(state, &changes)).map_err(|e| (e, false))
+                span.set(Attr::new("services_changed", changes.services.len() as i64));
+                // The backend's steps (render, restore, netlink) become children of dp.apply.
+                without_stalling_the_runtime(|| {
+                    let _entered = span.enter();
+                    backend.apply(state, &changes)
+                })
+                .map_err(|e| (e, false))
             }
             Err(e) => Err((e.to_string(), e.needs_snapshot())),
         };
@@ -199,6 +230,7 @@ impl<A: Apply> Session<A> {
                     version: update.version.clone(),
                     full: update.full,
                     entries,
+                    changes: ChangeCounts::of(update),
                     wire_bytes,
                     chunks,
                     apply,
@@ -225,6 +257,7 @@ impl<A: Apply> Session<A> {
                     nonce: update.nonce,
                     version: update.version.clone(),
                     error: error.clone(),
+                    changes: ChangeCounts::of(update),
                 });
                 // A refused delta leaves the state as it was; anything else leaves it unknown.
                 let still = if self.state.version().is_some() { self.state.version() } else { None };
@@ -342,6 +375,20 @@ pub async fn run_forever<A: Apply>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_are_counted_per_service() {
+        let ep = |svc: &str, ip: &str| pb::Endpoint { service: svc.into(), ip: ip.into(), ..Default::default() };
+        let update = pb::Update {
+            services_upserted: vec![pb::Service { namespace: "a".into(), name: "x".into(), ..Default::default() }],
+            services_removed: vec![pb::ServiceRef { namespace: "a".into(), name: "gone".into() }],
+            endpoints_upserted: vec![ep("a/x", "10.0.0.1"), ep("a/x", "10.0.0.2"), ep("a/y", "10.0.0.3")],
+            endpoints_removed: vec![pb::EndpointRef { service: "a/z".into(), ip: "10.0.0.4".into() }],
+            ..Default::default()
+        };
+        assert_eq!(ChangeCounts::of(&update), ChangeCounts { services: 2, endpoints: 3 });
+        assert_eq!(ChangeCounts::of(&pb::Update::default()), ChangeCounts::default());
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -130,6 +130,13 @@ async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The value of an unlabelled metric in a scrape.
+fn metric(scrape: &str, name: &str) -> u64 {
+    let value =
+        scrape.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')).and_then(|v| v.trim().parse().ok());
+    value.unwrap_or_else(|| panic!("no {name} in:\n{scrape}"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,6 +223,14 @@ async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     assert!(text.contains("kpx_dataplane_updates_total{result=\"ack\"} 1"), "{text}");
     assert!(text.contains("kpx_dataplane_connected 1"), "{text}");
     assert!(text.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"), "{text}");
+    // The snapshot's services and endpoints were all changes, and all are programmed now.
+    let (services_total, endpoints_total) = (
+        metric(&text, "kubeproxy_sync_proxy_rules_service_changes_total"),
+        metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+    );
+    assert!(services_total >= 3 && endpoints_total >= 3, "{text}");
+    assert_eq!(metric(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"), 0);
+    assert_eq!(metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0);
 
     // node-a hosts one web-lb endpoint: its healthCheckNodePort says so.
     let hcnp: SocketAddr = format!("127.0.0.1:{hcnp_port}").parse().unwrap();
@@ -252,6 +267,8 @@ async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     .await
     .1;
     assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}"), "{text}");
+    assert!(metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total") > endpoints_total, "{text}");
+    assert_eq!(metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0);
 
     drop(dp);
     let _ = stop.send(());

@@ -1,6 +1,7 @@
 //! The real `kpx-dataplane --backend ipvs` inside user-mode Linux, fed by a real controlplane
 //! serving deploy/examples: the node ACKs as an ipvs node, the example services appear as
-//! virtual servers, and a virtual server deleted by hand is back after the housekeeping
+//! virtual servers, the admin API's GetKernelRules lists them (and finds every virtual and real
+//! server kpx wants), and a virtual server deleted by hand is back after the housekeeping
 //! task's reconcile (`--sync-period 1s`), with nothing but the agent running.
 
 mod ipvs;
@@ -25,6 +26,59 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The agent's admin API (a fixed port: UML's network namespace is the test's own).
+const ADMIN: &str = "127.0.0.1:10999";
+
+/// The lines of the "ipvs" table from the first virtual server line starting with `words` up to
+/// the next virtual server.
+fn virtual_server<'a>(lines: &'a [String], words: &[&str]) -> Vec<&'a str> {
+    let starts = |l: &str| l.split_whitespace().collect::<Vec<_>>().starts_with(words);
+    let from = lines.iter().position(|l| starts(l)).unwrap_or(lines.len());
+    let rest = lines.iter().skip(from + 1).take_while(|l| l.starts_with("  ->"));
+    lines.get(from).into_iter().chain(rest).map(String::as_str).collect()
+}
+
+/// GetKernelRules shows the IPVS table with web's virtual server and its real servers, and every
+/// virtual and real server kpx wants is in the kernel.
+async fn check_kernel_rules() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut admin = loop {
+        if let Ok(c) = pb::admin_client::AdminClient::connect(format!("http://{ADMIN}")).await {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the admin API never answered on {ADMIN}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rules = admin.get_kernel_rules(pb::GetKernelRulesRequest {}).await.unwrap().into_inner();
+    assert_eq!(rules.backend, "ipvs");
+    assert!(rules.supported, "{}", rules.note);
+    let table = rules.tables.iter().find(|t| t.name == "ipvs").expect("an ipvs table");
+    let web = virtual_server(&table.lines, &["TCP", "10.96.0.10:80", "lc"]);
+    assert!(web.len() >= 2, "web's virtual server with a real server in {:#?}", table.lines);
+    let real: Vec<&str> = web[1].split_whitespace().collect();
+    assert_eq!((real[0], real[2], real[3]), ("->", "Masq", "1"), "{web:#?}");
+    let missing: Vec<String> =
+        rules.chains.iter().filter(|c| !c.present).map(|c| format!("{} {}", c.service_port, c.chain)).collect();
+    assert!(missing.is_empty(), "missing {missing:#?}\nin {:#?}", table.lines);
+    let web_vs = rules.chains.iter().find(|c| c.chain == "TCP  10.96.0.10:80").expect("web's virtual server expected");
+    assert_eq!((web_vs.service_port.as_str(), web_vs.family.as_str()), ("demo/web:http", "IPv4"));
+    assert!(rules.chains.iter().any(|c| c.chain.starts_with("TCP  10.96.0.10:80 -> ")), "{:#?}", rules.chains);
+}
+
+/// Web's and echo-udp's virtual servers are there; web's, deleted by hand, comes back.
+fn repairs_drift() {
+    let has =
+        |words: &[&str]| ipvs::ipvsadm().lines().any(|l| l.split_whitespace().collect::<Vec<_>>().starts_with(words));
+    wait("web's virtual server", || has(&["TCP", "10.96.0.10:80", "lc"]) && has(&["UDP", "10.96.0.20:53", "lc"]));
+    let status = Command::new("ipvsadm").args(["-D", "-t", "10.96.0.10:80"]).status().unwrap();
+    // Not asserted gone: the agent's reconcile may already have put it back.
+    assert!(status.success());
+    wait("the deleted virtual server to come back", || has(&["TCP", "10.96.0.10:80", "lc"]));
+    let out = Command::new("ip").args(["-o", "addr", "show", "dev", "kube-ipvs0"]).output().unwrap();
+    let addrs = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(addrs.contains("10.96.0.10/32") && addrs.contains("10.96.0.20/32"), "{addrs}");
+}
+
 async fn scenario() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = listener.local_addr().unwrap();
@@ -46,6 +100,7 @@ async fn scenario() {
         .args(["--node", "node-a", "--controlplane", &format!("http://{cp_addr}"), "--backend", "ipvs"])
         .args(["--ipvs-scheduler", "lc", "--cluster-cidr", "10.244.0.0/16", "--sync-period", "1s"])
         .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
+        .args(["--admin-listen", ADMIN])
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
         .spawn()
@@ -65,21 +120,12 @@ async fn scenario() {
     };
     assert_eq!(node.backend, "ipvs");
     assert!(node.last_nack_error.is_empty(), "{}", node.last_nack_error);
-
-    let result = tokio::task::spawn_blocking(|| {
-        let has = |words: &[&str]| {
-            ipvs::ipvsadm().lines().any(|l| l.split_whitespace().collect::<Vec<_>>().starts_with(words))
-        };
-        wait("web's virtual server", || has(&["TCP", "10.96.0.10:80", "lc"]) && has(&["UDP", "10.96.0.20:53", "lc"]));
-        let status = Command::new("ipvsadm").args(["-D", "-t", "10.96.0.10:80"]).status().unwrap();
-        // Not asserted gone: the agent's reconcile may already have put it back.
-        assert!(status.success());
-        wait("the deleted virtual server to come back", || has(&["TCP", "10.96.0.10:80", "lc"]));
-        let out = Command::new("ip").args(["-o", "addr", "show", "dev", "kube-ipvs0"]).output().unwrap();
-        let addrs = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(addrs.contains("10.96.0.10/32") && addrs.contains("10.96.0.20/32"), "{addrs}");
-    })
-    .await;
+    // In a task, so that a failed check still stops the agent below.
+    let checked = tokio::spawn(check_kernel_rules()).await;
+    let result = match checked {
+        Ok(()) => tokio::task::spawn_blocking(repairs_drift).await,
+        Err(e) => Err(e),
+    };
     let _ = dp.kill();
     let _ = dp.wait();
     if let Err(e) = result {

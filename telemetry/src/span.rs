@@ -6,7 +6,7 @@
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, TraceContextExt, Tracer as _};
-use opentelemetry::{Context, KeyValue, global};
+use opentelemetry::{Context, ContextGuard, KeyValue, global};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -78,6 +78,27 @@ impl DistSpan {
         DistSpan { cx: Context::new().with_span(span) }
     }
 
+    /// A child of the span entered on this thread (see [`DistSpan::enter`]): the steps of a
+    /// node's apply (render, restore, netlink) that run deep in a backend, which has no span
+    /// handed to it. Without an entered, recorded span it records nothing: a resync that no
+    /// change caused does not start a trace of its own.
+    pub fn child(name: &'static str, attributes: Vec<KeyValue>) -> DistSpan {
+        let parent = Context::current();
+        if !parent.span().span_context().is_valid() {
+            return DistSpan { cx: Context::new() };
+        }
+        let tracer = global::tracer("kpx");
+        let span = tracer.span_builder(name).with_attributes(attributes).start_with_context(&tracer, &parent);
+        DistSpan { cx: parent.with_span(span) }
+    }
+
+    /// Makes this span the parent of [`DistSpan::child`] spans started on this thread until the
+    /// guard drops. Only for synchronous work: the guard must not live across an `.await`.
+    #[must_use = "the span is entered only while the guard lives"]
+    pub fn enter(&self) -> ContextGuard {
+        self.cx.clone().attach()
+    }
+
     /// The context to hand to the next hop; `None` when spans are not recorded (no exporter).
     pub fn w3c(&self) -> Option<W3c> {
         self.cx.span().span_context().is_valid().then(|| W3c::of(&self.cx)).flatten()
@@ -122,5 +143,10 @@ mod tests {
     fn without_an_exporter_spans_have_no_context() {
         let span = DistSpan::start("t", Start::default());
         assert_eq!(span.w3c(), None);
+    }
+
+    #[test]
+    fn a_child_without_an_entered_span_records_nothing() {
+        assert_eq!(DistSpan::child("orphan", Vec::new()).w3c(), None);
     }
 }

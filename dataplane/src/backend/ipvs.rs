@@ -3,10 +3,12 @@
 //! and a few iptables rules and ipsets for what IPVS alone does not do (masquerading).
 //! `plan` (desired state vs the kernel's table -> netlink operations) and `companion` (ipsets and
 //! iptables rules as restore text) are pure; `apply` does the I/O through kpx-ipvs-netlink's
-//! blocking client, `ip`, `ipset` and iptables-restore; `host` reads and sets the rest.
+//! blocking client, `ip`, `ipset` and iptables-restore; `host` reads and sets the rest;
+//! `dump` lists the kernel's table for the admin API.
 
 pub mod apply;
 pub mod companion;
+pub mod dump;
 pub mod host;
 pub mod plan;
 

@@ -27,6 +27,7 @@ use super::render::{self, IpFamily, PreviousRules, RenderConfig, ServiceRules};
 use super::saved::{self, SavedTable};
 use crate::state::{AppliedState, ChangeSet};
 use crate::stream::Apply;
+use kpx_telemetry::span::{Attr, DistSpan};
 
 #[derive(Debug, Clone)]
 pub struct IptablesConfig {
@@ -353,6 +354,15 @@ impl IptablesBackend {
             .map(|p| p.lines().filter(|l| l.starts_with("-A ") || l.starts_with("-I ") || l.starts_with("-D ")).count())
             .sum();
         let restores = inputs.len();
+        let span = DistSpan::child(
+            "dp.iptables.restore",
+            vec![
+                Attr::new("restores", restores as i64),
+                Attr::new("rules", rules as i64),
+                Attr::new("bytes", bytes as i64),
+                Attr::new("dry_run", self.cfg.dry_run),
+            ],
+        );
         let result = if self.cfg.dry_run {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
@@ -377,6 +387,9 @@ impl IptablesBackend {
                 .iter()
                 .try_for_each(|pieces| self.runner.run_ok(&argv, pieces).map(|_| ()).map_err(IptablesError::Restore))
         };
+        if let Err(e) = &result {
+            span.error(e.to_string());
+        }
         self.stats.last_rules_written = rules;
         self.stats.last_bytes_written = bytes;
         self.stats.last_restores = restores;
@@ -389,9 +402,13 @@ impl IptablesBackend {
         } else {
             (self.save("filter")?, self.save("nat")?)
         };
+        let span = DistSpan::child("dp.iptables.render", vec![Attr::new("full", true)]);
         let skipped = render::render_full(&self.render, state, &mut self.buf);
         log_skipped(&skipped);
         let (filter, nat) = saved::count_rules(&self.buf);
+        span.set(Attr::new("rules", (filter + nat) as i64));
+        span.set(Attr::new("skipped", skipped.len() as i64));
+        drop(span);
         let (f, _) = commits(&self.buf)?;
         let stale: Vec<String> = {
             let wanted = saved::declared_chains(&self.buf[f..], "nat");
@@ -439,8 +456,15 @@ impl IptablesBackend {
     }
 
     fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), IptablesError> {
+        let span = DistSpan::child(
+            "dp.iptables.render",
+            vec![Attr::new("full", false), Attr::new("services", changes.services.len() as i64)],
+        );
         let skipped = render::render_partial(&self.render, state, changes, &self.previous, &mut self.buf);
         log_skipped(&skipped);
+        span.set(Attr::new("bytes", self.buf.len() as i64));
+        span.set(Attr::new("skipped", skipped.len() as i64));
+        drop(span);
         self.splits = None;
         self.chunks.clear();
         self.restore(false)?;
@@ -467,10 +491,21 @@ impl IptablesBackend {
         full: Option<FullReason>,
     ) -> Result<(), IptablesError> {
         let started = Instant::now();
+        let mut attributes =
+            vec![Attr::new("family", format!("{:?}", self.cfg.family)), Attr::new("full", full.is_some())];
+        attributes.extend(full.map(|r| Attr::new("full_reason", format!("{r:?}"))));
+        let span = DistSpan::child("dp.iptables.sync", attributes);
+        let entered = span.enter();
         let result = match full {
             Some(_) => self.full_sync(state),
             None => self.partial_sync(state, changes),
         };
+        drop(entered);
+        if let Err(e) = &result {
+            span.error(e.to_string());
+        }
+        span.set(Attr::new("rules_total", (self.stats.rules.filter + self.stats.rules.nat) as i64));
+        drop(span);
         self.stats.last_sync_duration = Some(started.elapsed());
         self.stats.last_sync_full = full.is_some();
         match &result {
@@ -515,9 +550,10 @@ impl IptablesBackend {
                 self.udp.insert(k, new);
             }
         }
-        if self.cfg.dry_run {
+        if self.cfg.dry_run || deletes.is_empty() {
             return;
         }
+        let _span = DistSpan::child("dp.conntrack", vec![Attr::new("deletes", deletes.len() as i64)]);
         for args in deletes {
             let mut argv = vec!["conntrack"];
             argv.extend(args.iter().map(String::as_str));

@@ -22,6 +22,7 @@ use super::plan::{self, Desired, Index, Key, Op, PlanConfig, Table, Update};
 use crate::backend::iptables::exec::Runner;
 use crate::state::{AppliedState, ChangeSet};
 use crate::stream::Apply;
+use kpx_telemetry::span::{Attr, DistSpan};
 
 #[derive(Debug, Clone)]
 pub struct IpvsConfig {
@@ -354,6 +355,18 @@ impl IpvsBackend {
     }
 
     fn execute(&mut self, ops: &[Op]) -> Result<(), SyncError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let span = DistSpan::child("dp.ipvs.netlink", vec![Attr::new("ops", ops.len() as i64)]);
+        let result = self.execute_ops(ops);
+        if let Err(e) = &result {
+            span.error(e.to_string());
+        }
+        result
+    }
+
+    fn execute_ops(&mut self, ops: &[Op]) -> Result<(), SyncError> {
         for op in ops {
             let c = &mut self.client;
             match op {
@@ -508,6 +521,23 @@ impl Apply for IpvsBackend {
     /// desired table and compare it with the kernel's; a delta recomputes only the services it
     /// changed and plans only their virtual servers.
     fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        let (messages, partial_syncs) = (self.client.messages_sent(), self.stats.partial_syncs);
+        let span = DistSpan::child("dp.ipvs.sync", vec![Attr::new("services_changed", changes.services.len() as i64)]);
+        let entered = span.enter();
+        let result = self.apply_planned(state, changes);
+        drop(entered);
+        span.set(Attr::new("partial", self.stats.partial_syncs > partial_syncs));
+        span.set(Attr::new("ops", self.stats.last_ops as i64));
+        span.set(Attr::new("messages", self.client.messages_sent().saturating_sub(messages) as i64));
+        if let Err(e) = &result {
+            span.error(e.clone());
+        }
+        result
+    }
+}
+
+impl IpvsBackend {
+    fn apply_planned(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
         let cfg = self.cfg.plan_config();
         if !changes.full && self.can_update() {
             let mut d = self.desired.take().unwrap_or_default();
@@ -519,7 +549,10 @@ impl Apply for IpvsBackend {
             }
             tracing::debug!(node = %self.cfg.node_name, "ipvs: a virtual server of two services; full sync");
         }
+        let span = DistSpan::child("dp.ipvs.plan", vec![Attr::new("full", true)]);
         let (desired, index) = plan::desired_indexed(&cfg, state);
+        span.set(Attr::new("virtual_servers", desired.services.len() as i64));
+        drop(span);
         self.index = index;
         for s in &desired.skipped {
             tracing::warn!(node = %self.cfg.node_name, "ipvs: skipped {s}");
