@@ -142,22 +142,7 @@ pub async fn serve_with_metrics(
         health_reporter.set_serving::<kpx_proto::v1::sync_server::SyncServer<SyncService>>().await;
         health_reporter.set_serving::<kpx_proto::v1::inspect_server::InspectServer<InspectService>>().await;
     });
-    // Only the services served here are listed: the descriptor set also holds the dataplane's
-    // kpx.v1.Admin.
-    let reflection = |reflection_name: &str| {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(kpx_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("kpx.v1.Sync")
-            .with_service_name("kpx.v1.Inspect")
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name(reflection_name)
-    };
-    let reflection_v1 =
-        reflection("grpc.reflection.v1.ServerReflection").build_v1().expect("kpx descriptors are valid");
-    // grpcurl 1.8 only speaks the v1alpha reflection protocol.
-    let reflection_v1alpha =
-        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().expect("kpx descriptors are valid");
+    let (reflection_v1, reflection_v1alpha) = kpx_proto::reflection::services(&["kpx.v1.Sync", "kpx.v1.Inspect"]);
 
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
     let max = sync_config.max_chunk_bytes.max(kpx_proto::MAX_CHUNK_BYTES) * 2;

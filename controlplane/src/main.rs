@@ -68,15 +68,6 @@ async fn main() -> anyhow::Result<()> {
             ..SyncConfig::default()
         },
     };
-    kpx_controlplane::run(config, shutdown_signal()).await?;
+    kpx_controlplane::run(config, kpx_telemetry::signal::shutdown()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -228,6 +228,10 @@ fn one_trace_covers_a_change_from_the_controlplane_to_both_nodes_and_back() {
         assert_eq!(attr(&send, "full"), false);
         assert!(attr(&send, "bytes").as_i64().unwrap() > 0);
         assert_eq!(attr(&apply, "version"), attr(&send, "version"));
+        assert_eq!(
+            (attr(&send, "services"), attr(&apply, "services")),
+            (&Value::from("demo/web"), &Value::from("demo/web"))
+        );
         assert_eq!(attr(&ack, "version"), attr(&send, "version"));
         assert_eq!(attr(&ack, "nack"), false);
 

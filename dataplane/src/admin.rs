@@ -339,20 +339,7 @@ pub async fn serve(listener: tokio::net::TcpListener, service: AdminService) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AdminServer<AdminService>>().await;
-    // Only the services served here are listed (the descriptor set also holds Sync and Inspect).
-    let reflection = |reflection_name: &str| {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(kpx_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("kpx.v1.Admin")
-            .with_service_name("grpc.health.v1.Health")
-            .with_service_name(reflection_name)
-    };
-    let reflection_v1 =
-        reflection("grpc.reflection.v1.ServerReflection").build_v1().expect("kpx descriptors are valid");
-    // grpcurl 1.8 only speaks the v1alpha reflection protocol.
-    let reflection_v1alpha =
-        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha().expect("kpx descriptors are valid");
+    let (reflection_v1, reflection_v1alpha) = kpx_proto::reflection::services(&["kpx.v1.Admin"]);
     tracing::info!(addr = ?addr, "serving kpx.v1.Admin");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()

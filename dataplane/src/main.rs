@@ -107,15 +107,6 @@ async fn main() -> anyhow::Result<()> {
         ipvs_fallback: !flags.no_ipvs_fallback,
         admin_listen: flags.admin_listen.0,
     };
-    agent::run(config, shutdown_signal()).await?;
+    agent::run(config, kpx_telemetry::signal::shutdown()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -203,6 +203,9 @@ impl<A: Apply> Session<A> {
             Ok(changes) => {
                 let (backend, state) = (&mut self.backend, &self.state);
                 span.set(Attr::new("services_changed", changes.services.len() as i64));
+                if span.is_recording() {
+                    span.set(kpx_telemetry::span::names("services", changes.services.iter().map(String::as_str)));
+                }
                 // The backend's steps (render, restore, netlink) become children of dp.apply.
                 without_stalling_the_runtime(|| {
                     let _entered = span.enter();

@@ -2,6 +2,8 @@
 //! inspection service, the encoded descriptor set for server reflection, and the
 //! content-version hash that both planes compute the same way.
 
+#[cfg(feature = "reflection")]
+pub mod reflection;
 pub mod version;
 
 /// Generated types of package `kpx.v1`.

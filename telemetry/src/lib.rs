@@ -13,6 +13,7 @@
 
 pub mod flags;
 pub mod http;
+pub mod signal;
 pub mod span;
 
 use opentelemetry::trace::TracerProvider as _;

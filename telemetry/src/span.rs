@@ -104,6 +104,12 @@ impl DistSpan {
         self.cx.span().span_context().is_valid().then(|| W3c::of(&self.cx)).flatten()
     }
 
+    /// Whether the span is recorded (an exporter is set and the sampler kept it): attributes
+    /// that cost something to compute are only worth it then.
+    pub fn is_recording(&self) -> bool {
+        self.cx.span().is_recording()
+    }
+
     pub fn set(&self, attribute: KeyValue) {
         self.cx.span().set_attribute(attribute);
     }
@@ -125,6 +131,30 @@ impl Drop for DistSpan {
 /// Attributes, re-exported so callers need not depend on opentelemetry.
 pub use opentelemetry::KeyValue as Attr;
 
+/// How many names a list attribute shows; a snapshot names thousands of services, and span
+/// attributes are not the place for them (the count says how many there were).
+pub const MAX_LISTED: usize = 10;
+
+/// An attribute listing names, comma separated, at most [`MAX_LISTED`] of them, then
+/// "(+N more)": "demo/web,demo/db (+3 more)". Duplicates count once (first-seen order kept).
+pub fn names<'a>(key: &'static str, names: impl IntoIterator<Item = &'a str>) -> Attr {
+    let mut seen = std::collections::HashSet::new();
+    let mut listed = Vec::new();
+    let mut more = 0usize;
+    for n in names.into_iter().filter(|n| seen.insert(*n)) {
+        if listed.len() < MAX_LISTED {
+            listed.push(n);
+        } else {
+            more += 1;
+        }
+    }
+    let mut value = listed.join(",");
+    if more > 0 {
+        value.push_str(&format!(" (+{more} more)"));
+    }
+    Attr::new(key, value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +173,15 @@ mod tests {
     fn without_an_exporter_spans_have_no_context() {
         let span = DistSpan::start("t", Start::default());
         assert_eq!(span.w3c(), None);
+    }
+
+    #[test]
+    fn names_are_deduplicated_and_bounded() {
+        assert_eq!(names("s", ["a", "b", "a"]).value.as_str(), "a,b");
+        let many: Vec<String> = (0..13).map(|i| format!("n{i}")).collect();
+        let attr = names("s", many.iter().map(String::as_str));
+        assert_eq!(attr.value.as_str(), "n0,n1,n2,n3,n4,n5,n6,n7,n8,n9 (+3 more)");
+        assert_eq!(names("s", []).value.as_str(), "");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `kpx.v1.Sync`: one task per node stream sends what the cache plans, one update at a time.
 
 use super::chunk::chunk_update;
+use crate::cache::log::UpdateContent;
 use crate::cache::{Cache, PlannedUpdate};
 use crate::trace_context::{from_wire, to_wire};
 use futures::Stream;
@@ -189,6 +190,10 @@ fn send_span(node: &str, plan: &mut PlannedUpdate) -> DistSpan {
             ..Start::default()
         },
     );
+    // Only for recorded spans: naming a snapshot's services costs a pass over all of them.
+    if span.is_recording() {
+        span.set(services_attr(&plan.content));
+    }
     if let Some(w) = span.w3c() {
         match plan.content.causes.first_mut() {
             // Keep the change's start time: nodes measure programming latency from it.
@@ -197,6 +202,20 @@ fn send_span(node: &str, plan: &mut PlannedUpdate) -> DistSpan {
         }
     }
     span
+}
+
+/// The services an update touches (a few named, the rest counted; see `span::names`).
+fn services_attr(content: &UpdateContent) -> Attr {
+    let refs = content.services_removed.iter().map(|r| (r.namespace.as_str(), r.name.as_str()));
+    let upserted = content.services_upserted.iter().map(|s| (s.namespace.as_str(), s.name.as_str()));
+    let services: Vec<String> = upserted.chain(refs).map(|(ns, n)| format!("{ns}/{n}")).collect();
+    let endpoints = content.upserted_endpoints().map(|e| e.service.as_str());
+    let names = services
+        .iter()
+        .map(String::as_str)
+        .chain(endpoints)
+        .chain(content.endpoints_removed.iter().map(|e| e.service.as_str()));
+    kpx_telemetry::span::names("services", names)
 }
 
 /// `cp.ack`: the node's answer arriving, a child of the node's apply span.
