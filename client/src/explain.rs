@@ -117,9 +117,11 @@ pub struct Query {
 pub enum Verdict {
     /// DNAT to one of the candidate endpoints.
     Dnat,
-    /// The service has no endpoints (for this traffic): REJECT.
+    /// The service has no endpoints (for this traffic, and none elsewhere under a Local
+    /// policy): REJECT.
     Reject,
-    /// Local policy with no local endpoints, or a source outside loadBalancerSourceRanges.
+    /// Local policy with no local endpoints while the service has some on other nodes, or a
+    /// source outside loadBalancerSourceRanges.
     Drop,
     /// Not a service address: kpx has no rule, the packet is routed normally.
     NoRule,
@@ -363,6 +365,12 @@ pub fn explain(state: &NodeState, q: &Query) -> Explanation {
     let local: Vec<Candidate> = all.iter().filter(|c| c.for_local).cloned().collect();
     let in_cluster = |ip: IpAddr| q.cluster_cidrs.iter().any(|c| c.contains(ip));
     let cidrs = q.cluster_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+    // Under a Local policy a node only receives its own endpoints (and the cluster ones when
+    // some traffic is routed cluster-wide); the controlplane's per-family hint says whether
+    // the service has endpoints elsewhere, which turns a REJECT into a DROP.
+    let family = if q.dst.ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let hinted = svc.families_with_endpoints.iter().any(|f| f == family);
+    let elsewhere = !all.is_empty() || hinted;
     let no_endpoints = |what: &str| {
         if all.is_empty() {
             format!("{label} has no endpoints")
@@ -380,7 +388,14 @@ pub fn explain(state: &NodeState, q: &Query) -> Explanation {
         ex.policy_value = Some(word(itp).into());
         reasons.push(format!("traffic to a cluster IP follows internalTrafficPolicy: {}", word(itp)));
         let pool = if itp { &local } else { &cluster };
-        if pool.is_empty() {
+        if pool.is_empty() && itp && elsewhere {
+            verdict = Verdict::Drop;
+            chosen = Vec::new();
+            why = format!(
+                "{label} has no local endpoints on {} (internalTrafficPolicy Local; the service has endpoints on other nodes): traffic to the cluster IP is dropped",
+                state.node_name
+            );
+        } else if pool.is_empty() {
             verdict = Verdict::Reject;
             chosen = Vec::new();
             why = if itp {
@@ -488,13 +503,13 @@ pub fn explain(state: &NodeState, q: &Query) -> Explanation {
                 (Masquerade::No, "externalTrafficPolicy Local: the client's source address is preserved".into());
             if local.is_empty() {
                 chosen = Vec::new();
-                if cluster.is_empty() {
+                if !elsewhere {
                     verdict = Verdict::Reject;
                     why = no_endpoints("usable on this node");
                 } else {
                     verdict = Verdict::Drop;
                     why = format!(
-                        "externalTrafficPolicy Local and no endpoint of {label} runs on {}: external traffic is dropped",
+                        "externalTrafficPolicy Local and no endpoint of {label} runs on {} (it has no local endpoints; the service has endpoints on other nodes): external traffic is dropped",
                         state.node_name
                     );
                 }

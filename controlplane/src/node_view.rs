@@ -19,6 +19,11 @@
 //! `for_cluster` means "member of the cluster set". The dataplane uses it for ClusterIP traffic
 //! when internalTrafficPolicy is Cluster and for external traffic when externalTrafficPolicy is
 //! Cluster; under internalTrafficPolicy Local, internal traffic uses the `for_local` endpoints.
+//!
+//! A node only receives the endpoints it may use, so for a service with a Local policy the
+//! Service entry also says in which IP families the service has usable endpoints anywhere
+//! (`families_with_endpoints`): a node without local endpoints then drops that traffic, as
+//! kube-proxy does, instead of rejecting it as if the service had no endpoints at all.
 
 use crate::model::{self, ObjectKind, ServiceKey, SkipReason, Skips};
 use kpx_proto::v1;
@@ -124,9 +129,14 @@ impl PreparedService {
             special_nodes.extend(ready.iter().flat_map(|e| e.node_hints.iter().cloned()));
         }
 
+        let mut wire = crate::wire::service(service);
+        if uses_local {
+            wire.families_with_endpoints = families_with_endpoints(&endpoints);
+        }
+
         PreparedService {
             key: service.key.clone(),
-            wire: Arc::new(crate::wire::service(service)),
+            wire: Arc::new(wire),
             zone_dependent: zone_hints_usable,
             special_nodes,
             service_ref: service.key.to_string(),
@@ -236,6 +246,15 @@ impl PreparedService {
             self.endpoints.iter().map(|e| here(e) && e.serving_terminating).collect()
         }
     }
+}
+
+/// The IP families ("IPv4", "IPv6"; sorted, once each) in which some endpoint is usable,
+/// wherever it runs: what lets a node without local endpoints of a Local service tell "none
+/// here" (drop, like kube-proxy) from "none anywhere" (reject).
+fn families_with_endpoints(endpoints: &[Merged]) -> Vec<String> {
+    let families: BTreeSet<&str> =
+        endpoints.iter().filter(|e| e.usable()).map(|e| if e.ip.is_ipv4() { "IPv4" } else { "IPv6" }).collect();
+    families.into_iter().map(str::to_string).collect()
 }
 
 /// The service's endpoints from all its slices, one per IP, sorted by IP. The first occurrence

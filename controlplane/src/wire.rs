@@ -45,6 +45,8 @@ pub fn service(s: &model::Service) -> v1::Service {
         external_policy_local: s.external_policy_local,
         internal_policy_local: s.internal_policy_local,
         health_check_node_port: s.health_check_node_port.into(),
+        // Depends on the endpoints, not on the Service: node_view fills it for Local services.
+        families_with_endpoints: Vec::new(),
     }
 }
 
@@ -96,6 +98,7 @@ mod tests {
         assert!(w.external_policy_local);
         assert!(!w.internal_policy_local);
         assert_eq!(w.health_check_node_port, 31999);
+        assert!(w.families_with_endpoints.is_empty(), "filled from the endpoints by node_view");
     }
 
     #[test]

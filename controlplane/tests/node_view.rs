@@ -145,6 +145,7 @@ fn external_ips_with_local_policy_on_a_cluster_ip_service() {
     let p = c.prepare("default/ext");
     assert_eq!(p.wire.external_ips, ["192.0.2.10", "192.0.2.11"]);
     assert!(p.wire.external_policy_local);
+    assert!(p.wire.families_with_endpoints.is_empty(), "no endpoints anywhere: nodes reject");
     assert_same_view_everywhere(&p, &[]);
 }
 
@@ -153,7 +154,9 @@ fn service_without_endpoints_has_an_empty_view() {
     let c = load("no-endpoints.json");
     assert_eq!(c.slices.len(), 1);
     assert!(c.slices[0].endpoints.is_empty() && c.slices[0].ports.is_empty());
-    assert_same_view_everywhere(&c.prepare("default/lonely"), &[]);
+    let p = c.prepare("default/lonely");
+    assert_same_view_everywhere(&p, &[]);
+    assert!(p.wire.families_with_endpoints.is_empty());
 }
 
 #[test]
@@ -173,6 +176,7 @@ fn node_port_cluster_policy() {
     assert_eq!(p.wire.r#type(), v1::ServiceType::NodePort);
     assert_eq!(p.wire.ports[0].node_port, 30080);
     assert!(!p.wire.external_policy_local);
+    assert!(p.wire.families_with_endpoints.is_empty(), "only Local services carry the hint");
     assert_same_view_everywhere(
         &p,
         &[("10.244.1.20", "http=8080", true, false), ("10.244.2.20", "http=8080", true, false)],
@@ -184,6 +188,7 @@ fn node_port_local_policy_differs_on_hosting_nodes() {
     let c = load("nodeport-local.json");
     let p = c.prepare("default/np-local");
     assert!(p.wire.external_policy_local);
+    assert_eq!(p.wire.families_with_endpoints, ["IPv4"]);
     assert_eq!(p.special_nodes, BTreeSet::from(["node-a1".to_string(), "node-b1".to_string()]));
     assert_eq!(p.class_of(&node("node-a1")), ViewClass::Node("node-a1".into()));
     assert_eq!(p.class_of(&node("node-a2")), ViewClass::All);
@@ -278,6 +283,9 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
     assert_view(&p, "node-b1", &[("10.244.2.90", "dns=53,dns-tcp=53", false, true)]);
     assert_view(&p, "node-a2", &[]);
     assert_eq!(p.class_of(&node("node-a2")), ViewClass::All);
+    // node-a2 gets no endpoint, but learns that the service has some elsewhere: it drops
+    // cluster-IP traffic ("no local endpoints") rather than rejecting it ("no endpoints").
+    assert_eq!(p.wire.families_with_endpoints, ["IPv4"]);
 }
 
 #[test]
@@ -285,6 +293,7 @@ fn dual_stack_merges_both_families() {
     let c = load("dual-stack.json");
     let p = c.prepare("default/dual");
     assert_eq!(p.wire.cluster_ips, ["10.96.110.1", "fd00:10:96::6e01"]);
+    assert!(p.wire.families_with_endpoints.is_empty(), "Cluster policies: no hint");
     assert_same_view_everywhere(
         &p,
         &[

@@ -268,6 +268,60 @@ fn node_port_with_local_policy_keeps_the_client_ip_and_drops_without_local_endpo
 }
 
 #[test]
+fn local_policies_drop_where_no_local_endpoint_but_reject_without_any_endpoint() {
+    if !netns::require_root_and_netns() {
+        return;
+    }
+    let topo = Topology::builder()
+        .second_node()
+        .pod("a-1", 0)
+        .pod("b-1", 1)
+        .pod("sender", 0)
+        .pod("b-sender", 1)
+        .serve(&[TARGET_PORT])
+        .build();
+    // Every endpoint is on node-b: node-a receives none of them, only the hint that they exist.
+    let itl = svc("itl", "10.96.0.14", &topo, &["b-1"]).spec("internalTrafficPolicy: Local");
+    let both =
+        svc("both-local", "10.96.0.15", &topo, &["b-1"]).node_port(30083, true).spec("internalTrafficPolicy: Local");
+    let empty = Svc::new("empty", "10.96.0.30");
+    let empty_local = Svc::new("empty-local", "10.96.0.31").spec("internalTrafficPolicy: Local");
+    let c = Cluster::start(topo, &[itl, both, empty, empty_local]);
+    let (node_a, node_b) = (&c.topo.nodes[0], &c.topo.nodes[1]);
+    let (sender, b_sender) = (&c.topo.pod("sender").ns, &c.topo.pod("b-sender").ns);
+    let short = Duration::from_secs(1);
+
+    // node-b hosts the endpoint: answered there.
+    for addr in [at(ip("10.96.0.14"), 80), at(ip("10.96.0.15"), 80)] {
+        assert_eq!(b_sender.tcp_request(addr, WAIT).expect_answer(&format!("{addr} on node-b")).pod, "b-1");
+    }
+    let reply = c.topo.client.ns.tcp_request(at(node_b.ip4, 30083), WAIT).expect_answer("node-b:30083");
+    assert_eq!(reply.pod, "b-1");
+
+    // node-a: dropped (the connect times out), neither forwarded to node-b nor refused.
+    for addr in [at(ip("10.96.0.14"), 80), at(ip("10.96.0.15"), 80)] {
+        assert_eq!(sender.tcp_request(addr, short), Outcome::TimedOut, "pod on node-a -> {addr}");
+    }
+    let got = c.topo.client.ns.tcp_request(at(node_a.ip4, 30083), short);
+    assert_eq!(got, Outcome::TimedOut, "client -> node-a:30083");
+    let filter = c.save(0, false, "filter");
+    for line in [
+        "-A KUBE-SERVICES -d 10.96.0.14/32 -p tcp -m comment --comment \"demo/itl:p has no local endpoints\" -m tcp --dport 80 -j DROP",
+        "-A KUBE-SERVICES -d 10.96.0.15/32 -p tcp -m comment --comment \"demo/both-local:p has no local endpoints\" -m tcp --dport 80 -j DROP",
+    ] {
+        assert!(filter.lines().any(|l| l == line), "{line}\n{filter}");
+    }
+    assert!(filter.contains("demo/both-local:p has no local endpoints\" -m addrtype --dst-type LOCAL"), "{filter}");
+
+    // No endpoint anywhere, with or without a Local policy: still refused at once.
+    for addr in [at(ip("10.96.0.30"), 80), at(ip("10.96.0.31"), 80)] {
+        let started = Instant::now();
+        assert_eq!(sender.tcp_request(addr, Duration::from_secs(5)), Outcome::Refused, "{addr}");
+        assert!(started.elapsed() < short, "{addr}: refused only after {:?}", started.elapsed());
+    }
+}
+
+#[test]
 fn load_balancer_source_ranges_admit_only_listed_clients() {
     if !netns::require_root_and_netns() {
         return;

@@ -138,14 +138,61 @@ fn no_endpoints_rejects() {
 }
 
 #[test]
-fn internal_policy_local_without_local_endpoints_rejects() {
-    let ex = explain(&state(false), &q("10.96.0.50:80/tcp"));
+fn internal_policy_local_without_local_endpoints_drops_when_they_exist_elsewhere() {
+    // node-c as the controlplane sends it: no endpoint of itl, but the hint that it has some.
+    let mut st = state(false);
+    st.services[4].endpoints.clear();
+    st.services[4].service.as_mut().unwrap().families_with_endpoints = vec!["IPv4".into()];
+    let ex = explain(&st, &q("10.96.0.50:80/tcp"));
+    assert_eq!(ex.verdict, Verdict::Drop);
+    assert_eq!(
+        ex.summary,
+        "DROP: demo/itl:http has no local endpoints on node-c (internalTrafficPolicy Local; the service has \
+         endpoints on other nodes): traffic to the cluster IP is dropped"
+    );
+    assert!(ex.endpoints.is_empty());
+    assert_eq!(ex.masquerade, Masquerade::No);
+    // Endpoints the node got for other traffic (the cluster set) say the same.
+    assert_eq!(explain(&state(false), &q("10.96.0.50:80/tcp")).verdict, Verdict::Drop);
+
+    // No endpoint anywhere in the destination's family: REJECT, as with no endpoints at all.
+    st.services[4].service.as_mut().unwrap().families_with_endpoints = vec!["IPv6".into()];
+    let ex = explain(&st, &q("10.96.0.50:80/tcp"));
     assert_eq!(ex.verdict, Verdict::Reject);
-    assert!(ex.summary.contains("none local to node-c"), "{}", ex.summary);
+    assert_eq!(ex.summary, "REJECT: demo/itl:http has no endpoints");
+
     let ex = explain(&state(true), &q("10.96.0.50:80/tcp"));
     assert_eq!(ex.verdict, Verdict::Dnat);
     assert_eq!(ips(&ex), ["10.244.1.2:8080", "10.244.1.3:8080"]);
     assert_eq!(ex.policy_value.as_deref(), Some("Local"));
+}
+
+#[test]
+fn both_policies_local_without_local_endpoints() {
+    // web-local with both policies Local, seen from node-c: no endpoint is sent to it.
+    let mut st = state(false);
+    st.services[1].endpoints.clear();
+    let svc = st.services[1].service.as_mut().unwrap();
+    svc.internal_policy_local = true;
+    svc.families_with_endpoints = vec!["IPv4".into()];
+    let node_port = explain(&st, &q("10.77.0.12:30081/tcp"));
+    assert_eq!(node_port.verdict, Verdict::Drop);
+    assert!(
+        node_port.summary.contains("no local endpoints; the service has endpoints on other nodes"),
+        "{}",
+        node_port.summary
+    );
+    let cluster_ip = explain(&st, &q("10.96.0.12:80/tcp"));
+    assert_eq!(cluster_ip.verdict, Verdict::Drop);
+    assert!(cluster_ip.summary.contains("has no local endpoints on node-c"), "{}", cluster_ip.summary);
+
+    // Without endpoints anywhere, both are rejected.
+    st.services[1].service.as_mut().unwrap().families_with_endpoints.clear();
+    for dst in ["10.77.0.12:30081/tcp", "10.96.0.12:80/tcp"] {
+        let ex = explain(&st, &q(dst));
+        assert_eq!(ex.verdict, Verdict::Reject, "{dst}");
+        assert_eq!(ex.summary, "REJECT: demo/web-local:http has no endpoints", "{dst}");
+    }
 }
 
 #[test]

@@ -228,3 +228,48 @@ fn endpoints_are_sorted_by_ip_across_families() {
     let ips: Vec<_> = p.view(&node("n", None)).into_iter().map(|e| e.ip).collect();
     assert_eq!(ips, ["10.0.0.9", "10.0.0.10", "fd00::1", "fd00::2"]);
 }
+
+#[test]
+fn local_services_say_in_which_families_they_have_endpoints_anywhere() {
+    let families = |service: &model::Service, slices: &[EndpointSlice]| {
+        let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default());
+        p.wire.families_with_endpoints.clone()
+    };
+    let itp_local = model::Service { internal_policy_local: true, ..svc() };
+    let on_a1 = vec![slice("s1", vec![ep("10.0.0.1", "a1", "zone-a")])];
+
+    // Endpoints only on a1: c1 gets nothing to program, but learns they exist elsewhere.
+    let p = PreparedService::prepare(&itp_local, &on_a1.iter().collect::<Vec<_>>(), &Skips::default());
+    assert_eq!(p.view(&node("c1", Some("zone-c"))), []);
+    assert_eq!(p.wire.families_with_endpoints, ["IPv4"]);
+    // It is part of the entry's content version, so nodes get the change.
+    let unhinted = v1::Service { families_with_endpoints: vec![], ..(*p.wire).clone() };
+    assert_ne!(kpx_proto::version::service_hash(&p.wire), kpx_proto::version::service_hash(&unhinted));
+    // externalTrafficPolicy Local alone counts too.
+    let etp_local = model::Service { service_type: ServiceType::NodePort, external_policy_local: true, ..svc() };
+    assert_eq!(families(&etp_local, &on_a1), ["IPv4"]);
+    // Cluster policies need no hint: the entry stays as it was.
+    assert_eq!(families(&svc(), &on_a1), Vec::<String>::new());
+
+    // Dual-stack with only IPv4 endpoints (the IPv6 one is not serving).
+    let dual = model::Service {
+        cluster_ips: vec!["10.96.0.1".parse().unwrap(), "fd00:96::1".parse().unwrap()],
+        ..itp_local.clone()
+    };
+    let mut not_serving = ep("fd00::1", "a1", "zone-a");
+    (not_serving.ready, not_serving.serving) = (false, false);
+    let mut v6 = slice("s0-v6", vec![not_serving]);
+    v6.family = IpFamily::V6;
+    let v4 = slice("s1-v4", vec![ep("10.0.0.1", "a1", "zone-a"), ep("10.0.0.2", "b1", "zone-b")]);
+    assert_eq!(families(&dual, &[v6.clone(), v4.clone()]), ["IPv4"]);
+    // Both families, sorted and once each whatever the slice order; serving-terminating counts.
+    let mut terminating = ep("fd00::2", "b1", "zone-b");
+    (terminating.ready, terminating.terminating) = (false, true);
+    v6.endpoints.push(terminating);
+    assert_eq!(families(&dual, &[v4, v6.clone()]), ["IPv4", "IPv6"]);
+
+    // No usable endpoint anywhere: empty, so nodes still reject.
+    v6.endpoints.remove(1);
+    assert_eq!(families(&dual, &[v6]), Vec::<String>::new());
+    assert_eq!(families(&dual, &[]), Vec::<String>::new());
+}

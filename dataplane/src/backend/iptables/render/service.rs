@@ -6,7 +6,9 @@
 //! KUBE-SVC/SVL --random--> KUBE-SEP --> DNAT
 //!
 //! Traffic that no chain DNATs meets the filter table: REJECT when the service has no
-//! endpoints, DROP for external traffic of a Local service without endpoints on this node.
+//! endpoints anywhere (in the family rendered), DROP when a Local policy (internal for the
+//! cluster IP, external for the rest) leaves this node without endpoints while the service has
+//! some elsewhere (the node's endpoints, or the Service's `families_with_endpoints`, say so).
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -124,6 +126,15 @@ fn addrs(cfg: &RenderConfig, s: &pb::Service, skipped: &mut Vec<String>) -> Opti
     Some(Addrs { cluster, external, lb, ranges, cluster_cidr })
 }
 
+/// `families_with_endpoints` (of pb::Service) names `family`.
+fn listed(families: &[String], family: IpFamily) -> bool {
+    let name = match family {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    };
+    families.iter().any(|f| f == name)
+}
+
 /// The endpoints of `port` in `family`. Invalid ones (of either family) are dropped and
 /// reported in `skipped`; validating and collecting in one pass parses every address once.
 fn endpoints(
@@ -196,11 +207,18 @@ fn render_port(
     let external = if etp { has_local.then_some(&ch.svl) } else { has_cluster.then_some(&ch.svc) };
     let ext_used = has_ext && (external.is_some() || (etp && svc_used));
     let fw_used = ext_used && a.ranges.is_some() && !a.lb.is_empty();
-    // What filter does with external traffic no chain DNATs.
+    // Under a Local policy this node only receives its own endpoints (and cluster ones when
+    // some traffic is routed cluster-wide), so "none here" is told from "none anywhere" by the
+    // controlplane's per-family hint, as kube-proxy drops the former and rejects the latter.
+    let exists_elsewhere = has_cluster || has_local || listed(&s.families_with_endpoints, cfg.family);
+    // What filter does with traffic no chain DNATs: (comment suffix, verdict).
+    let no_local = ("has no local endpoints", "DROP");
+    let no_endpoints = ("has no endpoints", "REJECT");
+    let int_verdict = if itp && exists_elsewhere { no_local } else { no_endpoints };
     let ext_verdict = match external {
         Some(_) => None,
-        None if etp && (has_cluster || has_local) => Some(("has no local endpoints", "DROP")),
-        None => Some(("has no endpoints", "REJECT")),
+        None if etp && exists_elsewhere => Some(no_local),
+        None => Some(no_endpoints),
     };
     let c = check::comment;
     let dport = |n: u16| format!("-m {proto} --dport {n}");
@@ -225,12 +243,15 @@ fn render_port(
                 format!("-A {t} {src}{cip} {} {} -j {MARK_MASQ}", c(&format!("{name} cluster IP")), dport(p))
             });
         }
-        None => r.filter_lines.push(format!(
-            "-A {} {cip} {} {} -j REJECT",
-            chains::SERVICES,
-            c(&format!("{name} has no endpoints")),
-            dport(p)
-        )),
+        None => {
+            let (why, verdict) = int_verdict;
+            r.filter_lines.push(format!(
+                "-A {} {cip} {} {} -j {verdict}",
+                chains::SERVICES,
+                c(&format!("{name} {why}")),
+                dport(p)
+            ))
+        }
     }
 
     // External IPs, load-balancer IPs, node port.

@@ -166,6 +166,29 @@ fn scenario(name: &str) -> String {
             let cfg = RenderConfig { family: IpFamily::V6, cluster_cidr: Some("fd00:10::/64".into()), ..cfg() };
             render(&cfg, &entry(s, eps))
         }
+        "internal_local_endpoints_elsewhere" => {
+            let mut s = svc1(0);
+            s.internal_policy_local = true;
+            s.families_with_endpoints = vec!["IPv4".into()];
+            with_eps(s, vec![])
+        }
+        "both_local_endpoints_elsewhere" => {
+            let mut s = svc1(30080);
+            s.external_ips = vec!["192.168.99.11".into()];
+            s.internal_policy_local = true;
+            s.external_policy_local = true;
+            s.families_with_endpoints = vec!["IPv4".into(), "IPv6".into()];
+            with_eps(s, vec![])
+        }
+        "both_local_no_endpoints_anywhere" => {
+            let mut s = svc1(30080);
+            s.external_ips = vec!["192.168.99.11".into()];
+            s.internal_policy_local = true;
+            s.external_policy_local = true;
+            // Endpoints in the other family only: none for this family's proxier.
+            s.families_with_endpoints = vec!["IPv6".into()];
+            with_eps(s, vec![])
+        }
         _ => unreachable!(),
     }
 }
@@ -522,5 +545,70 @@ fn hostile_names_and_addresses_cannot_inject() {
     assert!(out.contains("--comment \"nsx/evil-A KUBE-SERVICES -j ACCEPT :p cluster IP\""), "{out}");
     assert!(
         out.contains("--to-destination 10.180.0.7:80") && !out.contains("10.180.0.9") && !out.contains("10.180.0.8")
+    );
+}
+
+#[test]
+fn internal_local_without_local_endpoints_drops_when_they_exist_elsewhere() {
+    assert_eq!(
+        scenario("internal_local_endpoints_elsewhere"),
+        r#"filter -A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp --dport 80 -j DROP
+"#
+    );
+}
+
+#[test]
+fn both_local_without_local_endpoints_drops_when_they_exist_elsewhere() {
+    assert_eq!(
+        scenario("both_local_endpoints_elsewhere"),
+        r#"filter -A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp --dport 80 -j DROP
+filter -A KUBE-EXTERNAL-SERVICES -d 192.168.99.11/32 -p tcp -m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp --dport 80 -j DROP
+filter -A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment "ns1/svc1:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp --dport 30080 -j DROP
+"#
+    );
+}
+
+#[test]
+fn both_local_without_endpoints_in_this_family_still_rejects() {
+    assert_eq!(
+        scenario("both_local_no_endpoints_anywhere"),
+        r#"filter -A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 has no endpoints" -m tcp --dport 80 -j REJECT
+filter -A KUBE-EXTERNAL-SERVICES -d 192.168.99.11/32 -p tcp -m comment --comment "ns1/svc1:p80 has no endpoints" -m tcp --dport 80 -j REJECT
+filter -A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment "ns1/svc1:p80 has no endpoints" -m addrtype --dst-type LOCAL -m tcp --dport 30080 -j REJECT
+"#
+    );
+}
+
+#[test]
+fn internal_local_with_only_cluster_endpoints_drops_cluster_ip_traffic() {
+    // itp Local, etp Cluster: the node gets the cluster set for its node port, none local.
+    let mut s = svc1(30080);
+    s.internal_policy_local = true;
+    let out = with_eps(s, svc1_eps([false, false]));
+    let filter: Vec<&str> = out.lines().filter(|l| l.starts_with("filter ")).collect();
+    assert_eq!(
+        filter,
+        [
+            r#"filter -A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp --dport 80 -j DROP"#
+        ]
+    );
+    assert!(out.contains("--dport 30080 -j KUBE-EXT-XPGD46QRK7WJZT7O"), "{out}");
+}
+
+#[test]
+fn the_hint_is_read_per_family() {
+    let mut s = svc("ns6", "svc6", "fd00:172:30::41", &[("p80", pb::Protocol::Tcp, 80, 0)]);
+    s.cluster_ips.insert(0, "172.30.0.46".into());
+    s.internal_policy_local = true;
+    s.families_with_endpoints = vec!["IPv6".into()];
+    let v6 = RenderConfig { family: IpFamily::V6, cluster_cidr: Some("fd00:10::/64".into()), ..cfg() };
+    let e = entry(s, vec![]);
+    assert_eq!(
+        render(&v6, &e),
+        "filter -A KUBE-SERVICES -d fd00:172:30::41/128 -p tcp -m comment --comment \"ns6/svc6:p80 has no local endpoints\" -m tcp --dport 80 -j DROP\n"
+    );
+    assert_eq!(
+        render(&cfg(), &e),
+        "filter -A KUBE-SERVICES -d 172.30.0.46/32 -p tcp -m comment --comment \"ns6/svc6:p80 has no endpoints\" -m tcp --dport 80 -j REJECT\n"
     );
 }
