@@ -188,7 +188,7 @@ impl Cache {
                     Some(s) => st.services.insert(key.clone(), s),
                     None => st.services.remove(&key),
                 };
-                st.recompute(&key, cause, &self.skips);
+                st.recompute(&key, cause);
             }
             ClusterEvent::Slice(key, slice) => {
                 let old_service = st.slices.get(&key).map(|s| s.service.clone());
@@ -219,12 +219,12 @@ impl Cache {
                     }
                 }
                 if let Some(old) = &old_service {
-                    st.recompute(old, cause.clone(), &self.skips);
+                    st.recompute(old, cause.clone());
                 }
                 if let Some(new) = &new_service
                     && Some(new) != old_service.as_ref()
                 {
-                    st.recompute(new, cause, &self.skips);
+                    st.recompute(new, cause);
                 }
             }
             ClusterEvent::Node(name, node) => st.node_changed(name, node),
@@ -237,17 +237,17 @@ impl Cache {
 }
 
 impl State {
-    fn prepare(&self, key: &ServiceKey, skips: &Skips) -> Option<Arc<ServiceEntry>> {
+    fn prepare(&self, key: &ServiceKey) -> Option<Arc<ServiceEntry>> {
         let svc = self.services.get(key)?;
         let slices: Vec<&EndpointSlice> =
             self.slices_by_service.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k)).collect();
-        Some(Arc::new(ServiceEntry::new(PreparedService::prepare(svc, &slices, skips))))
+        Some(Arc::new(ServiceEntry::new(PreparedService::prepare(svc, &slices))))
     }
 
     fn publish_all(&mut self, skips: &Skips) {
         let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
         for key in keys {
-            if let Some(entry) = self.prepare(&key, skips) {
+            if let Some(entry) = self.prepare(&key) {
                 self.set_entry(key, Some(entry));
             }
         }
@@ -300,12 +300,12 @@ impl State {
         v
     }
 
-    fn recompute(&mut self, key: &ServiceKey, cause: Option<pb::TraceContext>, skips: &Skips) {
+    fn recompute(&mut self, key: &ServiceKey, cause: Option<pb::TraceContext>) {
         if !self.synced {
             return;
         }
         let old = self.entries.get(key).cloned();
-        let new = self.prepare(key, skips);
+        let new = self.prepare(key);
         if old.is_none() && new.is_none() {
             return;
         }

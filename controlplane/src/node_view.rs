@@ -25,7 +25,7 @@
 //! (`families_with_endpoints`): a node without local endpoints then drops that traffic, as
 //! kube-proxy does, instead of rejecting it as if the service had no endpoints at all.
 
-use crate::model::{self, ObjectKind, ServiceKey, SkipReason, Skips};
+use crate::model::{self, ServiceKey};
 use kpx_proto::v1;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -104,9 +104,9 @@ pub struct PreparedService {
 
 impl PreparedService {
     /// Merges the service's slices (any order; both IP families) and works out which nodes
-    /// can share a view. Duplicate endpoint IPs are counted in `skips` and only one is kept.
-    pub fn prepare(service: &model::Service, slices: &[&model::EndpointSlice], skips: &Skips) -> PreparedService {
-        let endpoints = merge(service, slices, skips);
+    /// can share a view. An endpoint IP in two slices is kept once (the ready copy preferred).
+    pub fn prepare(service: &model::Service, slices: &[&model::EndpointSlice]) -> PreparedService {
+        let endpoints = merge(service, slices);
         let externally_reachable = service.service_type != model::ServiceType::ClusterIp
             || !service.external_ips.is_empty()
             || !service.load_balancer_ips.is_empty();
@@ -259,7 +259,7 @@ fn families_with_endpoints(endpoints: &[Merged]) -> Vec<String> {
 
 /// The service's endpoints from all its slices, one per IP, sorted by IP. The first occurrence
 /// (slices in key order) wins unless a later one is ready and it is not.
-fn merge(service: &model::Service, slices: &[&model::EndpointSlice], skips: &Skips) -> Vec<Merged> {
+fn merge(service: &model::Service, slices: &[&model::EndpointSlice]) -> Vec<Merged> {
     let mut slices: Vec<&model::EndpointSlice> = slices.to_vec();
     slices.sort_by(|a, b| a.key.cmp(&b.key));
     let mut by_ip: BTreeMap<IpAddr, Merged> = BTreeMap::new();
@@ -291,8 +291,9 @@ fn merge(service: &model::Service, slices: &[&model::EndpointSlice], skips: &Ski
                     by_ip.insert(ep.ip, merged);
                 }
                 Some(kept) => {
-                    let detail = format_args!("endpoint {} of service {} appears twice", ep.ip, service.key);
-                    skips.record(ObjectKind::EndpointSlice, &slice.key, SkipReason::DuplicateEndpoint, &detail);
+                    // Normal while the EndpointSlice controller moves an endpoint between
+                    // slices (and merged this way by kube-proxy too): not a skip, not a warning.
+                    tracing::debug!(ip = %ep.ip, service = %service.key, slice = %slice.key, "endpoint in two slices");
                     if merged.ready && !kept.ready {
                         *kept = merged;
                     }

@@ -109,7 +109,7 @@ fn scenarios() -> Vec<(&'static str, model::Service, Vec<EndpointSlice>)> {
 fn nodes_of_one_class_see_what_they_would_see_on_their_own() {
     for (name, service, slices) in scenarios() {
         let slices: Vec<&EndpointSlice> = slices.iter().collect();
-        let p = PreparedService::prepare(&service, &slices, &Skips::default());
+        let p = PreparedService::prepare(&service, &slices);
         let mut by_class: BTreeMap<ViewClass, Vec<v1::Endpoint>> = BTreeMap::new();
         for n in nodes() {
             // The view computed from everything known about this very node.
@@ -130,7 +130,7 @@ fn classes_are_as_coarse_as_the_service_allows() {
     let class_names = |i: usize| {
         let (_, service, slices) = &scenarios[i];
         let slices: Vec<&EndpointSlice> = slices.iter().collect();
-        let p = PreparedService::prepare(service, &slices, &Skips::default());
+        let p = PreparedService::prepare(service, &slices);
         nodes().iter().map(|n| p.class_of(n)).collect::<BTreeSet<_>>()
     };
     // plain: one view for everyone.
@@ -142,13 +142,13 @@ fn classes_are_as_coarse_as_the_service_allows() {
     // node hints: the hinted nodes are special; the rest fall back to zones.
     let p = {
         let (_, service, slices) = &scenarios[2];
-        PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default())
+        PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>())
     };
     assert_eq!(p.special_nodes, BTreeSet::from(["a1".into(), "a2".into(), "b1".into()]));
     assert_eq!(p.class_of(&node("b2", Some("zone-b"))), ViewClass::Zone(Some("zone-b".into())));
     // itp local: nodes hosting a usable endpoint (not the not-serving one on b2) are special.
     let (_, service, slices) = &scenarios[4];
-    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default());
+    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>());
     assert_eq!(p.special_nodes, BTreeSet::from(["a1".into(), "a2".into(), "b1".into()]));
     assert!(!p.zone_dependent);
     assert_eq!(p.class_of(&node("b2", Some("zone-b"))), ViewClass::All);
@@ -157,7 +157,7 @@ fn classes_are_as_coarse_as_the_service_allows() {
 #[test]
 fn node_hints_take_precedence_over_zone_hints() {
     let (_, service, slices) = &scenarios()[2];
-    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default());
+    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>());
     let only = |v: Vec<v1::Endpoint>| summary(&v).into_iter().filter(|e| e.1).map(|e| e.0).collect::<Vec<_>>();
     assert_eq!(only(p.view(&node("a1", Some("zone-a")))), ["10.0.0.1"]);
     // Not named by any hint: zone hints apply.
@@ -169,7 +169,7 @@ fn node_hints_take_precedence_over_zone_hints() {
 #[test]
 fn both_policies_local_never_sets_for_cluster() {
     let (_, service, slices) = &scenarios()[5];
-    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default());
+    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>());
     assert_eq!(summary(&p.view(&node("a1", Some("zone-a")))), [("10.0.0.1".into(), false, true)]);
     assert_eq!(summary(&p.view(&node("c1", Some("zone-c")))), []);
     // b1 has a ready and a terminating endpoint: only the ready one is local.
@@ -179,7 +179,7 @@ fn both_policies_local_never_sets_for_cluster() {
 #[test]
 fn local_falls_back_to_serving_terminating_on_the_node() {
     let (_, service, slices) = &scenarios()[6];
-    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default());
+    let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>());
     // ITP Local on a ClusterIP service: no cluster set at all (like kube-proxy).
     assert_eq!(summary(&p.view(&node("a1", None))), [("10.0.0.4".into(), false, true)]);
     assert_eq!(summary(&p.view(&node("b1", None))), []);
@@ -193,10 +193,8 @@ fn duplicates_keep_one_entry_preferring_a_ready_one() {
     let mut other = slice("s2", vec![ep("10.0.0.1", "a2", "zone-a"), ep("10.0.0.1", "a2", "zone-a")]);
     other.ports[0].port = 9090;
     let first = slice("s1", vec![unready]);
-    let skips = Skips::default();
     // Given in reverse key order: the result must not depend on the order.
-    let p = PreparedService::prepare(&svc(), &[&other, &first], &skips);
-    assert_eq!(skips.count(ObjectKind::EndpointSlice, SkipReason::DuplicateEndpoint), 2);
+    let p = PreparedService::prepare(&svc(), &[&other, &first]);
     let v = p.view(&node("n", None));
     assert_eq!(summary(&v), [("10.0.0.1".into(), true, false)]);
     assert_eq!(v[0].ports, [v1::EndpointPort { name: "http".into(), port: 9090 }]);
@@ -212,7 +210,7 @@ fn ports_resolve_per_slice_by_name_and_protocol() {
     let mut s2 = slice("s2", vec![ep("10.0.0.2", "a1", "zone-a")]);
     // Same name, wrong protocol: not a match, so this endpoint has no "dns" port.
     s2.ports.push(SlicePort { name: "dns".into(), protocol: Protocol::Tcp, port: 5353 });
-    let p = PreparedService::prepare(&service, &[&s1, &s2], &Skips::default());
+    let p = PreparedService::prepare(&service, &[&s1, &s2]);
     let v = p.view(&node("n", None));
     let ports = |i: usize| v[i].ports.iter().map(|p| (p.name.as_str(), p.port)).collect::<Vec<_>>();
     assert_eq!(ports(0), [("dns", 5353), ("http", 8080)]);
@@ -224,7 +222,7 @@ fn endpoints_are_sorted_by_ip_across_families() {
     let mut v6 = slice("s0-v6", vec![ep("fd00::2", "a1", "zone-a"), ep("fd00::1", "a1", "zone-a")]);
     v6.family = IpFamily::V6;
     let v4 = slice("s1-v4", vec![ep("10.0.0.10", "a1", "zone-a"), ep("10.0.0.9", "a1", "zone-a")]);
-    let p = PreparedService::prepare(&svc(), &[&v6, &v4], &Skips::default());
+    let p = PreparedService::prepare(&svc(), &[&v6, &v4]);
     let ips: Vec<_> = p.view(&node("n", None)).into_iter().map(|e| e.ip).collect();
     assert_eq!(ips, ["10.0.0.9", "10.0.0.10", "fd00::1", "fd00::2"]);
 }
@@ -232,14 +230,14 @@ fn endpoints_are_sorted_by_ip_across_families() {
 #[test]
 fn local_services_say_in_which_families_they_have_endpoints_anywhere() {
     let families = |service: &model::Service, slices: &[EndpointSlice]| {
-        let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>(), &Skips::default());
+        let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>());
         p.wire.families_with_endpoints.clone()
     };
     let itp_local = model::Service { internal_policy_local: true, ..svc() };
     let on_a1 = vec![slice("s1", vec![ep("10.0.0.1", "a1", "zone-a")])];
 
     // Endpoints only on a1: c1 gets nothing to program, but learns they exist elsewhere.
-    let p = PreparedService::prepare(&itp_local, &on_a1.iter().collect::<Vec<_>>(), &Skips::default());
+    let p = PreparedService::prepare(&itp_local, &on_a1.iter().collect::<Vec<_>>());
     assert_eq!(p.view(&node("c1", Some("zone-c"))), []);
     assert_eq!(p.wire.families_with_endpoints, ["IPv4"]);
     // It is part of the entry's content version, so nodes get the change.
