@@ -368,3 +368,39 @@ async fn snapshots_beyond_the_concurrency_limit_wait_their_turn() {
     }
     cp.stop().await;
 }
+
+/// The Local-policy hint (`families_with_endpoints`) reaches nodes that host nothing: when the
+/// service loses its last endpoint they must switch from DROP to REJECT, and back.
+#[tokio::test]
+async fn nodes_without_local_endpoints_learn_whether_endpoints_exist_elsewhere() {
+    let cp = Controlplane::start(fast()).await;
+    for n in ["node-a", "node-b"] {
+        cp.send(node_event(n, None));
+    }
+    let mut svc = cluster_ip_service("default", "itl", "10.96.0.31", 80);
+    svc.internal_policy_local = true;
+    cp.send(service_event(svc));
+    cp.send(slice_event(slice("default", "itl", "itl-1", 8080, vec![endpoint("10.244.1.5", "node-a")])));
+    cp.send(ClusterEvent::Synced);
+    cp.wait_node("node-b", "published", |n| !n.desired_version.is_empty()).await;
+
+    let families_on_b = || async {
+        let req = kpx_proto::v1::GetNodeStateRequest { node_name: "node-b".into() };
+        let state = cp.inspect().await.get_node_state(req).await.unwrap().into_inner();
+        let entry = state.services.iter().find(|s| s.service.as_ref().unwrap().name == "itl").unwrap();
+        assert!(entry.endpoints.is_empty(), "node-b hosts no endpoint of itl: {entry:?}");
+        (state.version, entry.service.as_ref().unwrap().families_with_endpoints.clone())
+    };
+    let (v1, families) = families_on_b().await;
+    assert_eq!(families, ["IPv4"]);
+
+    cp.send(slice_event(slice("default", "itl", "itl-1", 8080, vec![])));
+    cp.wait_node("node-b", "the hint to go", |n| n.desired_version != v1).await;
+    let (v2, families) = families_on_b().await;
+    assert!(families.is_empty(), "{families:?}");
+
+    cp.send(slice_event(slice("default", "itl", "itl-1", 8080, vec![endpoint("10.244.1.6", "node-a")])));
+    cp.wait_node("node-b", "the hint to come back", |n| n.desired_version != v2).await;
+    assert_eq!(families_on_b().await.1, ["IPv4"]);
+    cp.stop().await;
+}
