@@ -329,15 +329,22 @@ fn iptables_nft_split_full_sync() {
     assert_eq!(kpx, rules.filter + rules.nat);
     assert!(b.check_canary());
 
-    // A second full sync rewrites everything in place and changes nothing.
+    // A second full sync finds every per-service chain as rendered: one restore, of the
+    // top-level chains only, and nothing changes.
     b.apply(&st, &changes(true, &[])).unwrap();
-    assert!(b.stats().last_sync_full && b.stats().last_restores == restores);
+    assert!(b.stats().last_sync_full && b.stats().last_restores == 1);
+    assert_eq!(b.stats().last_unchanged_chains, 3 * n);
+    assert_eq!(save(), first);
+    // With the comparison off, it rewrites everything in place, split as the first one.
+    let mut cfg = b.config().clone();
+    cfg.skip_unchanged_chains = false;
+    let mut rewrite = IptablesBackend::new(cfg.clone());
+    rewrite.apply(&st, &changes(true, &[])).unwrap();
+    assert!(rewrite.stats().last_sync_full && rewrite.stats().last_restores == restores);
     assert_eq!(save(), first);
 
-    // A restarted agent, with one service gone meanwhile: still split, and the gone service's
-    // chains are deleted.
-    let mut cfg = b.config().clone();
-    cfg.full_sync_chunk_rules = 500;
+    // A restarted agent (comparison off), with one service gone meanwhile: still split, and
+    // the gone service's chains are deleted.
     let mut restarted = IptablesBackend::new(cfg);
     let st2 = state(&services[1..], &eps[2..]);
     restarted.apply(&st2, &changes(true, &[])).unwrap();
@@ -346,4 +353,151 @@ fn iptables_nft_split_full_sync() {
     assert!(!text.contains("\"ns/s0:p"), "{text}");
     assert_eq!(chains_like(&text, "KUBE-SVC-").len(), n - 1);
     assert_eq!(chains_like(&text, "KUBE-SEP-").len(), 2 * (n - 1));
+}
+
+/// The per-service chains a restore input declares or appends to.
+fn service_chains_written(input: &str) -> BTreeSet<String> {
+    let prefixes = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"];
+    input
+        .lines()
+        .filter_map(|l| l.strip_prefix(':').or_else(|| l.strip_prefix("-A ")))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|c| prefixes.iter().any(|p| c.starts_with(p)))
+        .map(String::from)
+        .collect()
+}
+
+/// A full resync over the loaded ruleset rewrites only the per-service chains that differ
+/// from what kpx would write: none when nothing drifted (iptables-save's canonical forms of
+/// `--probability`, `-m recent` and comments included), else exactly the drifted ones; the
+/// kernel ends up as after a full rewrite, and later partial syncs still work.
+fn resync_rewrites_only_drifted_chains(variant: &str, chunk_rules: usize) {
+    let test = format!("iptables_{variant}_resync_rewrites_only_drifted_chains_{chunk_rules}");
+    let restore = format!("iptables-{variant}-restore");
+    let Some(ns) = netns_or_skip(&test, variant, &[&restore]) else { return };
+    let ipt = format!("iptables-{variant}");
+    let save = || {
+        ["filter", "nat"]
+            .map(|t| ns.run(&[&format!("iptables-{variant}-save"), "-t", t]))
+            .concat()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let mut web = svc("web", WEB, pb::Protocol::Tcp, 80);
+    web.session_affinity_timeout_seconds = 10800;
+    let mut np = svc("np", "172.30.0.42", pb::Protocol::Tcp, 8080);
+    np.r#type = pb::ServiceType::NodePort as i32;
+    np.ports[0].node_port = 30080;
+    np.external_ips = vec!["192.168.99.11".into()];
+    let mut services = vec![web, svc("dns", DNS, pb::Protocol::Udp, 53), np];
+    services.extend((0..20).map(|i| svc(&format!("s{i}"), &format!("172.30.1.{}", i + 1), pb::Protocol::Tcp, 80)));
+    let mut eps = vec![
+        ep("web", "10.180.0.1", 8080),
+        ep("web", "10.180.0.2", 8080),
+        ep("web", "10.180.0.3", 8080),
+        ep("dns", "10.180.0.5", 5353),
+        ep("np", "10.180.0.6", 80),
+        ep("np", "10.180.0.7", 80),
+    ];
+    for i in 0..20 {
+        eps.extend((1..=7).map(|j| ep(&format!("s{i}"), &format!("10.181.{i}.{j}"), 8080)));
+    }
+    let st = state(&services, &eps);
+    let mut b = backend(&ns, variant);
+    let mut cfg = b.config().clone();
+    cfg.full_sync_chunk_rules = chunk_rules;
+    b = IptablesBackend::new(cfg.clone());
+    b.apply(&st, &changes(true, &[])).unwrap();
+    let loaded = save();
+    let rules = b.stats().rules;
+    let text = loaded.join("\n");
+    let all_chains = ["KUBE-SVC-", "KUBE-EXT-", "KUBE-SEP-"].iter().map(|p| chains_like(&text, p).len()).sum::<usize>();
+    assert_eq!(service_chains_written(&b.last_restore_input()).len(), all_chains);
+
+    // Nothing drifted: every per-service chain is found as rendered and left alone.
+    b.apply(&st, &changes(true, &[])).unwrap();
+    assert!(b.stats().last_sync_full);
+    assert_eq!(b.stats().last_unchanged_chains, all_chains, "{variant}: every chain matches");
+    let input = b.last_restore_input();
+    assert!(service_chains_written(&input).is_empty(), "{input}");
+    assert_eq!(b.stats().last_restores, 1, "nothing to split");
+    assert!(input.contains(":KUBE-SERVICES - [0:0]"), "the top-level chains are rewritten");
+    assert_eq!(b.stats().rules, rules);
+    assert_eq!(save(), loaded);
+
+    // Drift by hand: the web service's SVC chain flushed, one rule of an s3 SEP chain
+    // deleted, an s7 SEP chain's DNAT replaced, a stale chain left by someone.
+    let target = |ip: &str| -> String {
+        let l = lines_of(&text, "KUBE-SERVICES").into_iter().find(|l| l.contains(&format!("-d {ip}/32"))).unwrap();
+        l.rsplit(' ').next().unwrap().to_string()
+    };
+    let first_sep = |svc_chain: &str| -> String {
+        lines_of(&text, svc_chain)
+            .iter()
+            .find_map(|l| l.split(" -j ").nth(1).filter(|t| t.starts_with("KUBE-SEP-")))
+            .unwrap()
+            .to_string()
+    };
+    let web_svc = target(WEB);
+    let (s3_sep, s7_sep) = (first_sep(&target("172.30.1.4")), first_sep(&target("172.30.1.8")));
+    ns.run(&[&ipt, "-t", "nat", "-F", &web_svc]);
+    ns.run(&[&ipt, "-t", "nat", "-D", &s3_sep, "1"]);
+    ns.run(&[&ipt, "-t", "nat", "-R", &s7_sep, "2", "-p", "tcp", "-j", "DNAT", "--to-destination", "10.99.99.99:1"]);
+    ns.run(&[&ipt, "-t", "nat", "-N", "KUBE-SEP-STALESTALESTALE"]);
+    ns.run(&[&ipt, "-t", "nat", "-A", "KUBE-SEP-STALESTALESTALE", "-j", "RETURN"]);
+    assert_ne!(save(), loaded);
+    b.apply(&st, &changes(true, &[])).unwrap();
+    let input = b.last_restore_input();
+    assert_eq!(
+        service_chains_written(&input),
+        [web_svc.clone(), s3_sep.clone(), s7_sep.clone(), "KUBE-SEP-STALESTALESTALE".into()].into(),
+        "{input}"
+    );
+    assert_eq!(b.stats().last_unchanged_chains, all_chains - 3);
+    assert!(input.contains("-X KUBE-SEP-STALESTALESTALE"), "{input}");
+    let written = b.stats().last_rules_written;
+    eprintln!(
+        "{variant}: resync after drift wrote {written} rule lines in {} restores, {} chains unchanged (of {all_chains}), took {:?}",
+        b.stats().last_restores,
+        b.stats().last_unchanged_chains,
+        b.stats().last_sync_duration
+    );
+    assert_eq!(save(), loaded, "{variant}: the kernel is as after the first full sync");
+    assert_eq!(b.stats().rules, rules);
+
+    // The bookkeeping is that of a full rewrite: an endpoint change is a partial sync that
+    // deletes the right SEP chain and leaves the kernel as a fresh agent would write it.
+    eps.retain(|e| e.ip != "10.180.0.2");
+    let st2 = state(&services, &eps);
+    b.apply(&st2, &changes(false, &["ns/web"])).unwrap();
+    assert!(!b.stats().last_sync_full);
+    let after_partial = save();
+    let mut fresh = IptablesBackend::new(cfg.clone());
+    let mut off = cfg;
+    off.skip_unchanged_chains = false;
+    let mut rewrite = IptablesBackend::new(off);
+    rewrite.apply(&st2, &changes(true, &[])).unwrap();
+    assert_eq!(rewrite.stats().last_unchanged_chains, 0);
+    assert_eq!(save(), after_partial, "{variant}: a full rewrite finds the partial sync's result");
+    assert_eq!(rewrite.stats().rules, b.stats().rules);
+    fresh.apply(&st2, &changes(true, &[])).unwrap();
+    assert_eq!(fresh.stats().last_unchanged_chains, all_chains - 1, "one SEP chain fewer, all found");
+    assert_eq!(fresh.stats().rules, b.stats().rules);
+}
+
+#[test]
+fn iptables_nft_resync_rewrites_only_drifted_chains() {
+    resync_rewrites_only_drifted_chains("nft", 5000);
+}
+
+#[test]
+fn iptables_nft_split_resync_rewrites_only_drifted_chains() {
+    resync_rewrites_only_drifted_chains("nft", 40);
+}
+
+#[test]
+fn iptables_legacy_resync_rewrites_only_drifted_chains() {
+    resync_rewrites_only_drifted_chains("legacy", 5000);
 }

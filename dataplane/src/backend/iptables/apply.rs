@@ -1,14 +1,18 @@
 //! The iptables backend's I/O: one `iptables-restore --noflush` per sync, fed from stdin
 //! (a large full sync on iptables-nft takes several, see `split`).
 //!
-//! - A **full sync** reads `iptables-save -t filter` and `-t nat`, rewrites every kpx chain,
-//!   deletes per-service chains nobody wants any more (including ones a previous agent or
-//!   kube-proxy left), recreates the canary and adds any missing jump from the built-in
-//!   chains, all in one restore. It never flushes a table, so a restarted agent adopts the
-//!   rules in the kernel without a moment in which traffic meets no rules. On iptables-nft,
-//!   whose `--noflush` restore slows down super-linearly with its size, a full sync of more
-//!   than `full_sync_chunk_rules` rules is split into restores of whole services, with
-//!   KUBE-SERVICES and the stale-chain deletes in the last one (see `split`).
+//! - A **full sync** reads `iptables-save -t filter` and `-t nat`, rewrites every top-level
+//!   kpx chain and every per-service chain the kernel does not already hold exactly as
+//!   rendered (see `unchanged`; `skip_unchanged_chains` off rewrites them all), deletes
+//!   per-service chains nobody wants any more (including ones a previous agent or kube-proxy
+//!   left), recreates the canary and adds any missing jump from the built-in chains, all in
+//!   one restore. It never flushes a table, so a restarted agent adopts the rules in the
+//!   kernel without a moment in which traffic meets no rules. On iptables-nft, whose
+//!   `--noflush` restore slows down super-linearly with its size, a full sync that writes
+//!   more than `full_sync_chunk_rules` per-service rules is split into restores of whole
+//!   services, with KUBE-SERVICES and the stale-chain deletes in the last one (see `split`).
+//!   What the partial syncs diff against afterwards and the rule counts are those of the
+//!   whole rendered ruleset, whatever the restore had to write.
 //! - A **partial sync** rewrites only the changed services' chains (see `render_partial`).
 //! - Full syncs happen on the first sync, on a snapshot, after any failure, when the canary is
 //!   gone (someone flushed the tables; the agent calls [`IptablesBackend::check_canary`]
@@ -41,10 +45,13 @@ pub struct IptablesConfig {
     pub restore_cmd: String,
     pub save_cmd: String,
     pub full_resync_period: Duration,
-    /// On iptables-nft, a full sync with more rules than this is split into restores of whole
-    /// services of at most this many rules each (see `split`); 0 never splits. Legacy always
-    /// uses one restore.
+    /// On iptables-nft, a full sync that writes more per-service rules than this is split into
+    /// restores of whole services of at most this many rules each (see `split`); 0 never
+    /// splits. Legacy always uses one restore.
     pub full_sync_chunk_rules: usize,
+    /// A full sync leaves out the per-service chains that `iptables-save` shows with exactly
+    /// the rules it would write (see `unchanged`); off, it rewrites every chain.
+    pub skip_unchanged_chains: bool,
     /// Tests only: run every command inside this network namespace (`ip netns exec NAME`).
     pub netns: Option<String>,
     /// Print the restore input to stdout instead of touching the kernel.
@@ -69,6 +76,7 @@ impl IptablesConfig {
             save_cmd: format!("{tool}-save"),
             full_resync_period: Duration::from_secs(3600),
             full_sync_chunk_rules: 5000,
+            skip_unchanged_chains: true,
             netns: None,
             dry_run: false,
         }
@@ -136,6 +144,9 @@ pub struct BackendStats {
     pub last_bytes_written: usize,
     /// Restores the last sync ran (more than one for a split full sync on iptables-nft).
     pub last_restores: usize,
+    /// Per-service chains the last full sync found in the kernel exactly as rendered and left
+    /// alone (0 after a partial sync, or with `skip_unchanged_chains` off).
+    pub last_unchanged_chains: usize,
     /// The rules kpx keeps in each table after the last successful sync.
     pub rules: RuleCounts,
     pub conntrack_deletes: u64,
@@ -402,6 +413,26 @@ impl IptablesBackend {
         } else {
             (self.save("filter")?, self.save("nat")?)
         };
+        let plan = self.prepare_full(state, &saved_filter, &saved_nat)?;
+        self.restore(true)?;
+        let (filter, nat) = plan.rendered;
+        let total = RuleCounts { filter: filter + 1, nat: nat + 1 };
+        self.previous = plan.previous.unwrap_or_else(|| PreviousRules::from_state(&self.render, state));
+        let services = self.previous.services.values().fold(RuleCounts::default(), |acc, r| add(acc, counts(r)));
+        self.fixed = RuleCounts { filter: total.filter - services.filter, nat: total.nat - services.nat };
+        self.stats.rules = total;
+        self.stats.last_unchanged_chains = plan.unchanged;
+        Ok(())
+    }
+
+    /// The restore input(s) of a full sync over the tables `saved_filter` and `saved_nat`
+    /// (pure: no I/O besides, on the first split, asking the restore tool its variant).
+    fn prepare_full(
+        &mut self,
+        state: &AppliedState,
+        saved_filter: &SavedTable,
+        saved_nat: &SavedTable,
+    ) -> Result<FullPlan, IptablesError> {
         let span = DistSpan::child("dp.iptables.render", vec![Attr::new("full", true)]);
         let skipped = render::render_full(&self.render, state, &mut self.buf);
         log_skipped(&skipped);
@@ -414,23 +445,41 @@ impl IptablesBackend {
             let wanted = saved::declared_chains(&self.buf[f..], "nat");
             saved_nat.stale_service_chains(&wanted).into_iter().map(String::from).collect()
         };
+        let nothing = SavedTable::default();
+        let against = if self.cfg.skip_unchanged_chains { saved_nat } else { &nothing };
+        let unchanged = unchanged::unchanged_chains(&self.buf[f..], against);
         self.chunks.clear();
+        // Only the per-service chains can go in chunks; the top-level chains go in the main
+        // restore whatever the split.
         let max = self.cfg.full_sync_chunk_rules;
-        let previous = if max > 0 && filter + nat > max && self.is_nft() {
+        let to_write = unchanged.rendered_rules - unchanged.rules;
+        let previous = if max > 0 && to_write > max && self.is_nft() {
             let mut first = String::new();
-            split::first_restore(&self.buf, &saved_nat, &mut first);
+            split::first_restore(&self.buf, saved_nat, &mut first);
             self.chunks.push(first);
-            let previous = split::service_chunks(&self.render, state, max, &mut self.chunks);
+            let previous = split::service_chunks(&self.render, state, max, &unchanged.chains, &mut self.chunks);
             self.buf = split::keep_top_level(&self.buf);
             tracing::debug!(family = ?self.cfg.family, restores = self.chunks.len() + 1, "full sync split");
             Some(previous)
         } else {
+            if !unchanged.chains.is_empty() {
+                // Copied back to keep the buffer's capacity for the next render.
+                let kept = unchanged::without_chains(&self.buf, &unchanged.chains);
+                self.buf.clear();
+                self.buf.push_str(&kept);
+            }
             None
         };
+        tracing::debug!(
+            family = ?self.cfg.family,
+            unchanged_chains = unchanged.chains.len(),
+            unchanged_rules = unchanged.rules,
+            "full sync leaves the chains the kernel already holds as rendered"
+        );
         let (f, n) = commits(&self.buf)?;
         self.filter_extra.clear();
         jumps::canary_lines(&mut self.filter_extra);
-        let added_filter = jumps::missing_jumps("filter", &saved_filter, &mut self.filter_extra);
+        let added_filter = jumps::missing_jumps("filter", saved_filter, &mut self.filter_extra);
         self.nat_extra.clear();
         jumps::canary_lines(&mut self.nat_extra);
         // Declaring a stale chain flushes it; once KUBE-SERVICES (rewritten above) and the
@@ -438,7 +487,7 @@ impl IptablesBackend {
         for c in &stale {
             self.nat_extra.push_str(&format!(":{c} - [0:0]\n"));
         }
-        let added_nat = jumps::missing_jumps("nat", &saved_nat, &mut self.nat_extra);
+        let added_nat = jumps::missing_jumps("nat", saved_nat, &mut self.nat_extra);
         for c in &stale {
             self.nat_extra.push_str(&format!("-X {c}\n"));
         }
@@ -446,13 +495,7 @@ impl IptablesBackend {
         if added_filter + added_nat > 0 || !stale.is_empty() {
             tracing::info!(family = ?self.cfg.family, jumps_added = added_filter + added_nat, stale_chains = stale.len(), "full sync adopts the kernel's rules");
         }
-        self.restore(true)?;
-        let total = RuleCounts { filter: filter + 1, nat: nat + 1 };
-        self.previous = previous.unwrap_or_else(|| PreviousRules::from_state(&self.render, state));
-        let services = self.previous.services.values().fold(RuleCounts::default(), |acc, r| add(acc, counts(r)));
-        self.fixed = RuleCounts { filter: total.filter - services.filter, nat: total.nat - services.nat };
-        self.stats.rules = total;
-        Ok(())
+        Ok(FullPlan { rendered: (filter, nat), previous, unchanged: unchanged.chains.len() })
     }
 
     fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), IptablesError> {
@@ -467,6 +510,7 @@ impl IptablesBackend {
         drop(span);
         self.splits = None;
         self.chunks.clear();
+        self.stats.last_unchanged_chains = 0;
         self.restore(false)?;
         let mut rules = self.stats.rules;
         for k in &changes.services {
@@ -598,6 +642,16 @@ impl Apply for IptablesBackend {
     }
 }
 
+/// What `prepare_full` decided, for the bookkeeping after the restore.
+struct FullPlan {
+    /// Rule lines of the whole rendered ruleset (filter, nat), whatever the restore writes.
+    rendered: (usize, usize),
+    /// What a split sync rendered per service (None: render it from the state).
+    previous: Option<PreviousRules>,
+    /// Per-service chains left as they are.
+    unchanged: usize,
+}
+
 /// Where the filter section ends (just after its COMMIT line) and where the nat COMMIT starts.
 fn commits(buf: &str) -> Result<(usize, usize), IptablesError> {
     let f = buf.find("\nCOMMIT\n*nat\n").map(|i| i + 1).ok_or(IptablesError::Render("no filter COMMIT"))?;
@@ -629,3 +683,4 @@ fn log_skipped(skipped: &[String]) {
 mod split;
 #[cfg(test)]
 mod tests;
+mod unchanged;

@@ -11,7 +11,9 @@
 //! 2. chunks of whole services: each declares (flushing) and refills the chains of a slice of
 //!    the services, in one transaction per chunk. The chain names are hashes of the service,
 //!    port and endpoint, so KUBE-SERVICES still jumps to the same names while they are
-//!    rewritten in place, and a service is never seen half-written;
+//!    rewritten in place, and a service is never seen half-written. Chains the kernel already
+//!    holds as rendered (see `unchanged`) are left out, so a resync of a loaded ruleset
+//!    often needs no chunk at all;
 //! 3. the main restore: the filter table, KUBE-SERVICES, KUBE-NODEPORTS, KUBE-POSTROUTING,
 //!    KUBE-MARK-MASQ, the canaries and missing jumps, then the stale chains flushed and deleted.
 //!    Only here does traffic start to reach new services' chains, all of them complete by then.
@@ -19,7 +21,7 @@
 //! A failing restore fails the sync as a single restore would (the backend retries once with a
 //! full sync). iptables-legacy rewrites the whole table on every restore, so it keeps one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::backend::iptables::chains;
 use crate::backend::iptables::render::{self, PreviousRules, RenderConfig};
@@ -75,12 +77,15 @@ pub fn first_restore(full: &str, saved_nat: &SavedTable, out: &mut String) {
 }
 
 /// The per-service chains of `state`, as `*nat` restores of whole services holding at most
-/// `max_rules` rules each (a larger service goes alone), appended to `out`. Every service is
-/// rendered once, and what was rendered is returned as the rules now installed.
+/// `max_rules` rules each (a larger service goes alone), appended to `out`. The chains in
+/// `unchanged` (already in the kernel as rendered) are left out; the rest of a service still
+/// goes in one restore. Every service is rendered once, and what was rendered (unchanged
+/// chains included) is returned as the rules now installed.
 pub fn service_chunks(
     cfg: &RenderConfig,
     state: &AppliedState,
     max_rules: usize,
+    unchanged: &HashSet<String>,
     out: &mut Vec<String>,
 ) -> PreviousRules {
     let mut services = BTreeMap::new();
@@ -97,12 +102,13 @@ pub fn service_chunks(
     };
     for (key, entry) in state.services() {
         let r = render::render_service(cfg, entry);
-        let count: usize = r.chains.iter().map(|(_, l)| l.len()).sum();
+        let written = || r.chains.iter().filter(|(c, _)| !unchanged.contains(c));
+        let count: usize = written().map(|(_, l)| l.len()).sum();
         if n > 0 && n + count > max_rules {
             flush(&mut decl, &mut rules, out);
             n = 0;
         }
-        for (chain, lines) in &r.chains {
+        for (chain, lines) in written() {
             decl.push(':');
             decl.push_str(chain);
             decl.push_str(" - [0:0]\n");

@@ -349,3 +349,253 @@ fn nft_detection() {
     assert!(split::version_is_nft("iptables-restore v1.8.9 (nf_tables)"));
     assert!(!split::version_is_nft("iptables-restore v1.8.9 (legacy)"));
 }
+
+/// Rules as kpx renders them (after "-A CHAIN ") and as `iptables-save` 1.8.9 printed them
+/// back after a restore, the same for iptables-nft and iptables-legacy, IPv4 and IPv6.
+const CANONICAL_FORMS: [(&str, &str); 9] = [
+    (
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+    ),
+    (
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+    ),
+    (
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.1428571429 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.14285714272 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+    ),
+    (
+        "-m comment --comment \"ns1/svc1:p80 -> [fd00::1]:80\" -m statistic --mode random --probability 0.0039062500 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+        "-m comment --comment \"ns1/svc1:p80 -> [fd00::1]:80\" -m statistic --mode random --probability 0.00390625000 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+    ),
+    (
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --rcheck --seconds 10800 --reap -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+        "-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-SXIVWICOYRO3J4NJ --mask 255.255.255.255 --rsource -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+    ),
+    (
+        "-p tcp -m comment --comment \"ns1/svc1:p80\" -m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --set -m tcp -j DNAT --to-destination 10.180.0.1:80",
+        "-p tcp -m comment --comment \"ns1/svc1:p80\" -m recent --set --name KUBE-SEP-SXIVWICOYRO3J4NJ --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.180.0.1:80",
+    ),
+    (
+        "-m comment --comment \"ns1/svc1:p80 -> [fd00::1]:80\" -m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --rcheck --seconds 10800 --reap -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+        "-m comment --comment \"ns1/svc1:p80 -> [fd00::1]:80\" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-SXIVWICOYRO3J4NJ --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -j KUBE-SEP-SXIVWICOYRO3J4NJ",
+    ),
+    (
+        "-p tcp -m comment --comment \"ns1/svc1:p80\" -m recent --name KUBE-SEP-SXIVWICOYRO3J4NJ --set -m tcp -j DNAT --to-destination [fd00::1]:80",
+        "-p tcp -m comment --comment \"ns1/svc1:p80\" -m recent --set --name KUBE-SEP-SXIVWICOYRO3J4NJ --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -m tcp -j DNAT --to-destination [fd00::1]:80",
+    ),
+    // A comment of only [A-Za-z0-9_-] comes back without quotes.
+    (
+        "-p tcp -m comment --comment \"weird_comment-OK\" -m tcp -j DNAT --to-destination 10.180.0.2:80",
+        "-p tcp -m comment --comment weird_comment-OK -m tcp -j DNAT --to-destination 10.180.0.2:80",
+    ),
+];
+
+#[test]
+fn canonical_forms_of_iptables_save_match() {
+    use unchanged::same_rule;
+    for (rendered, saved) in CANONICAL_FORMS {
+        assert!(rendered != saved && same_rule(rendered, saved), "{rendered}\n{saved}");
+    }
+    // Rules printed exactly as rendered (most of them: every KUBE-SEP, KUBE-EXT, KUBE-FW).
+    let same = "! -s 10.0.0.0/8 -d 172.30.0.41/32 -p tcp -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ";
+    assert!(same_rule(same, same));
+}
+
+#[test]
+fn canonical_forms_never_hide_a_difference() {
+    let (p, _) = CANONICAL_FORMS[0];
+    let (recent, recent_saved) = CANONICAL_FORMS[4];
+    let no = [
+        // Another stored probability (715827882 instead of 715827883 / 2^31).
+        (p, p.replace("0.3333333333", "0.33333333287")),
+        (p, p.replace("0.3333333333", "0.3")),
+        (p, p.replace("0.3333333333", "abc")),
+        // Another comment, or the same words as separate arguments.
+        (p, p.replace("10.180.0.1:80", "10.180.0.9:80")),
+        ("-m comment --comment \"a b\" -j RETURN", "-m comment --comment a b -j RETURN".into()),
+        // A mask or side other than the defaults, another timeout, an inverted match.
+        (recent, recent_saved.replace("255.255.255.255", "255.255.255.0")),
+        (recent, recent_saved.replace("--rsource", "--rdest")),
+        (recent, recent_saved.replace("10800", "10801")),
+        (recent, recent_saved.replace("-m recent --rcheck", "-m recent ! --rcheck")),
+        (recent, recent_saved.replace("--reap", "--reap --hitcount 2")),
+        // Words of a comment are not options.
+        (
+            "-m comment --comment \"x --probability 0.5 y\" -j RETURN",
+            "-m comment --comment \"x --probability 0.50 y\" -j RETURN".into(),
+        ),
+        (p, p.replace("-j KUBE-SEP-", "-m comment --comment \"--probability 1\" -j KUBE-SEP-")),
+        // Escapes are never taken as equal, nor unbalanced quotes.
+        (p, p.replace("\"ns1/svc1", "\"ns1\\/svc1")),
+        (p, p.replace("80\" -m", "80 -m")),
+        // One argument more, or in another order.
+        (p, format!("{p} -j RETURN")),
+        ("-s 10.0.0.1/32 -p tcp -j KUBE-MARK-MASQ", "-p tcp -s 10.0.0.1/32 -j KUBE-MARK-MASQ".into()),
+    ];
+    for (rendered, saved) in no {
+        assert!(!unchanged::same_rule(rendered, &saved), "{rendered}\n{saved}");
+    }
+}
+
+/// The `*nat` section of a restore input as iptables-save prints it back (1.8.9): the
+/// declarations, the rules, `--probability` with the 11 decimals of the stored value.
+fn as_saved_nat(input: &str) -> String {
+    let nat = &input[input.find("*nat\n").expect("a nat section")..];
+    let mut out = String::new();
+    for line in nat.lines() {
+        let line = match line.split_once("--probability ") {
+            Some((head, tail)) => {
+                let (p, rest) = tail.split_once(' ').unwrap_or((tail, ""));
+                let stored = (p.parse::<f64>().unwrap() * 2_147_483_648.0).round() / 2_147_483_648.0;
+                format!("{head}--probability {stored:.11} {rest}")
+            }
+            None => line.to_string(),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+fn chains_written(input: &str) -> BTreeSet<&str> {
+    input
+        .lines()
+        .filter_map(|l| l.strip_prefix(':').or_else(|| l.strip_prefix("-A ")))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|c| saved::SERVICE_CHAIN_PREFIXES.iter().any(|p| c.starts_with(p)))
+        .collect()
+}
+
+/// A full resync over tables that already hold the rules: only the chains that drifted are
+/// written; the bookkeeping is that of a full rewrite.
+#[test]
+fn full_resync_writes_only_the_chains_that_differ() {
+    let st = many(6, 3);
+    let render = IptablesConfig::new(IpFamily::V4, "node1").render_config();
+    let previous = PreviousRules::from_state(&render, &st);
+    let chains_of =
+        |key: &str| -> Vec<String> { previous.services[key].chains.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>() };
+    // ns/s0 is a NodePort (SVC, EXT, 3 SEP); the others SVC and 3 SEP.
+    let (svc1, sep2, sep3) =
+        (chains_of("ns/s1")[0].clone(), chains_of("ns/s2")[1].clone(), chains_of("ns/s3")[1].clone());
+    assert!(svc1.starts_with("KUBE-SVC-") && sep2.starts_with("KUBE-SEP-") && sep3.starts_with("KUBE-SEP-"));
+
+    let mut cfg = IptablesConfig::new(IpFamily::V4, "node1");
+    cfg.restore_cmd = "iptables-legacy-restore".into();
+    let fresh = || IptablesBackend::new(cfg.clone());
+    // What a full sync over empty tables writes, and how the kernel prints it back.
+    let mut b = fresh();
+    let empty = SavedTable::default();
+    let plan = b.prepare_full(&st, &empty, &empty).unwrap();
+    assert_eq!(plan.unchanged, 0);
+    let everything = b.last_restore_input();
+    let identical = as_saved_nat(&everything);
+    assert!(identical.contains("--probability 0.33333333349 "), "{identical}");
+
+    // The kernel holds all of it: no per-service chain is written, the top-level ones are.
+    let mut b = fresh();
+    let plan2 = b.prepare_full(&st, &empty, &SavedTable::parse(&identical)).unwrap();
+    assert_eq!(plan2.unchanged, previous.chains().len());
+    assert_eq!(plan2.rendered, plan.rendered, "the counts are those of the whole ruleset");
+    let input = b.last_restore_input();
+    assert!(chains_written(&input).is_empty(), "{input}");
+    assert_eq!(input.matches("-A KUBE-SERVICES ").count(), 7, "{input}");
+    assert!(input.contains(":KUBE-SERVICES - [0:0]") && input.contains(":KUBE-NODEPORTS - [0:0]"));
+    assert!(input.contains("-A KUBE-MARK-MASQ ") && input.contains(":KUBE-PROXY-CANARY - [0:0]"));
+
+    // Drift: s1's SVC chain lost a rule, s2's SEP chain is gone, s3's SEP chain has a
+    // rule someone changed, and a chain nobody wants is lying around.
+    let mut drifted = String::new();
+    for line in identical.lines() {
+        let chain = line.strip_prefix(':').or_else(|| line.strip_prefix("-A ")).and_then(|l| l.split(' ').next());
+        if line.starts_with(&format!("-A {svc1} ")) && line.contains("--probability 0.5") {
+            continue;
+        }
+        if chain == Some(sep2.as_str()) {
+            continue;
+        }
+        if line.starts_with(&format!("-A {sep3} ")) && line.contains("DNAT") {
+            drifted.push_str(&format!("{}1\n", line));
+            continue;
+        }
+        if line == "COMMIT" {
+            drifted.push_str(":KUBE-SEP-OLDOLDOLDOLDOLD1 - [0:0]\n-A KUBE-SEP-OLDOLDOLDOLDOLD1 -j RETURN\n");
+        }
+        drifted.push_str(line);
+        drifted.push('\n');
+    }
+    let mut b = fresh();
+    let plan3 = b.prepare_full(&st, &empty, &SavedTable::parse(&drifted)).unwrap();
+    assert_eq!(plan3.unchanged, previous.chains().len() - 3);
+    assert_eq!(plan3.rendered, plan.rendered);
+    let input = b.last_restore_input();
+    assert_eq!(
+        chains_written(&input),
+        [svc1.as_str(), sep2.as_str(), sep3.as_str(), "KUBE-SEP-OLDOLDOLDOLDOLD1"].into(),
+        "{input}"
+    );
+    // The drifted chains whole, as a full rewrite writes them.
+    for c in [&svc1, &sep2, &sep3] {
+        let lines = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("-A {c} ")) || *l == format!(":{c} - [0:0]"))
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(lines(&input), lines(&everything), "{c}");
+    }
+    // The stale chain is flushed, then deleted, after KUBE-SERVICES is rewritten.
+    let at = |what: &str| input.find(what).unwrap_or_else(|| panic!("{what} in {input}"));
+    assert!(at("-A KUBE-SERVICES ") < at("-X KUBE-SEP-OLDOLDOLDOLDOLD1"));
+    assert!(!input.contains("-A KUBE-SEP-OLDOLDOLDOLDOLD1"));
+
+    // Off: everything is rewritten, as before.
+    let mut off = cfg.clone();
+    off.skip_unchanged_chains = false;
+    let mut b = IptablesBackend::new(off);
+    let plan4 = b.prepare_full(&st, &empty, &SavedTable::parse(&identical)).unwrap();
+    assert_eq!(plan4.unchanged, 0);
+    assert_eq!(chains_written(&b.last_restore_input()).len(), previous.chains().len());
+}
+
+/// On iptables-nft, a resync split into chunks only carries the chains that differ, each
+/// service's in one chunk, KUBE-SERVICES last; with nothing to write it is one restore.
+#[test]
+fn nft_split_resync_writes_only_the_chains_that_differ() {
+    let st = many(400, 3);
+    let mut cfg = IptablesConfig::new(IpFamily::V4, "node1");
+    cfg.restore_cmd = "iptables-nft-restore".into();
+    cfg.full_sync_chunk_rules = 500;
+    let empty = SavedTable::default();
+    let mut b = IptablesBackend::new(cfg.clone());
+    let plan = b.prepare_full(&st, &empty, &empty).unwrap();
+    let everything = b.restore_inputs();
+    assert!(everything.len() > 3);
+    let previous = plan.previous.expect("split");
+    let identical = as_saved_nat(&everything.concat());
+
+    // Nothing differs: one restore, no chunk, no per-service chain.
+    let mut b = IptablesBackend::new(cfg.clone());
+    let plan = b.prepare_full(&st, &empty, &SavedTable::parse(&identical)).unwrap();
+    assert_eq!(b.restore_inputs().len(), 1);
+    assert!(chains_written(&b.last_restore_input()).is_empty());
+    assert_eq!(plan.previous, None, "rendered from the state after the restore");
+
+    // Every service's SVC chain differs (one rule gone from each): still over the limit, so
+    // split, with only SVC chains in the chunks.
+    let drifted: String =
+        identical.lines().filter(|l| !l.contains("--probability 0.5")).map(|l| format!("{l}\n")).collect();
+    let mut b = IptablesBackend::new(cfg.clone());
+    let plan = b.prepare_full(&st, &empty, &SavedTable::parse(&drifted)).unwrap();
+    assert_eq!(plan.previous.as_ref(), Some(&previous), "the whole ruleset is recorded");
+    let inputs = b.restore_inputs();
+    assert!(inputs.len() > 2, "{} restores", inputs.len());
+    let chunks = &inputs[1..inputs.len() - 1];
+    let written: Vec<&str> = chunks.iter().flat_map(|c| chains_written(c)).collect();
+    assert_eq!(written.len(), 400);
+    assert!(written.iter().all(|c| c.starts_with("KUBE-SVC-")));
+    assert!(chunks.iter().all(|c| !c.contains("KUBE-SERVICES")));
+    assert!(inputs.last().unwrap().contains("-A KUBE-SERVICES "));
+}
