@@ -9,7 +9,6 @@
 //! IPVS netlink dump run on a blocking thread too; the dump uses its own socket, so that it
 //! never waits for the backend's.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,14 +23,14 @@ use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesConfig, jumps};
 use crate::backend::ipvs::{IpvsConfig, dump, plan};
-use crate::state::{AppliedState, ServiceEntry};
+use crate::state::{AppliedState, Services};
 use crate::stream::SyncEvent;
 
 /// What the admin API needs from the agent's core, copied out under its lock.
 #[derive(Debug, Clone, Default)]
 pub struct CoreView {
     /// The applied services, by "namespace/name".
-    pub services: BTreeMap<String, ServiceEntry>,
+    pub services: Services,
     /// One iptables backend per family, with its stats.
     pub iptables: Vec<(IptablesConfig, BackendStats)>,
     /// The IPVS backend's configuration (node addresses resolved) when it drives this node: what
@@ -116,7 +115,7 @@ fn proto_name(p: pb::Protocol) -> Option<&'static str> {
 /// (pure): KUBE-SVC when cluster traffic has endpoints, KUBE-SVL when node-local traffic does,
 /// following the render's rules. Ports without usable endpoints have no chain (their traffic is
 /// rejected from KUBE-SERVICES). Returns (service port name, chain).
-pub fn expected_chains(services: &BTreeMap<String, ServiceEntry>, family: IpFamily) -> Vec<(String, String)> {
+pub fn expected_chains(services: &Services, family: IpFamily) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (key, entry) in services {
         let s = &entry.service;
@@ -196,7 +195,7 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
 pub struct AdminStatusSnapshot(StatusInner);
 
 /// The applied services as a NodeState, with the content version they hash to (pure).
-pub fn applied_state(node: &str, services: &BTreeMap<String, ServiceEntry>) -> pb::NodeState {
+pub fn applied_state(node: &str, services: &Services) -> pb::NodeState {
     let mut hash = ContentHash::EMPTY;
     let services = services
         .values()
@@ -218,12 +217,7 @@ fn ipvs_family_name(f: kpx_ipvs_netlink::Family) -> &'static str {
 
 /// The IPVS part of `GetKernelRules` (pure): the dumped table as one "ipvs" table, and every
 /// virtual server and real server the backend wants for `services`, with whether the dump has it.
-pub fn ipvs_kernel_rules(
-    out: &mut pb::KernelRules,
-    cfg: &IpvsConfig,
-    services: &BTreeMap<String, ServiceEntry>,
-    kernel: dump::Dump,
-) {
+pub fn ipvs_kernel_rules(out: &mut pb::KernelRules, cfg: &IpvsConfig, services: &Services, kernel: dump::Dump) {
     out.supported = true;
     out.tables.push(pb::KernelTable { name: "ipvs".into(), lines: dump::lines(&kernel) });
     let desired = plan::desired(&cfg.plan_config(), &AppliedState::from_services(services));
@@ -357,10 +351,12 @@ pub async fn serve(listener: tokio::net::TcpListener, service: AdminService) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::ServiceEntry;
+    use std::collections::BTreeMap;
 
-    fn entry(key: &str, port_name: &str, eps: &[(&str, bool, bool)]) -> ServiceEntry {
+    fn entry(key: &str, port_name: &str, eps: &[(&str, bool, bool)]) -> Arc<ServiceEntry> {
         let (ns, name) = key.split_once('/').unwrap();
-        ServiceEntry {
+        Arc::new(ServiceEntry {
             service: pb::Service {
                 namespace: ns.into(),
                 name: name.into(),
@@ -386,7 +382,7 @@ mod tests {
                     (ip.to_string(), ep)
                 })
                 .collect(),
-        }
+        })
     }
 
     #[test]
@@ -408,8 +404,9 @@ mod tests {
     #[test]
     fn expected_chains_are_the_ones_the_render_declares() {
         let mut local = entry("demo/web-local", "http", &[("10.244.1.9", true, true)]);
-        local.service.external_policy_local = true;
-        local.service.ports[0].node_port = 30080;
+        let svc = &mut Arc::make_mut(&mut local).service;
+        svc.external_policy_local = true;
+        svc.ports[0].node_port = 30080;
         let services = BTreeMap::from([
             ("default/hostnames".to_string(), entry("default/hostnames", "", &[("10.244.1.9", true, false)])),
             ("demo/web-local".to_string(), local),
@@ -440,7 +437,7 @@ mod tests {
     #[test]
     fn local_internal_policy_uses_svl() {
         let mut e = entry("demo/web", "", &[("10.244.1.9", true, true)]);
-        e.service.internal_policy_local = true;
+        Arc::make_mut(&mut e).service.internal_policy_local = true;
         let services = BTreeMap::from([("demo/web".to_string(), e)]);
         let chains = expected_chains(&services, IpFamily::V4);
         assert_eq!(chains.len(), 1);

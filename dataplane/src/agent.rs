@@ -5,8 +5,10 @@
 //! The backends sit behind a mutex shared by the session (which applies updates) and a
 //! housekeeping task that runs every sync period: it checks the canary and runs the full
 //! resyncs the backends ask for (table flushed, `--full-resync-period` elapsed, an earlier
-//! failure) even when no update arrives. For that it keeps a copy of the applied services,
-//! updated per changed service, because the session owns the state while it runs.
+//! failure) even when no update arrives. For that it keeps its own map of the applied
+//! services, updated per changed service, because the session owns the state while it runs.
+//! The map shares the state's entries (`Arc`, copy on write): it costs a pointer per service,
+//! not a second copy of every endpoint.
 //!
 //! Fail static: while the controlplane is unreachable the kernel keeps its rules and the
 //! session reconnects with backoff (1 s doubling to 30 s, with jitter).
@@ -23,7 +25,7 @@ use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::state::{AppliedState, ChangeSet, ServiceEntry};
+use crate::state::{AppliedState, ChangeSet, Services};
 use crate::stream::{self, Apply, Backoff, NodeIdentity, Session, SyncEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +143,7 @@ struct Core {
     backends: Vec<IptablesBackend>,
     ipvs: Option<IpvsBackend>,
     /// The applied services, kept in step with the session's state after each apply.
-    mirror: BTreeMap<String, ServiceEntry>,
+    mirror: Services,
     has_state: bool,
 }
 

@@ -8,6 +8,7 @@
 use kpx_proto::v1 as pb;
 use kpx_proto::version::{self, ContentHash};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ApplyError {
@@ -43,9 +44,14 @@ pub struct ServiceEntry {
     pub endpoints: BTreeMap<String, pb::Endpoint>,
 }
 
+/// The applied services by "namespace/name". Entries are shared (copy on write), so the copies
+/// the agent keeps beside the session's state (for housekeeping resyncs and the admin API) cost
+/// a pointer per service, not a second copy of every endpoint.
+pub type Services = BTreeMap<String, Arc<ServiceEntry>>;
+
 #[derive(Debug, Default, Clone)]
 pub struct AppliedState {
-    services: BTreeMap<String, ServiceEntry>,
+    services: Services,
     hash: ContentHash,
     version: Option<ContentHash>,
 }
@@ -58,7 +64,7 @@ impl AppliedState {
     /// A state holding exactly `services`, a copy of another state's [`AppliedState::services`]
     /// (keyed "namespace/name"), at the version they hash to: for the backends' periodic full
     /// resync and the admin API, which keep the services but not the state.
-    pub fn from_services(services: &BTreeMap<String, ServiceEntry>) -> AppliedState {
+    pub fn from_services(services: &Services) -> AppliedState {
         let mut hash = ContentHash::EMPTY;
         for e in services.values() {
             hash.add(version::service_hash(&e.service));
@@ -72,7 +78,7 @@ impl AppliedState {
         self.version
     }
 
-    pub fn services(&self) -> &BTreeMap<String, ServiceEntry> {
+    pub fn services(&self) -> &Services {
         &self.services
     }
 
@@ -118,7 +124,8 @@ impl AppliedState {
         }
         for r in &u.endpoints_removed {
             if let Some(s) = self.services.get_mut(&r.service)
-                && let Some(old) = s.endpoints.remove(&r.ip)
+                && s.endpoints.contains_key(&r.ip)
+                && let Some(old) = Arc::make_mut(s).endpoints.remove(&r.ip)
             {
                 self.hash.remove(version::endpoint_hash(&old));
                 changes.services.insert(r.service.clone());
@@ -126,7 +133,7 @@ impl AppliedState {
         }
         for s in &u.services_upserted {
             let k = key(&s.namespace, &s.name);
-            let entry = self.services.entry(k.clone()).or_default();
+            let entry = Arc::make_mut(self.services.entry(k.clone()).or_default());
             if entry.service != pb::Service::default() {
                 self.hash.remove(version::service_hash(&entry.service));
             }
@@ -138,7 +145,7 @@ impl AppliedState {
             let Some(s) = self.services.get_mut(&e.service) else {
                 return Err(ApplyError::OrphanEndpoint { service: e.service.clone(), ip: e.ip.clone() });
             };
-            if let Some(old) = s.endpoints.insert(e.ip.clone(), e.clone()) {
+            if let Some(old) = Arc::make_mut(s).endpoints.insert(e.ip.clone(), e.clone()) {
                 self.hash.remove(version::endpoint_hash(&old));
             }
             self.hash.add(version::endpoint_hash(e));

@@ -5,7 +5,7 @@
 //! The listing is the whole table (what is in the kernel, kpx's or not); the expected entries
 //! are only kpx's desired ones, so that another user of IPVS never shows up as kpx's drift.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use kpx_ipvs_netlink::consts::IP_VS_SVC_F_PERSISTENT;
@@ -13,7 +13,7 @@ use kpx_ipvs_netlink::{DestinationInfo, Family, Forward, IpvsClient, IpvsError, 
 use kpx_proto::v1 as pb;
 
 use super::plan::{Desired, Key, Table, VipKind};
-use crate::state::ServiceEntry;
+use crate::state::Services;
 
 /// Every virtual server with its real servers, as the kernel reported them.
 pub type Dump = Vec<(ServiceInfo, Vec<DestinationInfo>)>;
@@ -128,7 +128,7 @@ impl PortNames {
     /// Indexes every service port of `services` (keyed "namespace/name") on each of its
     /// addresses. Where two services claim one address the later in name order wins, as in
     /// the plan.
-    pub fn new(services: &BTreeMap<String, ServiceEntry>) -> PortNames {
+    pub fn new(services: &Services) -> PortNames {
         let mut names = HashMap::new();
         for (key, entry) in services {
             let s = &entry.service;
@@ -190,8 +190,9 @@ pub fn expected(desired: &Desired, names: &PortNames, kernel: &Table) -> Vec<Exp
 mod tests {
     use super::*;
     use crate::backend::ipvs::plan::{self, PlanConfig};
-    use crate::state::AppliedState;
+    use crate::state::{AppliedState, ServiceEntry};
     use kpx_ipvs_netlink::{Destination, Stats};
+    use std::collections::BTreeMap;
 
     fn info(s: Service) -> ServiceInfo {
         ServiceInfo { service: s, stats: Stats::default() }
@@ -239,7 +240,7 @@ mod tests {
         );
     }
 
-    fn services() -> BTreeMap<String, ServiceEntry> {
+    fn services() -> Services {
         let web = pb::Service {
             namespace: "demo".into(),
             name: "web".into(),
@@ -271,9 +272,11 @@ mod tests {
             for_cluster: true,
             for_local: false,
         };
-        let entry = |service: pb::Service, eps: Vec<pb::Endpoint>| ServiceEntry {
-            service,
-            endpoints: eps.into_iter().map(|e| (e.ip.clone(), e)).collect(),
+        let entry = |service: pb::Service, eps: Vec<pb::Endpoint>| {
+            std::sync::Arc::new(ServiceEntry {
+                service,
+                endpoints: eps.into_iter().map(|e| (e.ip.clone(), e)).collect(),
+            })
         };
         BTreeMap::from([
             (
@@ -291,7 +294,7 @@ mod tests {
         ])
     }
 
-    fn desired(services: &BTreeMap<String, ServiceEntry>) -> Desired {
+    fn desired(services: &Services) -> Desired {
         let cfg = PlanConfig {
             scheduler: "rr".into(),
             node_ips: vec!["192.168.0.10".parse().unwrap()],
