@@ -40,12 +40,7 @@ impl Chunks {
     pub fn push(&mut self, u: Update) -> Option<Update> {
         let merged = match self.pending.take() {
             Some(mut p) if p.nonce == u.nonce => {
-                p.services_upserted.extend(u.services_upserted);
-                p.services_removed.extend(u.services_removed);
-                p.endpoints_upserted.extend(u.endpoints_upserted);
-                p.endpoints_removed.extend(u.endpoints_removed);
-                p.more = u.more;
-                p.version = u.version;
+                p.merge_chunk(u);
                 p
             }
             // A new nonce abandons an unfinished update.
@@ -116,17 +111,16 @@ impl LocalState {
                 }
             }
         }
-        for e in &u.endpoints_upserted {
-            let Some((_, eps)) = self.services.get_mut(&e.service) else {
-                return Err(format!(
-                    "endpoint {} refers to service {}, which this watch does not have",
-                    e.ip, e.service
-                ));
+        for (service, e) in u.upserted_endpoints() {
+            let Some((_, eps)) = self.services.get_mut(service) else {
+                return Err(format!("endpoint {} refers to service {service}, which this watch does not have", e.ip));
             };
-            let label = format!("{} {}", e.service, e.ip);
+            let label = format!("{service} {}", e.ip);
+            // Kept with its service named, however it travelled (snapshots group endpoints).
+            let e = Endpoint { service: service.to_string(), ..e.clone() };
             match eps.insert(e.ip.clone(), e.clone()) {
                 None => c.endpoints_added.push(label),
-                Some(old) if old != *e => c.endpoints_changed.push(label),
+                Some(old) if old != e => c.endpoints_changed.push(label),
                 Some(_) => {}
             }
         }
@@ -208,6 +202,28 @@ mod tests {
             endpoints_upserted: vec![ep("web", "10.244.1.2"), ep("web", "10.244.1.3")],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn grouped_snapshot_reads_like_a_listed_one() {
+        let mut listed = LocalState::default();
+        listed.apply(&snapshot()).unwrap();
+        let bare = |ip: &str| Endpoint { service: String::new(), ..ep("web", ip) };
+        let grouped = Update {
+            endpoints_upserted: Vec::new(),
+            endpoint_groups: vec![kpx_proto::v1::ServiceEndpoints {
+                service: "demo/web".into(),
+                endpoints: vec![bare("10.244.1.2"), bare("10.244.1.3")],
+            }],
+            ..snapshot()
+        };
+        let mut st = LocalState::default();
+        st.apply(&grouped).unwrap();
+        assert_eq!(st.services, listed.services, "endpoints are kept with their service named");
+        // The same endpoint sent listed later is not a change.
+        let delta = Update { nonce: 2, version: "v2".into(), base_version: "v1".into(), full: false, ..snapshot() };
+        let c = st.apply(&delta).unwrap();
+        assert!(c.endpoints_changed.is_empty() && c.endpoints_added.is_empty(), "{c:?}");
     }
 
     #[test]

@@ -312,12 +312,17 @@ fn watch_node_state_streams_a_snapshot_then_deltas() {
     assert_eq!(snapshot["full"], true, "{snapshot:#}");
     assert!(snapshot.get("baseVersion").is_none());
     assert!(is_version(&snapshot["version"]));
-    let web_ips: BTreeSet<String> = snapshot["endpointsUpserted"]
+    // A snapshot sends each service's endpoints as a group naming the service once.
+    let web_ips: BTreeSet<String> = snapshot["endpointGroups"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["service"] == "demo/web")
-        .map(|e| e["ip"].as_str().unwrap().to_string())
+        .filter(|g| g["service"] == "demo/web")
+        .flat_map(|g| g["endpoints"].as_array().unwrap())
+        .map(|e| {
+            assert!(e.get("service").is_none(), "a grouped endpoint does not repeat its service: {e}");
+            e["ip"].as_str().unwrap().to_string()
+        })
         .collect();
     assert_eq!(web_ips, set(&["10.244.1.2", "10.244.1.3", "10.244.2.2"]));
 

@@ -18,6 +18,8 @@ pub enum ApplyError {
     OrphanEndpoint { service: String, ip: String },
     #[error("after applying, the state hashes to {actual} instead of version {expected}")]
     VersionMismatch { expected: String, actual: String },
+    #[error("an endpoint group of service {group} holds an endpoint of service {service}")]
+    MixedGroup { group: String, service: String },
     #[error("update carries an invalid version {0:?}")]
     BadVersion(String),
 }
@@ -141,15 +143,27 @@ impl AppliedState {
             entry.service = s.clone();
             changes.services.insert(k);
         }
-        for e in &u.endpoints_upserted {
-            let Some(s) = self.services.get_mut(&e.service) else {
-                return Err(ApplyError::OrphanEndpoint { service: e.service.clone(), ip: e.ip.clone() });
+        for g in &u.endpoint_groups {
+            if let Some(e) = g.endpoints.iter().find(|e| !e.service.is_empty() && e.service != g.service) {
+                return Err(ApplyError::MixedGroup { group: g.service.clone(), service: e.service.clone() });
+            }
+        }
+        for (service, e) in u.upserted_endpoints() {
+            let Some(s) = self.services.get_mut(service) else {
+                return Err(ApplyError::OrphanEndpoint { service: service.to_string(), ip: e.ip.clone() });
             };
-            if let Some(old) = Arc::make_mut(s).endpoints.insert(e.ip.clone(), e.clone()) {
+            // Stored (and hashed) with its service named, however it travelled.
+            let mut e = e.clone();
+            if e.service.is_empty() {
+                e.service = service.to_string();
+            }
+            self.hash.add(version::endpoint_hash(&e));
+            if let Some(old) = Arc::make_mut(s).endpoints.insert(e.ip.clone(), e) {
                 self.hash.remove(version::endpoint_hash(&old));
             }
-            self.hash.add(version::endpoint_hash(e));
-            changes.services.insert(e.service.clone());
+            if !changes.services.contains(service) {
+                changes.services.insert(service.to_string());
+            }
         }
         Ok(())
     }
@@ -167,12 +181,7 @@ impl ChunkAssembler {
     pub fn push(&mut self, chunk: pb::Update) -> Option<pb::Update> {
         let merged = match self.pending.take() {
             Some(mut p) if p.nonce == chunk.nonce => {
-                p.services_removed.extend(chunk.services_removed);
-                p.endpoints_removed.extend(chunk.endpoints_removed);
-                p.services_upserted.extend(chunk.services_upserted);
-                p.endpoints_upserted.extend(chunk.endpoints_upserted);
-                p.causes.extend(chunk.causes);
-                p.more = chunk.more;
+                p.merge_chunk(chunk);
                 p
             }
             _ => chunk,

@@ -60,9 +60,8 @@ impl ChangeCounts {
     pub fn of(update: &pb::Update) -> ChangeCounts {
         let services = update.services_upserted.len() + update.services_removed.len();
         let endpoints: std::collections::BTreeSet<&str> = update
-            .endpoints_upserted
-            .iter()
-            .map(|e| e.service.as_str())
+            .upserted_endpoints()
+            .map(|(service, _)| service)
             .chain(update.endpoints_removed.iter().map(|e| e.service.as_str()))
             .collect();
         ChangeCounts { services, endpoints: endpoints.len() }
@@ -195,7 +194,7 @@ impl<A: Apply> Session<A> {
         let started = Instant::now();
         let entries = update.services_upserted.len()
             + update.services_removed.len()
-            + update.endpoints_upserted.len()
+            + update.upserted_endpoint_count()
             + update.endpoints_removed.len();
         let before = self.state.version();
         let span = apply_span(&self.identity.node_name, update, entries);
@@ -298,7 +297,7 @@ fn apply_span(node: &str, update: &pb::Update, entries: usize) -> DistSpan {
                 Attr::new("full", update.full),
                 Attr::new("entries", entries as i64),
                 Attr::new("services_upserted", update.services_upserted.len() as i64),
-                Attr::new("endpoints_upserted", update.endpoints_upserted.len() as i64),
+                Attr::new("endpoints_upserted", update.upserted_endpoint_count() as i64),
             ],
             ..Start::default()
         },

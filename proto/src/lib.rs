@@ -4,6 +4,7 @@
 
 #[cfg(feature = "reflection")]
 pub mod reflection;
+mod update;
 pub mod version;
 
 /// Generated types of package `kpx.v1`.

@@ -35,6 +35,8 @@ pub struct Chunks {
     content: UpdateContent,
     section: Section,
     pos: usize,
+    /// The view whose group the chunk being built ends with (its next endpoints join it).
+    open_group: Option<usize>,
     finished: bool,
 }
 
@@ -48,6 +50,7 @@ pub fn chunk_update(plan: PlannedUpdate, max_bytes: usize) -> Chunks {
         content: plan.content,
         section: Section::ServicesRemoved,
         pos: 0,
+        open_group: None,
         finished: false,
     }
 }
@@ -65,7 +68,8 @@ impl Chunks {
                 Section::EndpointsUpserted => c.endpoints_upserted.get(self.pos).map(|e| e.encoded_len()),
                 Section::EndpointViews { view } => match c.endpoint_views.get(view) {
                     Some(v) => match v.endpoints.get(self.pos) {
-                        Some(e) => Some(e.encoded_len()),
+                        Some(e) if self.open_group == Some(view) => Some(grouped_len(e)),
+                        Some(e) => Some(grouped_len(e) + e.service.len() + FRAMING),
                         None => {
                             self.section = Section::EndpointViews { view: view + 1 };
                             self.pos = 0;
@@ -100,7 +104,15 @@ impl Chunks {
                     chunk.endpoints_upserted.push(std::mem::take(&mut c.endpoints_upserted[i]))
                 }
                 Section::EndpointViews { view } => {
-                    chunk.endpoints_upserted.push(c.endpoint_views[view].endpoints[i].clone())
+                    let e = &c.endpoint_views[view].endpoints[i];
+                    if self.open_group != Some(view) {
+                        chunk
+                            .endpoint_groups
+                            .push(pb::ServiceEndpoints { service: e.service.clone(), endpoints: Vec::new() });
+                        self.open_group = Some(view);
+                    }
+                    let group = chunk.endpoint_groups.last_mut().expect("opened above");
+                    group.endpoints.push(grouped(e));
                 }
                 Section::Done => unreachable!("returned above"),
             }
@@ -108,6 +120,25 @@ impl Chunks {
             return true;
         }
     }
+}
+
+/// An endpoint as it travels in its service's group: without its service name.
+fn grouped(e: &pb::Endpoint) -> pb::Endpoint {
+    // Every field listed (no `..`): a new field is a compile error here, not a silent drop.
+    pb::Endpoint {
+        service: String::new(),
+        ip: e.ip.clone(),
+        ports: e.ports.clone(),
+        for_cluster: e.for_cluster,
+        for_local: e.for_local,
+    }
+}
+
+/// The encoded length of [`grouped`]`(e)`, without building it.
+fn grouped_len(e: &pb::Endpoint) -> usize {
+    let service = e.service.len();
+    let field = if service == 0 { 0 } else { 1 + prost::encoding::encoded_len_varint(service as u64) + service };
+    e.encoded_len() - field
 }
 
 impl Iterator for Chunks {
@@ -126,6 +157,7 @@ impl Iterator for Chunks {
             ..Default::default()
         };
         let mut size = 0;
+        self.open_group = None;
         while self.take_one(&mut chunk, &mut size) {}
         if self.section == Section::Done {
             self.finished = true;
@@ -175,7 +207,7 @@ mod tests {
         }
         assert!(chunks[..chunks.len() - 1].iter().all(|c| c.more));
         assert!(!chunks.last().unwrap().more);
-        let ips: Vec<&str> = chunks.iter().flat_map(|c| c.endpoints_upserted.iter().map(|e| e.ip.as_str())).collect();
+        let ips: Vec<&str> = chunks.iter().flat_map(|c| c.upserted_endpoints().map(|(_, e)| e.ip.as_str())).collect();
         assert_eq!(ips.len(), 100_000);
         assert_eq!(ips[0], endpoint(0).ip);
         assert_eq!(ips[99_999], endpoint(99_999).ip);
@@ -189,7 +221,36 @@ mod tests {
         let chunks: Vec<_> = chunk_update(plan(3, 2), 1 << 20).collect();
         assert_eq!(chunks.len(), 1);
         assert!(!chunks[0].more);
-        assert_eq!(chunks[0].endpoints_upserted.len(), 5);
+        assert_eq!(chunks[0].upserted_endpoint_count(), 5);
+        assert_eq!(chunks[0].endpoints_upserted.len(), 3, "delta entries stay listed");
+        // A view travels as one group naming its service once.
+        let groups = &chunks[0].endpoint_groups;
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].service, "default/svc");
+        assert!(groups[0].endpoints.iter().all(|e| e.service.is_empty()));
+    }
+
+    #[test]
+    fn groups_are_cut_at_chunk_boundaries_and_reopened() {
+        let chunks: Vec<_> = chunk_update(plan(0, 3000), 20_000).collect();
+        assert!(chunks.len() > 3);
+        for c in &chunks {
+            assert!(c.encoded_len() <= 20_000 + 1024, "chunk of {} bytes", c.encoded_len());
+            assert!(c.endpoint_groups.iter().all(|g| g.service == "default/svc" && !g.endpoints.is_empty()));
+        }
+        // Three views of 1000: each chunk holds at most one group per view it touches.
+        let groups: usize = chunks.iter().map(|c| c.endpoint_groups.len()).sum();
+        assert!(groups <= chunks.len() + 2, "{groups} groups in {} chunks", chunks.len());
+        assert_eq!(chunks.iter().map(|c| c.upserted_endpoint_count()).sum::<usize>(), 3000);
+    }
+
+    #[test]
+    fn grouped_length_is_exact() {
+        for e in [endpoint(1), endpoint(70_000), pb::Endpoint { service: String::new(), ..endpoint(2) }] {
+            assert_eq!(grouped_len(&e), grouped(&e).encoded_len());
+        }
+        let long = pb::Endpoint { service: "n".repeat(300), ..endpoint(3) };
+        assert_eq!(grouped_len(&long), grouped(&long).encoded_len());
     }
 
     #[test]

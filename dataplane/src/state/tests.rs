@@ -103,3 +103,33 @@ fn chunks_are_merged_by_nonce() {
     let w = a.push(pb::Update { nonce: 3, more: false, ..Default::default() }).unwrap();
     assert_eq!(w.nonce, 3);
 }
+
+#[test]
+fn grouped_endpoints_are_stored_and_hashed_with_their_service() {
+    let flat = snapshot(vec![svc("a"), svc("b")], vec![ep("a", "10.0.0.1"), ep("a", "10.0.0.2"), ep("b", "10.0.0.3")]);
+    let bare = |ip: &str| pb::Endpoint { service: String::new(), ..ep("a", ip) };
+    let grouped = pb::Update {
+        endpoints_upserted: vec![ep("b", "10.0.0.3")],
+        endpoint_groups: vec![
+            pb::ServiceEndpoints { service: "ns/a".into(), endpoints: vec![bare("10.0.0.1")] },
+            pb::ServiceEndpoints { service: "ns/a".into(), endpoints: vec![bare("10.0.0.2")] },
+        ],
+        ..flat.clone()
+    };
+    let (mut a, mut b) = (AppliedState::default(), AppliedState::default());
+    a.apply(&flat).unwrap();
+    let changes = b.apply(&grouped).unwrap();
+    assert_eq!(b.version(), a.version(), "same content, same version, however the endpoints travelled");
+    assert_eq!(changes.services.iter().collect::<Vec<_>>(), ["ns/a", "ns/b"]);
+    assert_eq!(b.services()["ns/a"].endpoints["10.0.0.2"].service, "ns/a");
+}
+
+#[test]
+fn a_group_holding_another_service_s_endpoint_is_rejected() {
+    let mut u = snapshot(vec![svc("a"), svc("b")], vec![ep("a", "10.0.0.1")]);
+    u.endpoints_upserted.clear();
+    u.endpoint_groups = vec![pb::ServiceEndpoints { service: "ns/b".into(), endpoints: vec![ep("a", "10.0.0.1")] }];
+    let err = AppliedState::default().apply(&u).unwrap_err();
+    assert_eq!(err, ApplyError::MixedGroup { group: "ns/b".into(), service: "ns/a".into() });
+    assert!(err.needs_snapshot());
+}
