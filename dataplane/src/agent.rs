@@ -24,7 +24,7 @@ use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, ap
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NoLocalTracker};
 use crate::state::{AppliedState, ChangeSet, Services};
 use crate::stream::{self, Apply, Backoff, NodeIdentity, Session, SyncEvent};
 
@@ -164,6 +164,7 @@ struct NodeBackend {
     core: Arc<Mutex<Core>>,
     metrics: Arc<Metrics>,
     hcnp: HcnpServers,
+    no_local: NoLocalTracker,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -189,6 +190,7 @@ impl Apply for NodeBackend {
         }
         core.has_state = true;
         drop(core);
+        self.metrics.no_local(self.no_local.update(state, changes));
         self.hcnp.reconcile(state);
         if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
     }
@@ -271,7 +273,8 @@ async fn observe(
             SyncEvent::Disconnected { .. } => {
                 metrics.connected.set(0);
             }
-            SyncEvent::Applied { change_times_unix_ms, programmed_at, changes, .. } => {
+            SyncEvent::Applied { change_times_unix_ms, programmed_at, changes, apply, .. } => {
+                metrics.queued(programmed_at.checked_sub(apply).unwrap_or(programmed_at));
                 metrics.changes(changes, true);
                 metrics.update(true);
                 metrics.programmed(&change_times_unix_ms, programmed_at);
@@ -322,7 +325,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         BackendKind::DryRun => "dry-run",
     };
     let core = Arc::new(Mutex::new(Core { backends, ipvs, mirror: BTreeMap::new(), has_state: false }));
-    let backend = NodeBackend { core: core.clone(), metrics: metrics.clone(), hcnp: HcnpServers::new(health.clone()) };
+    let backend = NodeBackend {
+        core: core.clone(),
+        metrics: metrics.clone(),
+        hcnp: HcnpServers::new(health.clone()),
+        no_local: NoLocalTracker::default(),
+    };
     let identity = NodeIdentity {
         node_name: config.node_name.clone(),
         backend: backend_name.into(),

@@ -14,9 +14,17 @@ use crate::backend::iptables::BackendStats;
 use crate::http::{self, Reply};
 use crate::stream::ChangeCounts;
 
+mod no_local;
+pub use no_local::{NoLocal, NoLocalTracker};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
     pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub traffic_policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,6 +48,8 @@ pub struct Metrics {
     pub endpoint_changes_total: Counter,
     pub service_changes_pending: Gauge,
     pub service_changes_total: Counter,
+    pub no_local_endpoints: Family<PolicyLabel, Gauge>,
+    pub last_queued: Gauge<f64, AtomicU64>,
 }
 
 /// kube-proxy's buckets: 1 ms doubling to ~16 s.
@@ -89,6 +99,8 @@ impl Metrics {
             endpoint_changes_total: Counter::default(),
             service_changes_pending: Gauge::default(),
             service_changes_total: Counter::default(),
+            no_local_endpoints: Family::default(),
+            last_queued: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -153,6 +165,16 @@ impl Metrics {
             "Cumulative proxy rules Service changes",
             m.service_changes_total.clone(),
         );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            m.last_queued.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -199,6 +221,21 @@ impl Metrics {
             self.endpoint_changes_pending.inc_by(changes.endpoints as i64);
             self.service_changes_pending.inc_by(changes.services as i64);
         }
+    }
+
+    /// Service ports whose Local policy drops their traffic on this node (see `no_local`).
+    pub fn no_local(&self, n: NoLocal) {
+        let set = |policy: &str, v: u64| {
+            let g = self.no_local_endpoints.get_or_create(&PolicyLabel { traffic_policy: policy.into() });
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set("internal", n.internal);
+        set("external", n.external);
+    }
+
+    /// An update arrived (kpx applies it at once: kube-proxy's "queued" is "received").
+    pub fn queued(&self, at: SystemTime) {
+        self.last_queued.set(at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
     }
 
     pub fn update(&self, acked: bool) {

@@ -132,8 +132,11 @@ async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// The value of an unlabelled metric in a scrape.
 fn metric(scrape: &str, name: &str) -> u64 {
-    let value =
-        scrape.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')).and_then(|v| v.trim().parse().ok());
+    let value = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64);
     value.unwrap_or_else(|| panic!("no {name} in:\n{scrape}"))
 }
 
@@ -231,6 +234,9 @@ async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     assert!(services_total >= 3 && endpoints_total >= 3, "{text}");
     assert_eq!(metric(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"), 0);
     assert_eq!(metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0);
+    assert!(metric(&text, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 1_700_000_000, "{text}");
+    let external_no_local = "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"}";
+    let no_local_before = metric(&text, external_no_local);
 
     // node-a hosts one web-lb endpoint: its healthCheckNodePort says so.
     let hcnp: SocketAddr = format!("127.0.0.1:{hcnp_port}").parse().unwrap();
@@ -268,6 +274,9 @@ async fn dry_run_agent_acks_and_serves_health_metrics_and_hcnp() {
     .1;
     assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}"), "{text}");
     assert!(metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_total") > endpoints_total, "{text}");
+    // web-lb (externalTrafficPolicy Local) now has its endpoint on node-b only: node-a drops
+    // its external traffic, and says so.
+    assert_eq!(metric(&text, external_no_local), no_local_before + 1, "{text}");
     assert_eq!(metric(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), 0);
 
     drop(dp);
