@@ -7,13 +7,14 @@
 //! The receiver needs `python3 -m pip install opentelemetry-proto grpcio` (`.ci/run` installs
 //! them). Without them this test skips with a loud message, except under CI=true, where it fails.
 
+mod otlp;
 mod process;
 
 use kpx_proto::v1::ListNodesRequest;
 use kpx_proto::v1::inspect_client::InspectClient;
+use otlp::{Receiver, attr};
 use process::{ControlplaneProcess, examples_dir};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -21,24 +22,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Spans are exported in batches every 100 ms here; a change's whole trace arrives well within.
 const TRACE_WAIT: Duration = Duration::from_secs(30);
-
-fn receiver_available() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let hint = "the OTLP test receiver needs python3 with opentelemetry-proto and grpcio \
-                    (python3 -m pip install opentelemetry-proto grpcio)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {hint}");
-        }
-        let _ = writeln!(std::io::stderr(), "\n**********\nSKIPPED: {hint}\n**********");
-    }
-    ok
-}
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -48,24 +31,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The OTLP receiver; returns it and its port once it listens.
-fn start_receiver(out: &Path) -> (Proc, u16) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otlp/receiver.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn python3 receiver.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the receiver's port");
-    let port = line.trim().strip_prefix("listening on ").and_then(|p| p.parse().ok());
-    let port = port.unwrap_or_else(|| panic!("receiver said {line:?} instead of its port"));
-    (Proc(child), port)
 }
 
 /// `target/<profile>/kpx-dataplane`, next to this test: Cargo names only this crate's binaries
@@ -126,25 +91,15 @@ fn wait_in_sync(url: &str) {
     }
 }
 
-fn spans(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).expect("receiver writes JSON lines")).collect()
-}
-
-fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
-    &span["attributes"][key]
-}
-
 #[test]
 fn one_trace_covers_a_change_from_the_controlplane_to_both_nodes_and_back() {
-    if !receiver_available() {
+    if !otlp::available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spans_file = dir.path().join("spans.jsonl");
-    let (_receiver, port) = start_receiver(&spans_file);
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let receiver = Receiver::start(dir.path());
+    let env = receiver.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
 
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
@@ -182,7 +137,7 @@ fn one_trace_covers_a_change_from_the_controlplane_to_both_nodes_and_back() {
     // Everything the trace must hold: the change, a send, an apply and an ack per node.
     let deadline = Instant::now() + TRACE_WAIT;
     let (change, trace) = loop {
-        let all = spans(&spans_file);
+        let all = receiver.spans();
         let change = all.iter().find(|s| s["name"] == "cp.change" && attr(s, "object") == "demo/web-x7k2p").cloned();
         // Only changes after the first publish are traced: the initial listing is not one.
         if let Some(change) = change {
@@ -199,7 +154,7 @@ fn one_trace_covers_a_change_from_the_controlplane_to_both_nodes_and_back() {
             let logs: Vec<String> = logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default()).collect();
             panic!(
                 "no complete trace after {TRACE_WAIT:?}; spans received:\n{}\ndataplane logs:\n{}",
-                std::fs::read_to_string(&spans_file).unwrap_or_default(),
+                receiver.raw(),
                 logs.join("\n---\n")
             );
         }
@@ -252,6 +207,6 @@ fn one_trace_covers_a_change_from_the_controlplane_to_both_nodes_and_back() {
     }
     // No library internals (h2, hyper, tower, tonic) in the export.
     let names: std::collections::BTreeSet<String> =
-        spans(&spans_file).iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
+        receiver.spans().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
     assert!(names.iter().all(|n| !n.contains("h2") && !n.contains("hyper") && !n.starts_with("tower")), "{names:?}");
 }

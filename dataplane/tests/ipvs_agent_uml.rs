@@ -5,6 +5,8 @@
 //! task's reconcile (`--sync-period 1s`), with nothing but the agent running.
 
 mod ipvs;
+#[path = "../../controlplane/tests/otlp/mod.rs"]
+mod otlp;
 mod uml;
 
 use std::path::Path;
@@ -66,6 +68,32 @@ async fn check_kernel_rules() {
 }
 
 /// Web's and echo-udp's virtual servers are there; web's, deleted by hand, comes back.
+/// The agent's initial snapshot is one trace of its own (nothing caused it at the in-process
+/// controlplane, which exports nothing): dp.apply, holding dp.ipvs.sync with the plan of the
+/// whole table and its netlink operations.
+fn check_apply_spans(receiver: &otlp::Receiver) {
+    let find = |spans: &[serde_json::Value], name: &str, parent: Option<&serde_json::Value>| {
+        spans.iter().find(|s| s["name"] == name && parent.is_none_or(|p| s["parent_span_id"] == p["span_id"])).cloned()
+    };
+    let tree = |spans: &[serde_json::Value]| {
+        let apply = find(spans, "dp.apply", None)?;
+        let sync = find(spans, "dp.ipvs.sync", Some(&apply))?;
+        let plan = find(spans, "dp.ipvs.plan", Some(&sync))?;
+        let netlink = find(spans, "dp.ipvs.netlink", Some(&sync))?;
+        Some((apply, sync, plan, netlink))
+    };
+    let spans =
+        receiver.wait_for(Duration::from_secs(30), "dp.apply > dp.ipvs.sync > plan, netlink", |s| tree(s).is_some());
+    let (apply, sync, plan, netlink) = tree(&spans).unwrap();
+    assert_eq!((otlp::attr(&apply, "node"), otlp::attr(&apply, "full")), (&"node-a".into(), &true.into()));
+    assert_eq!(otlp::attr(&sync, "partial"), false, "a snapshot plans the whole table: {sync}");
+    assert!(otlp::attr(&plan, "virtual_servers").as_i64().unwrap() >= 2, "{plan}");
+    let ops = otlp::attr(&netlink, "ops").as_i64().unwrap();
+    assert!(ops >= 2, "{netlink}");
+    assert!(otlp::attr(&sync, "ops").as_i64().unwrap() >= ops, "{sync}");
+    assert!(otlp::attr(&sync, "messages").as_i64().unwrap() >= ops, "{sync}");
+}
+
 fn repairs_drift() {
     let has =
         |words: &[&str]| ipvs::ipvsadm().lines().any(|l| l.split_whitespace().collect::<Vec<_>>().starts_with(words));
@@ -86,6 +114,8 @@ async fn scenario() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     let source = Box::new(FileSource::new(examples, skips.clone()));
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tmp = tempfile::tempdir().unwrap();
+    let receiver = std::env::var_os("KPX_TEST_PYTHON").map(|_| otlp::Receiver::start(tmp.path()));
     tokio::spawn(kpx_controlplane::serve(
         listener,
         source,
@@ -102,6 +132,7 @@ async fn scenario() {
         .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
         .args(["--admin-listen", ADMIN])
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(receiver.iter().flat_map(|r| r.env()))
         .stdin(Stdio::null())
         .spawn()
         .expect("start kpx-dataplane");
@@ -126,6 +157,10 @@ async fn scenario() {
         Ok(()) => tokio::task::spawn_blocking(repairs_drift).await,
         Err(e) => Err(e),
     };
+    let result = match (result, receiver) {
+        (Ok(()), Some(r)) => tokio::task::spawn_blocking(move || check_apply_spans(&r)).await,
+        (result, _) => result,
+    };
     let _ = dp.kill();
     let _ = dp.wait();
     if let Err(e) = result {
@@ -135,7 +170,11 @@ async fn scenario() {
 
 #[test]
 fn the_agent_programs_ipvs_from_the_controlplane_and_repairs_drift() {
-    ipvs::in_uml("the_agent_programs_ipvs_from_the_controlplane_and_repairs_drift", || {
+    // The OTLP receiver runs inside UML, with the python found here (where CI=true makes a
+    // missing one fail; inside, the environment is minimal).
+    let python = otlp::interpreter();
+    let env: Vec<(&str, &str)> = python.iter().map(|p| ("KPX_TEST_PYTHON", p.as_str())).collect();
+    ipvs::in_uml_with("the_agent_programs_ipvs_from_the_controlplane_and_repairs_drift", &env, || {
         tokio::runtime::Runtime::new().unwrap().block_on(scenario());
     });
 }

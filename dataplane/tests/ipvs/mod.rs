@@ -30,6 +30,12 @@ pub const NODE6: &str = "fd00:1::10";
 
 /// Runs `scenario` inside UML (see the module docs); `name` is the test function's name.
 pub fn in_uml(name: &str, scenario: impl FnOnce()) {
+    in_uml_with(name, &[], scenario)
+}
+
+/// [`in_uml`] with extra environment for the scenario inside UML (whose environment is
+/// otherwise minimal).
+pub fn in_uml_with(name: &str, env: &[(&str, &str)], scenario: impl FnOnce()) {
     if std::env::var(INSIDE).is_ok_and(|v| v == "1") {
         scenario();
         return;
@@ -41,6 +47,7 @@ pub fn in_uml(name: &str, scenario: impl FnOnce()) {
     let job = uml::UmlJob::new(&[exe.as_str(), "--exact", name, "--nocapture", "--test-threads=1"])
         .env(INSIDE, "1")
         .env("RUST_BACKTRACE", "1");
+    let job = env.iter().fold(job, |job, (k, v)| job.env(k, v));
     let result = uml::run_in_uml(&job).unwrap_or_else(|e| panic!("{e}"));
     result.assert_success();
     assert!(result.stdout.contains("test result: ok. 1 passed"), "the scenario did not run:\n{result}");
