@@ -144,6 +144,9 @@ fn service_shows_each_group_of_nodes() {
     for node in ["node-a", "node-b"] {
         assert!(table.contains(node), "{table}");
     }
+    // Its Local policy: the families in which it has endpoints somewhere (nodes without a
+    // local one drop its external traffic rather than reject it).
+    assert!(table.contains("Endpoints in:   IPv4\n"), "{table}");
 }
 
 #[test]

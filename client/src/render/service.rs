@@ -57,7 +57,7 @@ fn fields(svc: &Service) -> String {
         })
         .collect();
     let hc = if svc.health_check_node_port > 0 { svc.health_check_node_port.to_string() } else { "-".to_string() };
-    let rows = [
+    let mut rows = vec![
         ("Service", service_key(svc)),
         ("Type", type_name(svc).to_string()),
         ("Cluster IPs", list_or_dash(&svc.cluster_ips)),
@@ -67,6 +67,12 @@ fn fields(svc: &Service) -> String {
         ("Policy", policy(svc)),
         ("Health check", hc),
     ];
+    // For a Local policy: where the service has endpoints at all, which decides whether a node
+    // without local endpoints drops its traffic (endpoints elsewhere) or rejects it (none).
+    if svc.external_policy_local || svc.internal_policy_local {
+        let families = &svc.families_with_endpoints;
+        rows.insert(7, ("Endpoints in", if families.is_empty() { "-".to_string() } else { families.join(",") }));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 3;
     rows.iter().map(|(k, v)| format!("{:width$}{v}\n", format!("{k}:"))).collect()
 }

@@ -278,6 +278,7 @@ External:       -
 Source ranges:  -
 Ports:          http 80/TCP nodePort=30081
 Policy:         ext=Local int=Cluster
+Endpoints in:   -
 Health check:   -
 
 Nodes: node-a
