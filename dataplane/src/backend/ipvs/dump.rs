@@ -10,9 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use kpx_ipvs_netlink::consts::IP_VS_SVC_F_PERSISTENT;
 use kpx_ipvs_netlink::{DestinationInfo, Family, Forward, IpvsClient, IpvsError, Protocol, Service, ServiceInfo};
-use kpx_proto::v1 as pb;
 
-use super::plan::{Desired, Key, Table, VipKind};
+use super::plan::{Desired, Key, Table, VipKind, protocol};
 use crate::state::Services;
 
 /// Every virtual server with its real servers, as the kernel reported them.
@@ -115,15 +114,6 @@ pub struct Expected {
 #[derive(Debug, Default)]
 pub struct PortNames(HashMap<(Protocol, Option<IpAddr>, u16), String>);
 
-fn protocol(p: i32) -> Option<Protocol> {
-    match pb::Protocol::try_from(p).ok()? {
-        pb::Protocol::Tcp => Some(Protocol::Tcp),
-        pb::Protocol::Udp => Some(Protocol::Udp),
-        pb::Protocol::Sctp => Some(Protocol::Sctp),
-        pb::Protocol::Unspecified => None,
-    }
-}
-
 impl PortNames {
     /// Indexes every service port of `services` (keyed "namespace/name") on each of its
     /// addresses. Where two services claim one address the later in name order wins, as in
@@ -192,6 +182,7 @@ mod tests {
     use crate::backend::ipvs::plan::{self, PlanConfig};
     use crate::state::{AppliedState, ServiceEntry};
     use kpx_ipvs_netlink::{Destination, Stats};
+    use kpx_proto::v1 as pb;
     use std::collections::BTreeMap;
 
     fn info(s: Service) -> ServiceInfo {

@@ -236,7 +236,8 @@ pub fn update_desired(
     Some(up)
 }
 
-fn protocol(p: i32) -> Option<Protocol> {
+/// The IPVS protocol of a service port; None when unspecified (or unknown on the wire).
+pub(super) fn protocol(p: i32) -> Option<Protocol> {
     match pb::Protocol::try_from(p).ok()? {
         pb::Protocol::Tcp => Some(Protocol::Tcp),
         pb::Protocol::Udp => Some(Protocol::Udp),
