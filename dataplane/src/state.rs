@@ -135,8 +135,11 @@ impl AppliedState {
         }
         for s in &u.services_upserted {
             let k = key(&s.namespace, &s.name);
+            // Whether it replaces a service (an all-empty one included): entries only come
+            // from upserts.
+            let replaces = self.services.contains_key(&k);
             let entry = Arc::make_mut(self.services.entry(k.clone()).or_default());
-            if entry.service != pb::Service::default() {
+            if replaces {
                 self.hash.remove(version::service_hash(&entry.service));
             }
             self.hash.add(version::service_hash(s));

@@ -133,3 +133,26 @@ fn a_group_holding_another_service_s_endpoint_is_rejected() {
     assert_eq!(err, ApplyError::MixedGroup { group: "ns/b".into(), service: "ns/a".into() });
     assert!(err.needs_snapshot());
 }
+
+#[test]
+fn an_empty_service_can_be_replaced() {
+    // Found by tests/hostile_state.rs: an all-empty Service was taken for "no entry yet", so
+    // upserting its key again left its hash in the version.
+    let empty = pb::Service::default();
+    let mut st = AppliedState::default();
+    let snap = snapshot(vec![empty.clone()], vec![]);
+    st.apply(&snap).unwrap();
+    let filled = pb::Service { cluster_ips: vec!["10.96.0.9".into()], ..Default::default() };
+    let mut base = snap.version;
+    for next in [empty, filled.clone(), pb::Service::default()] {
+        let delta = pb::Update {
+            base_version: base.clone(),
+            version: version_of(std::slice::from_ref(&next), &[]),
+            services_upserted: vec![next],
+            ..Default::default()
+        };
+        st.apply(&delta).unwrap();
+        base = delta.version;
+    }
+    assert_eq!(st.services().len(), 1);
+}

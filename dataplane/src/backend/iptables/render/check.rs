@@ -2,7 +2,7 @@
 //! Addresses are parsed and printed back (so only canonical text lands in the output), ports
 //! must be numbers in range, and free text only appears inside a sanitised quoted comment.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::IpFamily;
 
@@ -14,7 +14,8 @@ pub(super) fn ip(s: &str) -> Result<IpAddr, String> {
     s.parse().map_err(|_| format!("invalid IP {:?}", printable(s)))
 }
 
-/// A CIDR, returned canonical ("10.0.0.0/8"), with its network address and prefix length.
+/// A CIDR, returned canonical ("10.0.0.0/8"): its network address (host bits cleared) and
+/// prefix length.
 #[derive(Debug, Clone)]
 pub(super) struct Cidr {
     pub addr: IpAddr,
@@ -33,6 +34,16 @@ impl Cidr {
         if prefix > IpFamily::of(addr).bits() {
             return Err(bad());
         }
+        // The network address, as the kernel stores it and iptables-save prints it back
+        // ("10.1.2.3/24" is 10.1.2.0/24): written otherwise, the rule would never compare equal.
+        let addr = match addr {
+            IpAddr::V4(v) => {
+                IpAddr::V4(Ipv4Addr::from(u32::from(v) & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)))
+            }
+            IpAddr::V6(v) => {
+                IpAddr::V6(Ipv6Addr::from(u128::from(v) & u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)))
+            }
+        };
         Ok(Cidr { addr, prefix })
     }
 

@@ -11,6 +11,7 @@
 //! some elsewhere (the node's endpoints, or the Service's `families_with_endpoints`, say so).
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -69,10 +70,36 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> ServiceRules 
     let s = &entry.service;
     let Some(addrs) = addrs(cfg, s, &mut r.skipped) else { return r };
     let svc_name = format!("{}/{}", s.namespace, s.name);
+    if s.name.contains(':') {
+        // The chain names hash "NAMESPACE/NAME:PORT": with a ':' in its name, a service could
+        // write into the chains of another service's port (Kubernetes names never hold one).
+        r.skipped.push(format!("{}: invalid name (':' in a service name)", check::printable(&svc_name)));
+        return r;
+    }
+    // Ports already rendered: a second port of the same name and protocol would share their
+    // chains (Kubernetes port names are unique).
+    let mut rendered = HashSet::new();
     for port in &s.ports {
-        if let Err(e) = render_port(cfg, entry, &addrs, &svc_name, port, &mut r) {
-            r.skipped.push(format!("{}: port {:?}: {e}", check::printable(&svc_name), check::printable(&port.name)));
+        let result = if rendered.contains(&(port.name.as_str(), port.protocol())) {
+            Err("duplicate port name".to_string())
+        } else {
+            render_port(cfg, entry, &addrs, &svc_name, port, &mut r)
+        };
+        match result {
+            Ok(()) => {
+                rendered.insert((port.name.as_str(), port.protocol()));
+            }
+            Err(e) => {
+                r.skipped.push(format!("{}: port {:?}: {e}", check::printable(&svc_name), check::printable(&port.name)))
+            }
         }
+    }
+    if s.session_affinity_timeout_seconds > MAX_AFFINITY_SECONDS {
+        r.skipped.push(format!(
+            "{}: session affinity timeout {} capped at {MAX_AFFINITY_SECONDS} seconds",
+            check::printable(&svc_name),
+            s.session_affinity_timeout_seconds
+        ));
     }
     if s.external_policy_local && s.health_check_node_port != 0 {
         match check::port(s.health_check_node_port, "health check node port") {
@@ -87,12 +114,23 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> ServiceRules 
     r
 }
 
-/// Parses the addresses of `family`; invalid ones are reported, the other family's ignored.
+/// Kubernetes' longest ClientIP affinity. Longer ones are capped: xt_recent keeps `--seconds`
+/// as a u32 that the kernel multiplies by HZ (it wraps past about 49 days at HZ=1000), and
+/// iptables-save prints values past i32::MAX as negative numbers.
+const MAX_AFFINITY_SECONDS: u32 = 86400;
+
+/// The session affinity timeout of `s`, if it has affinity.
+fn affinity_seconds(s: &pb::Service) -> Option<u32> {
+    (s.session_affinity_timeout_seconds > 0).then(|| s.session_affinity_timeout_seconds.min(MAX_AFFINITY_SECONDS))
+}
+
+/// Parses the addresses of `family`; invalid ones are reported, the other family's ignored,
+/// repeated ones (however written) kept once.
 fn of_family(family: IpFamily, list: &[String], skipped: &mut Vec<String>) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for a in list {
         match check::ip(a) {
-            Ok(ip) if family.matches(ip) => out.push(ip),
+            Ok(ip) if family.matches(ip) && !out.contains(&ip) => out.push(ip),
             Ok(_) => {}
             Err(e) => skipped.push(e),
         }
@@ -103,7 +141,15 @@ fn of_family(family: IpFamily, list: &[String], skipped: &mut Vec<String>) -> Ve
 fn addrs(cfg: &RenderConfig, s: &pb::Service, skipped: &mut Vec<String>) -> Option<Addrs> {
     let mut local_skips = Vec::new();
     let real_ips: Vec<String> = s.cluster_ips.iter().filter(|ip| !ip.is_empty() && *ip != "None").cloned().collect();
-    let cluster = *of_family(cfg.family, &real_ips, &mut local_skips).first()?;
+    let Some(cluster) = of_family(cfg.family, &real_ips, &mut local_skips).first().copied() else {
+        // Without a cluster IP of this family the service is the other family's, unless none
+        // of its cluster IPs is an address: then no family renders it, and each says why.
+        if local_skips.len() == real_ips.len() {
+            let name = check::printable(&format!("{}/{}", s.namespace, s.name));
+            skipped.extend(local_skips.into_iter().map(|e| format!("{name}: cluster IP: {e}")));
+        }
+        return None;
+    };
     let external = of_family(cfg.family, &s.external_ips, &mut local_skips);
     let lb = of_family(cfg.family, &s.load_balancer_ips, &mut local_skips);
     let mut ranges = Vec::new();
@@ -146,6 +192,8 @@ fn endpoints(
     skipped: &mut Vec<String>,
 ) -> Vec<Ep> {
     let mut out = Vec::new();
+    // Some address is not written as printed ("fd00:0::1"): it may be another entry's.
+    let mut rewritten = false;
     for e in entry.endpoints.values() {
         let ip = match check::ip(&e.ip) {
             Ok(ip) => ip,
@@ -171,7 +219,21 @@ fn endpoints(
         };
         let chain = chains::endpoint_chain(name, proto, &addr);
         let comment = check::comment(&format!("{name} -> {addr}"));
-        out.push(Ep { addr, chain, comment, cluster: e.for_cluster, local: e.for_local });
+        let ep = Ep { addr, chain, comment, cluster: e.for_cluster, local: e.for_local };
+        rewritten |= ep.ip_text() != e.ip;
+        out.push(ep);
+    }
+    if rewritten {
+        // The same address written two ways ("fd00::1", "fd00:0::1") is two entries of the
+        // state but one KUBE-SEP chain: the first is kept.
+        let mut seen = HashSet::new();
+        out.retain(|ep| {
+            let first = seen.insert(ep.addr.clone());
+            if !first {
+                skipped.push(format!("{}: endpoint {}: duplicate address", check::printable(name), ep.addr));
+            }
+            first
+        });
     }
     out
 }
@@ -311,11 +373,11 @@ fn render_port(
     let policy_chain = |chain: &String, pick: fn(&Ep) -> bool, masq: Option<String>| {
         let mut rules: Vec<String> = masq.into_iter().collect();
         let chosen: Vec<&Ep> = eps.iter().filter(|e| pick(e)).collect();
-        if s.session_affinity_timeout_seconds > 0 {
+        if let Some(seconds) = affinity_seconds(s) {
             for e in &chosen {
                 rules.push(format!(
-                    "-A {chain} {} -m recent --name {} --rcheck --seconds {} --reap -j {}",
-                    e.comment, e.chain, s.session_affinity_timeout_seconds, e.chain
+                    "-A {chain} {} -m recent --name {} --rcheck --seconds {seconds} --reap -j {}",
+                    e.comment, e.chain, e.chain
                 ));
             }
         }
@@ -376,8 +438,10 @@ fn render_port(
     if fw_used {
         let ranges = a.ranges.as_deref().unwrap_or_default();
         let lb_comment = c(&format!("{name} loadbalancer IP"));
+        // A /0 range matches any source: written without `-s`, as the kernel keeps it.
+        let src = |cidr: &Cidr| if cidr.prefix == 0 { String::new() } else { format!("-s {cidr} ") };
         let mut rules: Vec<String> =
-            ranges.iter().map(|cidr| format!("-A {} -s {cidr} {lb_comment} -j {}", ch.fw, ch.ext)).collect();
+            ranges.iter().map(|cidr| format!("-A {} {}{lb_comment} -j {}", ch.fw, src(cidr), ch.ext)).collect();
         // A node reaching its own LB IP loops back with that IP as source (kube-proxy's
         // "allowFromNode"): let it through when the ranges admit this node.
         if ranges.iter().any(|cidr| cfg.node_ips.iter().any(|ip| cidr.contains(*ip))) {
@@ -390,7 +454,7 @@ fn render_port(
         ));
         r.chains.push((ch.fw.clone(), rules));
     }
-    let affinity = s.session_affinity_timeout_seconds > 0;
+    let affinity = affinity_seconds(s).is_some();
     let sep_comment = c(&name);
     for e in eps.iter().filter(|e| (e.cluster && svc_used) || (e.local && svl_used)) {
         let recent = if affinity { format!(" -m recent --name {} --set", e.chain) } else { String::new() };

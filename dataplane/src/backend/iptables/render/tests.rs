@@ -612,3 +612,141 @@ fn the_hint_is_read_per_family() {
         "filter -A KUBE-SERVICES -d 172.30.0.46/32 -p tcp -m comment --comment \"ns6/svc6:p80 has no endpoints\" -m tcp --dport 80 -j REJECT\n"
     );
 }
+
+// Found by tests/hostile_state.rs (hostile input against the real iptables-restore).
+
+#[test]
+fn a_service_without_a_valid_cluster_ip_is_reported_not_dropped_silently() {
+    let v6 = RenderConfig { family: IpFamily::V6, cluster_cidr: None, ..cfg() };
+    for garbage in ["10.0.0.1\n-A INPUT -j DROP", "999.1.1.1", "fe80::1%eth0", "172.30.9.9/32"] {
+        let s = svc("ns", "bad", garbage, &[("p", pb::Protocol::Tcp, 80, 0)]);
+        let e = entry(s, vec![ep("ns/bad", "10.180.0.1", "p", 80, false)]);
+        for c in [cfg(), v6.clone()] {
+            let r = render_service(&c, &e);
+            assert!(text(&r).is_empty(), "{garbage:?}: {}", text(&r));
+            assert_eq!(r.skipped.len(), 1, "{garbage:?} in {:?}: {:?}", c.family, r.skipped);
+            assert!(r.skipped[0].starts_with("ns/bad: cluster IP: invalid IP"), "{:?}", r.skipped);
+        }
+    }
+    // Headless services, and services of the other family only, are nobody's error.
+    for ips in [vec!["None"], vec![""], vec!["fd00::1"], vec!["fd00::1", "999.1.1.1"]] {
+        let mut s = svc("ns", "quiet", "", &[("p", pb::Protocol::Tcp, 80, 0)]);
+        s.cluster_ips = ips.iter().map(|ip| ip.to_string()).collect();
+        let r = render_service(&cfg(), &entry(s, vec![]));
+        assert_eq!(r, ServiceRules::default(), "{ips:?}");
+    }
+}
+
+#[test]
+fn a_colon_in_a_service_name_cannot_reach_another_services_chains() {
+    // "ns1/svc1" port "p80" and "ns1/svc1:p80" unnamed hash to the same chain names.
+    let mut evil = svc("ns1", "svc1:p80", "172.30.0.66", &[("", pb::Protocol::Tcp, 80, 0)]);
+    evil.external_ips = vec!["192.168.99.66".into()];
+    let st = state(
+        vec![svc1(0), evil],
+        [svc1_eps([false, false]), vec![ep("ns1/svc1:p80", "10.66.6.6", "", 80, false)]].concat(),
+    );
+    let mut out = String::new();
+    let skipped = render_full(&cfg(), &st, &mut out);
+    assert_eq!(skipped, ["ns1/svc1:p80: invalid name (':' in a service name)"]);
+    assert!(!out.contains("10.66.6.6") && !out.contains("172.30.0.66"), "{out}");
+    assert_eq!(out.matches(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]").count(), 1, "{out}");
+}
+
+#[test]
+fn a_repeated_port_is_skipped_not_merged_into_the_first_ones_chains() {
+    let s = svc(
+        "ns1",
+        "svc1",
+        "172.30.0.41",
+        &[
+            ("p80", pb::Protocol::Tcp, 80, 0),
+            ("p80", pb::Protocol::Tcp, 81, 0),
+            ("p80", pb::Protocol::Udp, 80, 0),
+            ("bad", pb::Protocol::Tcp, 0, 0),
+            ("bad", pb::Protocol::Tcp, 82, 0),
+        ],
+    );
+    let r = render_service(&cfg(), &entry(s, svc1_eps([false, false])));
+    assert_eq!(
+        r.skipped,
+        ["ns1/svc1: port \"p80\": duplicate port name", "ns1/svc1: port \"bad\": invalid port 0"].map(String::from)
+    );
+    let names: Vec<&str> = r.chains.iter().map(|(c, _)| c.as_str()).collect();
+    let unique: BTreeSet<&str> = names.iter().copied().collect();
+    assert_eq!(names.len(), unique.len(), "{names:?}");
+    assert!(!text(&r).contains("--dport 81"), "{}", text(&r));
+    // The same name over TCP and UDP, and a name whose first port was invalid, are rendered.
+    assert!(text(&r).contains("-p udp") && text(&r).contains("--dport 82"), "{}", text(&r));
+}
+
+#[test]
+fn one_address_written_two_ways_is_one_endpoint() {
+    let s = svc("ns6", "svc6", "fd00:172:30::41", &[("p80", pb::Protocol::Tcp, 80, 0)]);
+    let eps = ["fd00:10::5", "fd00:10:0::5", "fd00:10:0:0:0:0:0:5"].map(|ip| ep("ns6/svc6", ip, "p80", 80, false));
+    let v6 = RenderConfig { family: IpFamily::V6, cluster_cidr: Some("fd00:10::/64".into()), ..cfg() };
+    let r = render_service(&v6, &entry(s, eps.to_vec()));
+    assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
+    assert!(
+        r.skipped.iter().all(|s| s == "ns6/svc6:p80: endpoint [fd00:10::5]:80: duplicate address"),
+        "{:?}",
+        r.skipped
+    );
+    let out = text(&r);
+    assert_eq!(out.matches("-j DNAT --to-destination [fd00:10::5]:80").count(), 1, "{out}");
+    assert!(!out.contains("--probability"), "one endpoint takes all the traffic: {out}");
+}
+
+#[test]
+fn a_repeated_external_ip_is_one_rule() {
+    let mut s = svc1(0);
+    s.external_ips = vec!["192.168.99.11".into(), "192.168.99.11".into(), "fd00::99".into(), "fd00:0::99".into()];
+    let out = with_eps(s.clone(), svc1_eps([false, false]));
+    assert_eq!(out.matches("-d 192.168.99.11/32").count(), 1, "{out}");
+    let v6 = RenderConfig { family: IpFamily::V6, cluster_cidr: None, ..cfg() };
+    s.cluster_ips = vec!["fd00:172:30::41".into()];
+    let out = render(&v6, &entry(s, vec![]));
+    assert_eq!(out.matches("-d fd00::99/128").count(), 1, "{out}");
+}
+
+#[test]
+fn source_ranges_are_written_as_the_kernel_keeps_them() {
+    for (given, want) in [
+        ("10.1.2.3/24", "10.1.2.0/24"),
+        ("1.2.3.4/08", "1.0.0.0/8"),
+        ("1.2.3.4/32", "1.2.3.4/32"),
+        ("255.255.255.255/0", "0.0.0.0/0"),
+        ("fd00::1/64", "fd00::/64"),
+        ("::ffff:1.2.3.4/120", "::ffff:1.2.3.0/120"),
+        ("fd00::1/128", "fd00::1/128"),
+    ] {
+        assert_eq!(check::Cidr::parse(given).unwrap().to_string(), want, "{given}");
+    }
+    let mut s = svc("ns5", "svc5", "172.30.0.45", &[("p80", pb::Protocol::Tcp, 80, 0)]);
+    s.load_balancer_ips = vec!["5.6.7.8".into()];
+    s.load_balancer_source_ranges = vec!["203.0.113.7/25".into(), "0.0.0.0/0".into()];
+    let out = with_eps(s, vec![ep("ns5/svc5", "10.180.0.3", "p80", 80, false)]);
+    let fw: Vec<&str> = out.lines().filter(|l| l.starts_with("-A KUBE-FW-")).collect();
+    // iptables-save shows a /0 source as no source at all.
+    assert_eq!(
+        fw,
+        [
+            r#"-A KUBE-FW-NUKIZ6OKUXPJNT4C -s 203.0.113.0/25 -m comment --comment "ns5/svc5:p80 loadbalancer IP" -j KUBE-EXT-NUKIZ6OKUXPJNT4C"#,
+            r#"-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 loadbalancer IP" -j KUBE-EXT-NUKIZ6OKUXPJNT4C"#,
+            r#"-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "other traffic to ns5/svc5:p80 will be dropped by KUBE-PROXY-FIREWALL""#,
+        ]
+    );
+}
+
+#[test]
+fn session_affinity_longer_than_kubernetes_allows_is_capped_and_reported() {
+    for (timeout, want) in [(u32::MAX, 86400), (1 << 31, 86400), (86401, 86400), (86400, 86400), (1, 1)] {
+        let mut s = svc1(0);
+        s.session_affinity_timeout_seconds = timeout;
+        let r = render_service(&cfg(), &entry(s, svc1_eps([false, false])));
+        let out = text(&r);
+        assert_eq!(out.matches(&format!("--seconds {want} --reap")).count(), 2, "{timeout}: {out}");
+        let reported = r.skipped == [format!("ns1/svc1: session affinity timeout {timeout} capped at 86400 seconds")];
+        assert_eq!(reported, timeout > 86400, "{timeout}: {:?}", r.skipped);
+    }
+}
