@@ -236,6 +236,9 @@ pub fn update_desired(
     Some(up)
 }
 
+/// Kubernetes' longest ClientIP affinity (`timeoutSeconds` is at most 86400).
+const MAX_AFFINITY_SECONDS: u32 = 86400;
+
 /// The IPVS protocol of a service port; None when unspecified (or unknown on the wire).
 pub(super) fn protocol(p: i32) -> Option<Protocol> {
     match pb::Protocol::try_from(p).ok()? {
@@ -270,6 +273,15 @@ fn add_service(cfg: &PlanConfig, entry: &ServiceEntry, d: &mut Desired) {
     for r in s.load_balancer_source_ranges.iter().filter(|r| cidr_family(r).is_none()) {
         d.skipped.push(format!("{name}: invalid loadBalancerSourceRange {r:?}"));
     }
+    // Kubernetes' longest ClientIP affinity; the kernel multiplies the timeout by HZ in 32
+    // bits, so a longer one would wrap to a short one. Capped and reported, as in iptables.
+    let affinity = s.session_affinity_timeout_seconds.min(MAX_AFFINITY_SECONDS);
+    if s.session_affinity_timeout_seconds > MAX_AFFINITY_SECONDS {
+        d.skipped.push(format!(
+            "{name}: session affinity timeout {} capped at {MAX_AFFINITY_SECONDS} seconds",
+            s.session_affinity_timeout_seconds
+        ));
+    }
     for family in cfg.families.iter().copied() {
         // Like the iptables backend: a family without a ClusterIP is not served in that family.
         let Some(cluster_ip) = cluster.iter().copied().find(|ip| Family::of(*ip) == family) else { continue };
@@ -285,8 +297,8 @@ fn add_service(cfg: &PlanConfig, entry: &ServiceEntry, d: &mut Desired) {
             });
             let mut vip = |ip: IpAddr, number: u16, kind: VipKind, local: bool, source_ranges: Option<Vec<String>>| {
                 let mut service = Service::new(proto, SocketAddr::new(ip, number), &cfg.scheduler);
-                if s.session_affinity_timeout_seconds > 0 {
-                    service = service.with_persistence(s.session_affinity_timeout_seconds);
+                if affinity > 0 {
+                    service = service.with_persistence(affinity);
                 }
                 let dests = real_servers(entry, &port.name, family, local);
                 let want = DesiredService { service, dests, kind, local, source_ranges };

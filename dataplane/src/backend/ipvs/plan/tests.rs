@@ -166,6 +166,19 @@ fn a_scheduler_or_affinity_change_is_one_update_service() {
 }
 
 #[test]
+fn an_affinity_beyond_kubernetes_maximum_is_capped_and_reported() {
+    let mut sticky = svc("web", "10.96.0.10", pb::Protocol::Tcp, 80, 0);
+    sticky.session_affinity_timeout_seconds = u32::MAX;
+    let d = desired(&cfg(), &state(vec![sticky], vec![ep("web", "10.244.0.11")]));
+    let key = Key::of(&Service::new(Protocol::Tcp, sa("10.96.0.10:80"), "rr"));
+    assert_eq!(
+        d.services[&key].service,
+        Service::new(Protocol::Tcp, sa("10.96.0.10:80"), "rr").with_persistence(86400)
+    );
+    assert!(d.skipped.iter().any(|s| s.contains("capped at 86400")), "{:?}", d.skipped);
+}
+
+#[test]
 fn adopting_an_identical_table_is_zero_ops() {
     let st = state(
         vec![
