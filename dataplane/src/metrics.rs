@@ -300,6 +300,22 @@ mod tests {
     }
 
     #[test]
+    fn no_local_and_queued_gauges() {
+        let m = Metrics::new();
+        m.no_local(NoLocal { internal: 2, external: 1 });
+        m.queued(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250));
+        let text = m.render();
+        for want in [
+            "# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 2",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 1",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds 1700000000.25",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
     fn change_counters_and_pending() {
         let m = Metrics::new();
         let line = |name: &str| {
