@@ -151,7 +151,8 @@ fn parse_save(text: &str) -> Result<Tables, String> {
 }
 
 /// Splits a rule into arguments as iptables-restore does (blanks separate, double quotes
-/// group); None for an unbalanced quote.
+/// group); None for an unbalanced quote. Written apart from the backend's own tokenizer
+/// (`apply/unchanged.rs`) on purpose: a check must not share the code it checks.
 pub(crate) fn tokens(rule: &str) -> Option<Vec<String>> {
     let (mut out, mut cur, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
     for c in rule.chars() {
