@@ -575,7 +575,7 @@ fn bench_kernel(a: &Args, model: &mut Model, snapshot: &ChangeSet, full_input: &
     let after = t.elapsed();
     let s = k.backend.stats();
     println!(
-        "   context: full resync of the loaded ruleset (iptables-save x2, render, compare, restore of the top-level chains and of what differs): {} ({} rule lines, {} restores, {} per-service chains unchanged) = {:.2}x the full rewrite",
+        "   context: full resync of the loaded ruleset (iptables-save -t nat, the built-in filter chains listed, render, compare, restore of the top-level chains and of what differs): {} ({} rule lines, {} restores, {} per-service chains unchanged) = {:.2}x the full rewrite",
         ms(after),
         s.last_rules_written,
         s.last_restores,

@@ -203,6 +203,33 @@ fn sync_flush_and_adopt(variant: &str) {
     assert!(!lines_of(&nat, "KUBE-SERVICES").is_empty(), "{nat}");
     assert!(b.check_canary());
 
+    // 3b. Someone deletes a jump from a built-in filter chain and flushes the filter canary:
+    // the full sync finds the jump missing (it lists the built-in chains) and puts it back once.
+    ns.run(&[
+        &ipt,
+        "-t",
+        "filter",
+        "-D",
+        "FORWARD",
+        "-m",
+        "comment",
+        "--comment",
+        "kubernetes forwarding rules",
+        "-j",
+        "KUBE-FORWARD",
+    ]);
+    ns.run(&[&ipt, "-t", "filter", "-F", "KUBE-PROXY-CANARY"]);
+    assert_eq!(lines_of(&save("filter"), "FORWARD").len(), 3);
+    assert!(!b.check_canary());
+    b.apply(&state(&services, &eps), &changes(false, &[])).unwrap();
+    assert!(b.stats().last_sync_full);
+    let filter = save("filter");
+    assert_eq!(lines_of(&filter, "FORWARD").len(), 4, "{filter}");
+    assert!(
+        filter.contains("-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD"),
+        "{filter}"
+    );
+
     // 4. A restarted agent adopts: meanwhile the UDP service went away, and a chain of some
     // earlier agent is lying around. Its first sync deletes both without a moment in which
     // the web service's rule is missing.

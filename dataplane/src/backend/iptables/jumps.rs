@@ -1,9 +1,9 @@
 //! The rules kpx keeps in the built-in chains (the jumps into its own chains, as kube-proxy
 //! installs them) and the canary chain that tells when someone flushed the tables.
 //!
-//! Jumps are ensured on every full sync: the sync reads the tables anyway (to adopt and delete
-//! stale chains), so a missing jump is added as an `-I` line to the same restore, with no
-//! extra process and in the same transaction as the chains it points to.
+//! Jumps are ensured on every full sync: the sync reads the nat table anyway (to adopt and
+//! delete stale chains) and lists the built-in filter chains, so a missing jump is added as an
+//! `-I` line to the same restore, in the same transaction as the chains it points to.
 
 use super::chains;
 use super::saved::SavedTable;
