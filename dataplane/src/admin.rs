@@ -15,7 +15,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::admin_server::{Admin, AdminServer};
-use kpx_proto::version::{self, ContentHash};
 use tonic::{Request, Response, Status};
 
 use crate::backend::iptables::chains::PortChains;
@@ -196,16 +195,15 @@ pub struct AdminStatusSnapshot(StatusInner);
 
 /// The applied services as a NodeState, with the content version they hash to (pure).
 pub fn applied_state(node: &str, services: &Services) -> pb::NodeState {
-    let mut hash = ContentHash::EMPTY;
+    let version = crate::state::content_hash(services).to_version();
     let services = services
         .values()
-        .map(|e| {
-            hash.add(version::service_hash(&e.service));
-            e.endpoints.values().for_each(|ep| hash.add(version::endpoint_hash(ep)));
-            pb::ServiceState { service: Some(e.service.clone()), endpoints: e.endpoints.values().cloned().collect() }
+        .map(|e| pb::ServiceState {
+            service: Some(e.service.clone()),
+            endpoints: e.endpoints.values().cloned().collect(),
         })
         .collect();
-    pb::NodeState { node_name: node.to_string(), version: hash.to_version(), services }
+    pb::NodeState { node_name: node.to_string(), version, services }
 }
 
 fn ipvs_family_name(f: kpx_ipvs_netlink::Family) -> &'static str {

@@ -58,6 +58,16 @@ pub struct AppliedState {
     version: Option<ContentHash>,
 }
 
+/// The content version of these services and their endpoints (O(entries)).
+pub fn content_hash(services: &Services) -> ContentHash {
+    let mut hash = ContentHash::EMPTY;
+    for e in services.values() {
+        hash.add(version::service_hash(&e.service));
+        e.endpoints.values().for_each(|ep| hash.add(version::endpoint_hash(ep)));
+    }
+    hash
+}
+
 fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
@@ -67,12 +77,16 @@ impl AppliedState {
     /// (keyed "namespace/name"), at the version they hash to: for the backends' periodic full
     /// resync and the admin API, which keep the services but not the state.
     pub fn from_services(services: &Services) -> AppliedState {
-        let mut hash = ContentHash::EMPTY;
-        for e in services.values() {
-            hash.add(version::service_hash(&e.service));
-            e.endpoints.values().for_each(|ep| hash.add(version::endpoint_hash(ep)));
-        }
+        let hash = content_hash(services);
         AppliedState { services: services.clone(), hash, version: Some(hash) }
+    }
+
+    /// The state a snapshot of these entries leaves (tests, benchmarks, tools); an error for
+    /// an endpoint of a service not among them.
+    pub fn with(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> Result<AppliedState, ApplyError> {
+        let mut st = AppliedState::default();
+        st.apply(&pb::Update::snapshot(services, endpoints))?;
+        Ok(st)
     }
 
     /// The version this state was last confirmed to be, if any.

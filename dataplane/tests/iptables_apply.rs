@@ -12,7 +12,6 @@ use kpx_dataplane::backend::iptables::{IptablesBackend, IptablesConfig};
 use kpx_dataplane::state::{AppliedState, ChangeSet};
 use kpx_dataplane::stream::Apply;
 use kpx_proto::v1 as pb;
-use kpx_proto::version::{self, ContentHash};
 
 /// A network namespace deleted on drop.
 struct NetNs(String);
@@ -94,19 +93,7 @@ fn ep(service: &str, ip: &str, port: u32) -> pb::Endpoint {
 }
 
 fn state(services: &[pb::Service], endpoints: &[pb::Endpoint]) -> AppliedState {
-    let mut h = ContentHash::EMPTY;
-    services.iter().for_each(|s| h.add(version::service_hash(s)));
-    endpoints.iter().for_each(|e| h.add(version::endpoint_hash(e)));
-    let u = pb::Update {
-        full: true,
-        version: h.to_version(),
-        services_upserted: services.to_vec(),
-        endpoints_upserted: endpoints.to_vec(),
-        ..Default::default()
-    };
-    let mut st = AppliedState::default();
-    st.apply(&u).expect("test state applies");
-    st
+    AppliedState::with(services.to_vec(), endpoints.to_vec()).expect("test state applies")
 }
 
 fn changes(full: bool, keys: &[&str]) -> ChangeSet {

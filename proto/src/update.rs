@@ -1,9 +1,26 @@
 //! Helpers on [`Update`] that both receivers need (the dataplane's session and `kpxctl watch`):
 //! joining an update's chunks and reading its upserted endpoints whichever way they were sent.
 
-use crate::v1::{Endpoint, Update};
+use crate::v1::{Endpoint, Service, Update};
+use crate::version::{self, ContentHash};
 
 impl Update {
+    /// A snapshot of exactly these entries, at the version they hash to (for tests, benchmarks
+    /// and tools that build a node's state by hand; the controlplane keeps its hashes
+    /// incrementally instead).
+    pub fn snapshot(services: Vec<Service>, endpoints: Vec<Endpoint>) -> Update {
+        let mut hash = ContentHash::EMPTY;
+        services.iter().for_each(|s| hash.add(version::service_hash(s)));
+        endpoints.iter().for_each(|e| hash.add(version::endpoint_hash(e)));
+        Update {
+            version: hash.to_version(),
+            full: true,
+            services_upserted: services,
+            endpoints_upserted: endpoints,
+            ..Default::default()
+        }
+    }
+
     /// Every upserted endpoint with the service it belongs to, in the order a node applies
     /// them: the listed ones, then the grouped ones (whose own `service` is empty on the wire;
     /// a grouped endpoint naming another service is returned with that name, for the receiver
@@ -57,6 +74,16 @@ mod tests {
         let got: Vec<(&str, &str)> = u.upserted_endpoints().map(|(s, e)| (s, e.ip.as_str())).collect();
         assert_eq!(got, [("a/x", "10.0.0.1"), ("a/y", "10.0.0.2"), ("a/y", "10.0.0.3"), ("a/z", "10.0.0.4")]);
         assert_eq!(u.upserted_endpoint_count(), 4);
+    }
+
+    #[test]
+    fn a_snapshot_carries_the_version_of_its_entries() {
+        let e = ep("a/x", "10.0.0.1");
+        let u = Update::snapshot(Vec::new(), vec![e.clone()]);
+        let mut want = crate::version::ContentHash::EMPTY;
+        want.add(crate::version::endpoint_hash(&e));
+        assert_eq!((u.full, u.version), (true, want.to_version()));
+        assert_ne!(Update::snapshot(Vec::new(), Vec::new()).version, want.to_version());
     }
 
     #[test]

@@ -14,20 +14,11 @@ fn ep(service: &str, ip: &str) -> pb::Endpoint {
 }
 
 fn version_of(services: &[pb::Service], endpoints: &[pb::Endpoint]) -> String {
-    let mut h = ContentHash::EMPTY;
-    services.iter().for_each(|s| h.add(version::service_hash(s)));
-    endpoints.iter().for_each(|e| h.add(version::endpoint_hash(e)));
-    h.to_version()
+    pb::Update::snapshot(services.to_vec(), endpoints.to_vec()).version
 }
 
 fn snapshot(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> pb::Update {
-    pb::Update {
-        version: version_of(&services, &endpoints),
-        full: true,
-        services_upserted: services,
-        endpoints_upserted: endpoints,
-        ..Default::default()
-    }
+    pb::Update::snapshot(services, endpoints)
 }
 
 #[test]

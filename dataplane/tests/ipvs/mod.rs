@@ -19,7 +19,6 @@ use kpx_dataplane::backend::ipvs::{IpvsBackend, IpvsConfig};
 use kpx_dataplane::state::{AppliedState, ChangeSet};
 use kpx_ipvs_netlink::Family;
 use kpx_proto::v1 as pb;
-use kpx_proto::version::{self, ContentHash};
 
 use super::uml;
 
@@ -180,19 +179,7 @@ pub fn ep(name: &str, i: usize, v6: bool) -> pb::Endpoint {
 }
 
 pub fn state(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> AppliedState {
-    let mut h = ContentHash::EMPTY;
-    services.iter().for_each(|s| h.add(version::service_hash(s)));
-    endpoints.iter().for_each(|e| h.add(version::endpoint_hash(e)));
-    let u = pb::Update {
-        version: h.to_version(),
-        full: true,
-        services_upserted: services,
-        endpoints_upserted: endpoints,
-        ..Default::default()
-    };
-    let mut st = AppliedState::default();
-    st.apply(&u).unwrap();
-    st
+    AppliedState::with(services, endpoints).expect("test state applies")
 }
 
 /// A snapshot's change set: the backend compares the whole table.

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use kpx_proto::v1 as pb;
-use kpx_proto::version::{self, ContentHash};
 
 use super::*;
 use crate::backend::iptables::chains;
@@ -174,19 +173,7 @@ fn udp_conntrack_cleanups() {
 }
 
 fn state(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> AppliedState {
-    let mut h = ContentHash::EMPTY;
-    services.iter().for_each(|s| h.add(version::service_hash(s)));
-    endpoints.iter().for_each(|e| h.add(version::endpoint_hash(e)));
-    let u = pb::Update {
-        full: true,
-        version: h.to_version(),
-        services_upserted: services,
-        endpoints_upserted: endpoints,
-        ..Default::default()
-    };
-    let mut st = AppliedState::default();
-    st.apply(&u).expect("test state applies");
-    st
+    AppliedState::with(services, endpoints).expect("test state applies")
 }
 
 #[test]

@@ -2,7 +2,6 @@
 //! node 192.168.0.10, NodePorts 30000+.
 
 use super::*;
-use kpx_proto::version::{self, ContentHash};
 
 const NODE: &str = "192.168.0.10";
 
@@ -35,19 +34,7 @@ fn ep(service: &str, ip: &str) -> pb::Endpoint {
 }
 
 fn state(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> AppliedState {
-    let mut h = ContentHash::EMPTY;
-    services.iter().for_each(|s| h.add(version::service_hash(s)));
-    endpoints.iter().for_each(|e| h.add(version::endpoint_hash(e)));
-    let u = pb::Update {
-        version: h.to_version(),
-        full: true,
-        services_upserted: services,
-        endpoints_upserted: endpoints,
-        ..Default::default()
-    };
-    let mut st = AppliedState::default();
-    st.apply(&u).unwrap();
-    st
+    AppliedState::with(services, endpoints).expect("test state applies")
 }
 
 /// The kernel after every op of a plan succeeded.
