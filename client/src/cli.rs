@@ -19,6 +19,14 @@ pub struct Cli {
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
 
+    #[command(flatten)]
+    pub tls: kpx_auth::flags::ClientFlags,
+
+    /// Use this kubeconfig's current user (client certificate or token) to authenticate; the
+    /// flags above take precedence. Its cluster CA is the apiserver's: kpx's is --cacert.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -52,6 +60,9 @@ pub enum Command {
         #[arg(long, env = "KPX_DATAPLANE", value_name = "ADDR")]
         dataplane: String,
     },
+    /// Make a CA and certificates for a development or demo cluster (production: cert-manager
+    /// or the cluster CA; see deploy/).
+    Certs(crate::certs::CertsArgs),
     /// Explain where a packet to DST:PORT/PROTO goes on a node, and why.
     Explain {
         /// The node's name, as in its Node object.

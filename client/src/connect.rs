@@ -1,11 +1,11 @@
 //! The gRPC channel to the controlplane, and errors that say what to do about a failure.
 
+use kpx_auth::client::{AuthChannel, ClientCredentials, ConnectError};
 use kpx_proto::v1::inspect_client::InspectClient;
 use std::error::Error as _;
 use std::io;
 use std::time::Duration;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
 
 /// How long to wait for the controlplane to accept the connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,6 +26,18 @@ pub enum ClientError {
     WrongNode { addr: String, expected: String, actual: String },
     #[error("{what} not found")]
     NotFound { what: String },
+    #[error("{0}")]
+    Credentials(#[from] kpx_auth::client::CredentialError),
+    #[error("certificates: {reason}")]
+    Certs { reason: String },
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig { path: String, reason: String },
+    #[error(
+        "{addr} refused the credentials: {message} (kpxctl sends --cert/--key, --token-file or --kubeconfig's user)"
+    )]
+    Unauthenticated { addr: String, message: String },
+    #[error("{addr} denied {rpc}: {message}")]
+    Denied { addr: String, rpc: &'static str, message: String },
     /// Also what a plain HTTP server answers (404 maps to Unimplemented), hence the hint.
     #[error(
         "the server at {addr} does not serve kpx.v1.Inspect/{rpc} (is it kpx-controlplane, of this version?): {message}"
@@ -43,32 +55,40 @@ pub enum ClientError {
 pub fn normalize_address(addr: &str) -> Result<String, ClientError> {
     let invalid = |reason: &str| ClientError::InvalidAddress { addr: addr.to_string(), reason: reason.to_string() };
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    if url.starts_with("https://") {
-        return Err(invalid("TLS is not supported, use http://"));
-    }
-    if !url.starts_with("http://") {
-        return Err(invalid("expected http://HOST:PORT"));
-    }
-    if url.len() == "http://".len() {
+    let Some(host) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
+        return Err(invalid("expected http://HOST:PORT or https://HOST:PORT"));
+    };
+    if host.is_empty() {
         return Err(invalid("no host"));
     }
     Ok(url)
 }
 
-/// Connects eagerly, so that an unreachable controlplane is reported as such and not as the
-/// failure of whichever RPC came first.
-pub async fn connect(url: &str, timeout: Duration) -> Result<InspectClient<Channel>, ClientError> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| ClientError::InvalidAddress { addr: url.to_string(), reason: e.to_string() })?
-        .connect_timeout(timeout)
-        .timeout(REQUEST_TIMEOUT);
-    let unreachable = |reason: String| ClientError::Unreachable { addr: url.to_string(), reason };
+/// Opens a channel eagerly, so that an unreachable server is reported as such and not as the
+/// failure of whichever RPC came first. `unreachable` words the error for the server asked.
+pub async fn open(
+    url: &str,
+    creds: &ClientCredentials,
+    timeout: Duration,
+    unreachable: impl Fn(String) -> ClientError,
+) -> Result<AuthChannel, ClientError> {
+    let tune = |ep: tonic::transport::Endpoint| ep.connect_timeout(timeout).timeout(REQUEST_TIMEOUT);
     // The outer timeout also covers name resolution, which connect_timeout does not.
-    match tokio::time::timeout(timeout, endpoint.connect()).await {
+    match tokio::time::timeout(timeout, kpx_auth::client::connect(url, creds, tune)).await {
         Err(_) => Err(unreachable(format!("no answer within {}s", timeout.as_secs()))),
-        Ok(Err(e)) => Err(unreachable(root_cause(&e))),
-        Ok(Ok(channel)) => Ok(InspectClient::new(channel)),
+        Ok(Err(ConnectError::Credentials(e))) => Err(e.into()),
+        Ok(Err(ConnectError::Transport(e))) => Err(unreachable(root_cause(&e))),
+        Ok(Ok(channel)) => Ok(channel),
     }
+}
+
+pub async fn connect(
+    url: &str,
+    creds: &ClientCredentials,
+    timeout: Duration,
+) -> Result<InspectClient<AuthChannel>, ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable { addr: url.to_string(), reason };
+    open(url, creds, timeout, unreachable).await.map(InspectClient::new)
 }
 
 /// tonic's transport errors display as "transport error"; the useful part is at the bottom of
@@ -108,6 +128,12 @@ pub fn status_error(addr: &str, rpc: &'static str, subject: Option<String>, stat
         (Code::Unavailable, _) => {
             ClientError::Unreachable { addr: addr.to_string(), reason: status.message().to_string() }
         }
+        (Code::Unauthenticated, _) => {
+            ClientError::Unauthenticated { addr: addr.to_string(), message: status.message().to_string() }
+        }
+        (Code::PermissionDenied, _) => {
+            ClientError::Denied { addr: addr.to_string(), rpc, message: status.message().to_string() }
+        }
         (code, _) => ClientError::Rpc { rpc, code, message: status.message().to_string() },
     }
 }
@@ -120,7 +146,8 @@ mod tests {
     fn addresses() {
         assert_eq!(normalize_address("http://127.0.0.1:10900").unwrap(), "http://127.0.0.1:10900");
         assert_eq!(normalize_address("cp.kpx:10900").unwrap(), "http://cp.kpx:10900");
-        for bad in ["https://cp:1", "ftp://cp", "http://"] {
+        assert_eq!(normalize_address("https://cp:1").unwrap(), "https://cp:1");
+        for bad in ["ftp://cp", "http://", "https://"] {
             let err = normalize_address(bad).unwrap_err();
             assert!(matches!(err, ClientError::InvalidAddress { .. }), "{bad}: {err}");
         }
@@ -152,7 +179,7 @@ mod tests {
         // Bind then drop, so nothing listens on the port.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let url = format!("http://127.0.0.1:{port}");
-        let err = connect(&url, CONNECT_TIMEOUT).await.unwrap_err();
+        let err = connect(&url, &ClientCredentials::default(), CONNECT_TIMEOUT).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("cannot reach the controlplane at {url}: connection refused (is kpx-controlplane running?)")

@@ -4,6 +4,7 @@
 
 use crate::connect::{self, ClientError};
 use crate::table::Table;
+use kpx_auth::client::{AuthChannel, ClientCredentials};
 use kpx_proto::v1::admin_client::AdminClient;
 use kpx_proto::v1::{
     DataplaneStatus, Endpoint, GetAppliedStateRequest, GetKernelRulesRequest, GetNodeStateRequest, GetStatusRequest,
@@ -11,8 +12,6 @@ use kpx_proto::v1::{
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::time::Duration;
-use tonic::transport::Endpoint as TonicEndpoint;
 
 /// One difference between desired and applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -195,24 +194,21 @@ pub fn render(diff: &Diff) -> String {
 }
 
 /// Connects to a dataplane's admin API.
-async fn connect_dataplane(url: &str) -> Result<AdminClient<tonic::transport::Channel>, ClientError> {
-    let endpoint = TonicEndpoint::from_shared(url.to_string())
-        .map_err(|e| ClientError::InvalidAddress { addr: url.to_string(), reason: e.to_string() })?
-        .connect_timeout(connect::CONNECT_TIMEOUT)
-        .timeout(Duration::from_secs(30));
+async fn connect_dataplane(url: &str, creds: &ClientCredentials) -> Result<AdminClient<AuthChannel>, ClientError> {
     let unreachable = |reason: String| ClientError::DataplaneUnreachable { addr: url.to_string(), reason };
-    match tokio::time::timeout(connect::CONNECT_TIMEOUT, endpoint.connect()).await {
-        Err(_) => Err(unreachable(format!("no answer within {}s", connect::CONNECT_TIMEOUT.as_secs()))),
-        Ok(Err(e)) => Err(unreachable(connect::root_cause(&e))),
-        Ok(Ok(channel)) => Ok(AdminClient::new(channel)),
-    }
+    connect::open(url, creds, connect::CONNECT_TIMEOUT, unreachable).await.map(AdminClient::new)
 }
 
-/// Fetches both sides and compares them.
-pub async fn fetch(controlplane: &str, dataplane: &str, node: &str) -> Result<Diff, ClientError> {
+/// Fetches both sides and compares them; the same credentials serve both planes.
+pub async fn fetch(
+    controlplane: &str,
+    dataplane: &str,
+    node: &str,
+    creds: &ClientCredentials,
+) -> Result<Diff, ClientError> {
     let dp = connect::normalize_address(dataplane)?;
-    let mut cp_client = connect::connect(controlplane, connect::CONNECT_TIMEOUT).await?;
-    let mut dp_client = connect_dataplane(&dp).await?;
+    let mut cp_client = connect::connect(controlplane, creds, connect::CONNECT_TIMEOUT).await?;
+    let mut dp_client = connect_dataplane(&dp, creds).await?;
     let desired = cp_client
         .get_node_state(GetNodeStateRequest { node_name: node.to_string() })
         .await
@@ -220,7 +216,14 @@ pub async fn fetch(controlplane: &str, dataplane: &str, node: &str) -> Result<Di
         .into_inner();
     let dp_error = |rpc: &'static str| {
         let dp = dp.clone();
-        move |s: tonic::Status| ClientError::Rpc { rpc, code: s.code(), message: format!("{} (at {dp})", s.message()) }
+        move |s: tonic::Status| {
+            let message = s.message().to_string();
+            match s.code() {
+                tonic::Code::Unauthenticated => ClientError::Unauthenticated { addr: dp, message },
+                tonic::Code::PermissionDenied => ClientError::Denied { addr: dp, rpc, message },
+                code => ClientError::Rpc { rpc, code, message: format!("{message} (at {dp})") },
+            }
+        }
     };
     let status = dp_client.get_status(GetStatusRequest {}).await.map_err(dp_error("Admin/GetStatus"))?.into_inner();
     if status.node_name != node {

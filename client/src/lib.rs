@@ -5,8 +5,10 @@
 //! Data flow: `cli` (flags) -> `connect` (gRPC channel, errors people can act on) -> one RPC
 //! -> `output` (format choice) -> `render` (pure: response -> text, built on `table`).
 
+pub mod certs;
 pub mod cli;
 pub mod connect;
+pub mod credentials;
 pub mod diff;
 pub mod explain;
 pub mod output;
@@ -24,18 +26,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Runs the command `cli` describes and returns what to print (`watch` prints as it goes and
 /// returns nothing).
 pub async fn run(cli: Cli) -> Result<String, ClientError> {
+    if let Command::Certs(args) = &cli.command {
+        return certs::run(args);
+    }
     let target = connect::normalize_address(&cli.controlplane)?;
+    let creds = credentials::resolve(&cli.tls, cli.kubeconfig.as_deref())?;
     if let Command::Watch { node } = &cli.command {
-        return watch_node(&target, node, cli.output).await.map(|()| String::new());
+        return watch_node(&target, &creds, node, cli.output).await.map(|()| String::new());
     }
     if let Command::Diff { node, dataplane } = &cli.command {
-        let diff = diff::fetch(&target, dataplane, node).await?;
+        let diff = diff::fetch(&target, dataplane, node, &creds).await?;
         return match cli.output {
             Format::Table => Ok(diff::render(&diff)),
             format => output::encode(&diff, format),
         };
     }
-    let mut client = connect::connect(&target, connect::CONNECT_TIMEOUT).await?;
+    let mut client = connect::connect(&target, &creds, connect::CONNECT_TIMEOUT).await?;
     match cli.command {
         Command::Nodes => {
             let resp = client
@@ -73,7 +79,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             let query = explain::Query { dst: destination, src: from, node_ips, cluster_cidrs, masquerade_all };
             output::explain(&explain::explain(&state, &query), cli.output)
         }
-        Command::Watch { .. } | Command::Diff { .. } => unreachable!("handled above"),
+        Command::Watch { .. } | Command::Diff { .. } | Command::Certs(_) => unreachable!("handled above"),
     }
 }
 
@@ -81,11 +87,16 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
 const PROGRESS_AFTER: Duration = Duration::from_millis(300);
 
 /// Streams WatchNodeState to stdout until the stream ends or Ctrl-C.
-async fn watch_node(target: &str, node: &str, format: Format) -> Result<(), ClientError> {
+async fn watch_node(
+    target: &str,
+    creds: &kpx_auth::client::ClientCredentials,
+    node: &str,
+    format: Format,
+) -> Result<(), ClientError> {
     let progress = Progress::new(format!("waiting for the controlplane at {target}..."));
     let rpc_error = |s| connect::status_error(target, "WatchNodeState", Some(format!("node {node:?}")), s);
     let opened = async {
-        let mut client = connect::connect(target, connect::CONNECT_TIMEOUT).await?;
+        let mut client = connect::connect(target, creds, connect::CONNECT_TIMEOUT).await?;
         let req = GetNodeStateRequest { node_name: node.to_string() };
         client.watch_node_state(req).await.map_err(rpc_error).map(tonic::Response::into_inner)
     };

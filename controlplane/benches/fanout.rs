@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
+use kpx_auth::client::AuthChannel;
 
 /// Targets the design is held to (printed, never asserted).
 const TARGET_P99: Duration = Duration::from_millis(250);
@@ -295,7 +295,7 @@ async fn await_applied(
 
 /// Polls ListNodes until every node acknowledged its desired version.
 async fn await_acked(
-    inspect: &mut pb::inspect_client::InspectClient<Channel>,
+    inspect: &mut pb::inspect_client::InspectClient<AuthChannel>,
     n: usize,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -567,7 +567,7 @@ async fn run(a: Args) -> Result<(), String> {
 /// (their buffers are bounded by the chunk size and the concurrent-snapshot limit).
 async fn controlplane_memory(
     a: &Args,
-    inspect: &mut pb::inspect_client::InspectClient<tonic::transport::Channel>,
+    inspect: &mut pb::inspect_client::InspectClient<AuthChannel>,
     send: impl Fn(ClusterEvent) -> Result<(), String>,
     rss_start: u64,
     rss_model: u64,

@@ -17,6 +17,10 @@ pub mod trace_context;
 pub mod wire;
 
 use cache::{Cache, CacheConfig};
+use kpx_auth::ServerSecurity;
+use kpx_auth::apiserver::ApiServer;
+use kpx_auth::flags::ServerFlags;
+use kpx_auth::server::SecurityError;
 use model::Skips;
 use server::{InspectService, SyncConfig, SyncService};
 use source::{ClusterSource, SourceError};
@@ -46,6 +50,20 @@ pub struct Config {
     pub source: SourceConfig,
     pub cache: CacheConfig,
     pub sync: SyncConfig,
+    /// TLS and caller authentication of the gRPC server.
+    pub security: ServerFlags,
+    /// With the manifest source: the apiserver to send TokenReviews and SubjectAccessReviews to
+    /// when `--token-audience` is set (the apiserver source uses its own client).
+    pub auth_kubeconfig: Option<PathBuf>,
+}
+
+/// How the gRPC server authenticates its callers.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Plaintext, nobody authenticated: loopback test servers.
+    Open,
+    /// From the flags; `api` is the apiserver for the token path.
+    Flags { flags: ServerFlags, api: Option<Arc<dyn ApiServer>> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +76,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -67,20 +87,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| RunError::Listen { addr: config.listen, source })?;
     let skips = Arc::new(Skips::default());
-    let source: Box<dyn ClusterSource> = match &config.source {
+    let wants_api = config.security.token_audience.is_some();
+    let (source, api): (Box<dyn ClusterSource>, Option<kube::Client>) = match &config.source {
         SourceConfig::Manifests { dir, poll_interval } => {
-            Box::new(source::files::FileSource::new(dir.clone(), skips.clone()).with_poll_interval(*poll_interval))
+            let files = source::files::FileSource::new(dir.clone(), skips.clone()).with_poll_interval(*poll_interval);
+            let api = match wants_api {
+                true => Some(k8s::watch::client_from(config.auth_kubeconfig.clone()).await?),
+                false => None,
+            };
+            (Box::new(files), api)
         }
         SourceConfig::Kube { kubeconfig } => {
             let client = k8s::watch::client_from(kubeconfig.clone()).await?;
-            Box::new(k8s::watch::KubeSource::new(client, skips.clone()))
+            (Box::new(k8s::watch::KubeSource::new(client.clone(), skips.clone())), Some(client))
         }
     };
     let metrics = match config.metrics_listen {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| RunError::Listen { addr, source })?),
         None => None,
     };
-    serve_with_metrics(listener, metrics, source, skips, config.cache, config.sync, shutdown).await
+    let api = api.map(|c| Arc::new(kpx_auth::apiserver::KubeApi::new(c)) as Arc<dyn ApiServer>);
+    let security = Security::Flags { flags: config.security, api };
+    serve_with_metrics(listener, metrics, security, source, skips, config.cache, config.sync, shutdown).await
 }
 
 /// Serves on an already bound listener (tests bind port 0) from any source of cluster state.
@@ -92,22 +120,32 @@ pub async fn serve(
     sync_config: SyncConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    serve_with_metrics(listener, None, source, skips, cache_config, sync_config, shutdown).await
+    serve_with_metrics(listener, None, Security::Open, source, skips, cache_config, sync_config, shutdown).await
 }
 
-/// [`serve`], also serving `/metrics`, `/healthz`, `/livez` and `/readyz` on `metrics` (see
-/// [`metrics::reply`]).
+/// [`serve`] with `security`, also serving `/metrics`, `/healthz`, `/livez` and `/readyz` on
+/// `metrics` (see [`metrics::reply`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_with_metrics(
     listener: TcpListener,
     metrics: Option<TcpListener>,
+    security: Security,
     source: Box<dyn ClusterSource>,
     skips: Arc<Skips>,
     cache_config: CacheConfig,
     sync_config: SyncConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let addr = listener.local_addr().ok();
+    let addr = listener.local_addr().map_err(|source| RunError::Listen { addr: ([0, 0, 0, 0], 0).into(), source })?;
     let cache = Cache::new(skips, cache_config);
+    let auth_metrics = cache.metrics().auth().clone();
+    let security = match security {
+        Security::Open => ServerSecurity::open(auth_metrics),
+        Security::Flags { flags, api } => {
+            // Node tokens without the node-name extra are resolved through their pod here.
+            ServerSecurity::from_flags(&flags, addr, Ok(api), true, auth_metrics, "kpx-controlplane")?
+        }
+    };
     let metrics_task = metrics.map(|l| {
         tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics, /healthz, /livez, /readyz");
         let cache = cache.clone();
@@ -146,9 +184,8 @@ pub async fn serve_with_metrics(
 
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
     let max = sync_config.max_chunk_bytes.max(kpx_proto::MAX_CHUNK_BYTES) * 2;
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    let router = kpx_auth::server_builder()
+        .layer(security.layer())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -156,11 +193,14 @@ pub async fn serve_with_metrics(
             kpx_proto::v1::sync_server::SyncServer::new(SyncService::new(cache.clone(), sync_config, streams_stop))
                 .max_decoding_message_size(max),
         )
-        .add_service(kpx_proto::v1::inspect_server::InspectServer::new(InspectService::new(cache.clone())));
-    tracing::info!(addr = ?addr, "serving kpx.v1.Sync and kpx.v1.Inspect");
-    // serve_with_incoming ignores the builder's tcp_nodelay: without it, Nagle plus the peer's
-    // delayed ACK hold back every small response by ~40 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        .add_service(
+            kpx_proto::v1::inspect_server::InspectServer::new(InspectService::new(cache.clone()))
+                .max_decoding_message_size(kpx_auth::server::MAX_REQUEST_BYTES),
+        );
+    tracing::info!(%addr, tls = security.is_tls(), "serving kpx.v1.Sync and kpx.v1.Inspect");
+    // The accept loop sets TCP_NODELAY (without it, Nagle plus the peer's delayed ACK hold back
+    // every small response by ~40 ms), does TLS and caps connections that never authenticate.
+    let incoming = security.incoming(listener);
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         let _ = stop_streams.send(true);

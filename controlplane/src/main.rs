@@ -20,13 +20,13 @@ struct Flags {
     #[arg(long, env = "KPX_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10251")]
     metrics_bind_address: String,
     /// Read cluster state from a directory of Kubernetes manifests instead of the apiserver.
-    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
     /// How often the manifest directory is checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = kpx_telemetry::flags::parse_duration)]
     manifests_poll_interval: Duration,
     /// kubeconfig for the apiserver; in-cluster config (or $KUBECONFIG / ~/.kube/config) when
-    /// omitted.
+    /// omitted. With --manifests it is used only for --token-audience's reviews.
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
     /// Changes kept for catching nodes up with deltas instead of snapshots.
@@ -42,6 +42,8 @@ struct Flags {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    #[command(flatten)]
+    security: kpx_auth::flags::ServerFlags,
 }
 
 #[tokio::main]
@@ -49,9 +51,9 @@ async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     // Flushes exported spans when main returns.
     let _telemetry = kpx_telemetry::init("kpx-controlplane", flags.log_format == "json")?;
-    let source = match flags.manifests {
-        Some(dir) => SourceConfig::Manifests { dir, poll_interval: flags.manifests_poll_interval },
-        None => SourceConfig::Kube { kubeconfig: flags.kubeconfig },
+    let (source, auth_kubeconfig) = match flags.manifests {
+        Some(dir) => (SourceConfig::Manifests { dir, poll_interval: flags.manifests_poll_interval }, flags.kubeconfig),
+        None => (SourceConfig::Kube { kubeconfig: flags.kubeconfig }, None),
     };
     let metrics_listen = match flags.metrics_bind_address.as_str() {
         "" => None,
@@ -67,6 +69,8 @@ async fn main() -> anyhow::Result<()> {
             max_concurrent_snapshots: flags.max_concurrent_snapshots,
             ..SyncConfig::default()
         },
+        security: flags.security,
+        auth_kubeconfig,
     };
     kpx_controlplane::run(config, kpx_telemetry::signal::shutdown()).await?;
     Ok(())

@@ -86,6 +86,7 @@ pub struct Metrics {
     acks: Family<ResultLabel, Counter>,
     change_to_ack: Histogram,
     view: Arc<Mutex<ScrapeView>>,
+    auth: kpx_auth::AuthMetrics,
 }
 
 impl Default for Metrics {
@@ -119,7 +120,14 @@ impl Metrics {
             change_to_ack.clone(),
         );
         registry.register_collector(Box::new(ScrapeCollector(view.clone())));
-        Metrics { registry, source_events, acks, change_to_ack, view }
+        let auth = kpx_auth::AuthMetrics::default();
+        auth.register(&mut registry);
+        Metrics { registry, source_events, acks, change_to_ack, view, auth }
+    }
+
+    /// The gRPC server's authentication, authorization and connection metrics.
+    pub fn auth(&self) -> &kpx_auth::AuthMetrics {
+        &self.auth
     }
 
     /// One event from the source (the initial listing included).

@@ -37,6 +37,7 @@ async fn scrape_after_a_change_and_readiness() {
     let server = tokio::spawn(kpx_controlplane::serve_with_metrics(
         listener,
         Some(metrics),
+        kpx_controlplane::Security::Open,
         Box::new(ChannelSource(rx)),
         Arc::new(Skips::default()),
         CacheConfig::default(),

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kpx_auth::{Access, Caller, ServerSecurity, Verb};
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response, Status};
@@ -295,11 +296,21 @@ impl AdminService {
         let view = self.view.clone();
         tokio::task::spawn_blocking(move || view()).await.map_err(|e| Status::internal(e.to_string()))
     }
+
+    /// Who may read this node's admin API: the node's own credentials, admins, and users RBAC
+    /// lets `get` this node's `nodestates.kpx.io`.
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        Caller::of(request).authorize(Access::NodeState { node: &self.node, verb: Verb::Get }).await
+    }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::DataplaneStatus>, Status> {
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::DataplaneStatus>, Status> {
+        self.authorize(&request).await?;
         let view = self.view().await?;
         let snap = AdminStatusSnapshot(self.status.lock().clone());
         Ok(Response::new(status_message(&self.node, &self.backend, &snap, &view)))
@@ -307,16 +318,18 @@ impl Admin for AdminService {
 
     async fn get_applied_state(
         &self,
-        _: Request<pb::GetAppliedStateRequest>,
+        request: Request<pb::GetAppliedStateRequest>,
     ) -> Result<Response<pb::NodeState>, Status> {
+        self.authorize(&request).await?;
         let view = self.view().await?;
         Ok(Response::new(applied_state(&self.node, &view.services)))
     }
 
     async fn get_kernel_rules(
         &self,
-        _: Request<pb::GetKernelRulesRequest>,
+        request: Request<pb::GetKernelRulesRequest>,
     ) -> Result<Response<pb::KernelRules>, Status> {
+        self.authorize(&request).await?;
         let view = self.view.clone();
         let backend = self.backend.clone();
         let rules = tokio::task::spawn_blocking(move || kernel_rules(&backend, &view()))
@@ -327,19 +340,19 @@ impl Admin for AdminService {
 }
 
 /// Serves the admin API, health and reflection on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, service: AdminService) {
+pub async fn serve(listener: tokio::net::TcpListener, security: ServerSecurity, service: AdminService) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AdminServer<AdminService>>().await;
     let (reflection_v1, reflection_v1alpha) = kpx_proto::reflection::services(&["kpx.v1.Admin"]);
-    tracing::info!(addr = ?addr, "serving kpx.v1.Admin");
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    tracing::info!(addr = ?addr, tls = security.is_tls(), "serving kpx.v1.Admin");
+    let result = kpx_auth::server_builder()
+        .layer(security.layer())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AdminServer::new(service))
-        .serve_with_incoming(incoming)
+        .add_service(AdminServer::new(service).max_decoding_message_size(kpx_auth::server::MAX_REQUEST_BYTES))
+        .serve_with_incoming(security.incoming(listener))
         .await;
     if let Err(error) = result {
         tracing::error!(%error, "admin gRPC server failed");

@@ -27,6 +27,9 @@ use crate::health::Health;
 use crate::metrics::{Metrics, NoLocalTracker};
 use crate::state::{AppliedState, ChangeSet, Services};
 use crate::stream::{self, Apply, Backoff, NodeIdentity, Session, SyncEvent};
+use kpx_auth::client::ClientCredentials;
+use kpx_auth::flags::ServerFlags;
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -59,6 +62,14 @@ pub struct AgentConfig {
     pub ipvs_fallback: bool,
     /// The admin gRPC API (`kpx.v1.Admin`); None: not served.
     pub admin_listen: Option<SocketAddr>,
+    /// How the admin API authenticates its callers.
+    pub admin_security: ServerFlags,
+    /// The apiserver for the admin API's token reviews (`--token-audience`); in-cluster config
+    /// when None.
+    pub kubeconfig: Option<PathBuf>,
+    /// How this node proves who it is to the controlplane, and checks the controlplane's
+    /// certificate.
+    pub credentials: ClientCredentials,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +80,10 @@ pub enum AgentError {
     BackendUnavailable { backend: String, reason: String },
     #[error("backend ipvs is not usable on this node and --no-ipvs-fallback is set: {0}")]
     IpvsUnavailable(#[source] kpx_ipvs_netlink::IpvsError),
+    #[error("admin API: {0}")]
+    AdminSecurity(#[from] kpx_auth::server::SecurityError),
+    #[error("controlplane credentials: {0}")]
+    Credentials(#[from] kpx_auth::client::CredentialError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -296,7 +311,29 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpL
 
 /// Runs the agent until `shutdown` resolves. Errors only at startup (backend unusable, a port
 /// taken); afterwards problems are retried and reported through health and metrics.
+/// The admin API's security from its flags; the apiserver (for `--token-audience`) from
+/// `--kubeconfig` or in-cluster config. Node tokens are accepted only with the node-name extra
+/// here: the agent has no right to read pods.
+async fn admin_security(
+    config: &AgentConfig,
+    addr: SocketAddr,
+    metrics: kpx_auth::AuthMetrics,
+) -> Result<kpx_auth::ServerSecurity, AgentError> {
+    let api = match &config.admin_security.token_audience {
+        None => Ok(None),
+        Some(_) => kpx_auth::apiserver::KubeApi::connect(config.kubeconfig.as_deref())
+            .await
+            .map(|a| Some(Arc::new(a) as Arc<dyn kpx_auth::apiserver::ApiServer>))
+            .map_err(|e| e.to_string()),
+    };
+    let plane = "kpx-dataplane admin API";
+    Ok(kpx_auth::ServerSecurity::from_flags(&config.admin_security, addr, api, false, metrics, plane)?)
+}
+
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Credentials that cannot work are a configuration error, said once at startup; later
+    // failures to read them (a rotation in progress) are retried with the connection.
+    config.credentials.check(&config.controlplane)?;
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
     let backends = if config.backend == BackendKind::Ipvs {
         if ipvs.is_some() {
@@ -338,8 +375,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         zone: String::new(),
     };
     let status = Arc::new(AdminStatus::default());
-    // The admin API is a debugging aid: a taken port (several agents on one host, or
-    // another program's port on a control-plane node) does not stop the proxy.
+    // A misconfigured admin API (plaintext beyond loopback, unreadable certificate) stops the
+    // agent with a clear error; a taken port does not: the admin API is a debugging aid, and
+    // several agents on one host, or another program's port on a control-plane node, must not
+    // stop the proxy.
+    let admin_security = match config.admin_listen {
+        Some(addr) => Some(admin_security(&config, addr, metrics.auth.clone()).await?),
+        None => None,
+    };
     let admin = match config.admin_listen {
         Some(addr) => listen("admin gRPC", addr)
             .await
@@ -347,7 +390,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             .ok(),
         None => None,
     };
-    if let Some(listener) = admin {
+    if let (Some(listener), Some(security)) = (admin, admin_security) {
         let view_core = core.clone();
         let view: ViewFn = Arc::new(move || {
             let c = lock(&view_core);
@@ -358,7 +401,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);
-        tasks.push(tokio::spawn(crate::admin::serve(listener, service)));
+        tasks.push(tokio::spawn(crate::admin::serve(listener, security, service)));
     }
     let mut session = Session::new(identity, backend);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -367,7 +410,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     tasks.push(tokio::spawn(housekeeping(core, metrics, health, status, config.sync_period)));
 
     let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    stream::run_forever(&mut session, &config.controlplane, backoff, shutdown).await;
+    stream::run_forever(&mut session, &config.controlplane, &config.credentials, backoff, shutdown).await;
     tasks.iter().for_each(|t| t.abort());
     tracing::info!("stopped; the kernel keeps the current rules");
     Ok(())

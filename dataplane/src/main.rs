@@ -1,9 +1,11 @@
 //! `kpx-dataplane`: flags, logging, signals; everything else is in the library.
 
 use clap::Parser;
+use kpx_auth::flags::{ClientFlags, ServerFlags};
 use kpx_dataplane::agent::{self, AgentConfig, BackendKind};
 use kpx_dataplane::backend::iptables::render::IpFamily;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The kpx node agent: receives this node's proxy state from the controlplane and programs it
@@ -60,6 +62,16 @@ struct Flags {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// kubeconfig for the admin API's TokenReviews and SubjectAccessReviews (with
+    /// --token-audience); in-cluster config when omitted.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// How this node proves who it is to the controlplane (https:// addresses).
+    #[command(flatten, next_help_heading = "Connection to the controlplane")]
+    client: ClientFlags,
+    /// The admin API's TLS and callers.
+    #[command(flatten, next_help_heading = "Admin API security")]
+    admin_security: ServerFlags,
 }
 
 fn parse_family(s: &str) -> Result<IpFamily, String> {
@@ -106,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
         ipvs_scheduler: flags.ipvs_scheduler,
         ipvs_fallback: !flags.no_ipvs_fallback,
         admin_listen: flags.admin_listen.0,
+        admin_security: flags.admin_security,
+        kubeconfig: flags.kubeconfig,
+        credentials: flags.client.credentials(),
     };
     agent::run(config, kpx_telemetry::signal::shutdown()).await?;
     Ok(())

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub service_changes_total: Counter,
     pub no_local_endpoints: Family<PolicyLabel, Gauge>,
     pub last_queued: Gauge<f64, AtomicU64>,
+    /// The admin API's authentication, authorization and connection metrics.
+    pub auth: kpx_auth::AuthMetrics,
 }
 
 /// kube-proxy's buckets: 1 ms doubling to ~16 s.
@@ -101,8 +103,10 @@ impl Metrics {
             service_changes_total: Counter::default(),
             no_local_endpoints: Family::default(),
             last_queued: Gauge::default(),
+            auth: kpx_auth::AuthMetrics::default(),
             registry: Registry::default(),
         };
+        m.auth.register(&mut registry);
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",

@@ -6,6 +6,7 @@
 //! While the controlplane is unreachable nothing is torn down: the kernel keeps its rules.
 
 use crate::state::{AppliedState, ChangeSet};
+use kpx_auth::client::{AuthChannel, ClientCredentials, ConnectError};
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::sync_client::SyncClient;
 use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
@@ -13,7 +14,6 @@ use prost::Message;
 use rand::Rng;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
 
 /// Programs what the node's state says. Implemented by the kernel backends; tests and
 /// benchmarks use in-memory ones.
@@ -101,27 +101,47 @@ pub enum SyncEvent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("cannot connect to the controlplane at {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("invalid controlplane address {0:?}")]
-    BadEndpoint(String),
+    #[error("cannot connect to the controlplane at {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("controlplane credentials: {0}")]
+    Credentials(#[from] kpx_auth::client::CredentialError),
     #[error("controlplane stream failed: {0}")]
     Stream(#[from] tonic::Status),
     #[error("controlplane closed the stream")]
     Closed,
 }
 
-pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, StreamError> {
-    let ep = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|_| StreamError::BadEndpoint(endpoint.to_string()))?
-        .connect_timeout(timeout)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    ep.connect().await.map_err(|source| StreamError::Connect { endpoint: endpoint.to_string(), source })
+/// Connects without credentials (plaintext on loopback: tests and benchmarks).
+pub async fn connect(endpoint: &str, timeout: Duration) -> Result<AuthChannel, StreamError> {
+    connect_with(endpoint, &ClientCredentials::default(), timeout).await
+}
+
+/// Connects with `creds`, read from their files now (a rotated certificate or token is picked
+/// up at the next connect).
+pub async fn connect_with(
+    endpoint: &str,
+    creds: &ClientCredentials,
+    timeout: Duration,
+) -> Result<AuthChannel, StreamError> {
+    let tune = |ep: tonic::transport::Endpoint| {
+        ep.connect_timeout(timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+    };
+    kpx_auth::client::connect(endpoint, creds, tune).await.map_err(|e| match e {
+        ConnectError::Credentials(c) => StreamError::Credentials(c),
+        ConnectError::Transport(t) => StreamError::Connect { endpoint: endpoint.to_string(), reason: root_cause(&t) },
+    })
+}
+
+/// tonic's transport errors display as "transport error"; the useful part (refused, a TLS
+/// alert, an untrusted certificate) is at the bottom of the source chain.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// One node's sync state, kept across streams.
@@ -144,12 +164,16 @@ impl<A: Apply> Session<A> {
     }
 
     /// Runs one Sync stream until it ends. Returns the reason it ended.
-    pub async fn run(&mut self, channel: Channel) -> StreamError {
+    pub async fn run(&mut self, channel: AuthChannel) -> StreamError {
         self.run_until(channel, std::future::pending()).await
     }
 
     /// Like [`Session::run`], but hangs up when `stop` resolves (the state is kept).
-    pub async fn run_until(&mut self, channel: Channel, stop: impl std::future::Future<Output = ()>) -> StreamError {
+    pub async fn run_until(
+        &mut self,
+        channel: AuthChannel,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> StreamError {
         tokio::select! {
             r = self.run_inner(channel) => match r {
                 Ok(()) => StreamError::Closed,
@@ -159,7 +183,7 @@ impl<A: Apply> Session<A> {
         }
     }
 
-    async fn run_inner(&mut self, channel: Channel) -> Result<(), StreamError> {
+    async fn run_inner(&mut self, channel: AuthChannel) -> Result<(), StreamError> {
         let (tx, rx) = mpsc::channel::<pb::NodeMessage>(4);
         let subscribe = pb::Subscribe {
             node_name: self.identity.node_name.clone(),
@@ -344,6 +368,7 @@ impl Backoff {
 pub async fn run_forever<A: Apply>(
     session: &mut Session<A>,
     endpoint: &str,
+    creds: &ClientCredentials,
     mut backoff: Backoff,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -351,7 +376,7 @@ pub async fn run_forever<A: Apply>(
     loop {
         let started = Instant::now();
         let attempt = async {
-            match connect(endpoint, Duration::from_secs(5)).await {
+            match connect_with(endpoint, creds, Duration::from_secs(5)).await {
                 Ok(channel) => session.run(channel).await,
                 Err(e) => e,
             }
@@ -366,7 +391,17 @@ pub async fn run_forever<A: Apply>(
         }
         session.emit(SyncEvent::Disconnected { error: error.to_string() });
         let delay = backoff.next_delay();
-        tracing::warn!(%error, retry_in = ?delay, "controlplane stream ended; keeping current rules");
+        match &error {
+            StreamError::Stream(s)
+                if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) =>
+            {
+                tracing::error!(%error, retry_in = ?delay, "the controlplane refused this node's credentials; keeping current rules")
+            }
+            StreamError::Credentials(_) => {
+                tracing::error!(%error, retry_in = ?delay, "cannot load the credentials for the controlplane; keeping current rules")
+            }
+            _ => tracing::warn!(%error, retry_in = ?delay, "controlplane stream ended; keeping current rules"),
+        }
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(delay) => {}

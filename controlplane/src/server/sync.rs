@@ -5,13 +5,14 @@ use crate::cache::log::UpdateContent;
 use crate::cache::{Cache, PlannedUpdate};
 use crate::trace_context::{from_wire, to_wire};
 use futures::Stream;
+use kpx_auth::{Access, Caller};
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::node_message::Msg;
 use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
 use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -63,6 +64,7 @@ impl pb::sync_server::Sync for SyncService {
     type SyncStream = UpdateStream;
 
     async fn sync(&self, request: Request<Streaming<pb::NodeMessage>>) -> Result<Response<UpdateStream>, Status> {
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.config.subscribe_timeout, inbound.message())
             .await
@@ -74,6 +76,8 @@ impl pb::sync_server::Sync for SyncService {
         if sub.node_name.is_empty() {
             return Err(Status::invalid_argument("Subscribe.node_name is empty"));
         }
+        // Before the cache hears of the node: a refused Subscribe disturbs no stream.
+        caller.authorize(Access::Subscribe { node: &sub.node_name }).await?;
         let subscription = self.cache.subscribe(&sub);
         // Two messages of buffer: flow control is the ack, not this channel.
         let (tx, rx) = mpsc::channel(2);
@@ -85,6 +89,7 @@ impl pb::sync_server::Sync for SyncService {
             conn: subscription.conn,
             shutdown: self.shutdown.clone(),
             snapshot_permits: self.snapshot_permits.clone(),
+            credential_expires: caller.expires,
         };
         tokio::spawn(driver.run(subscription.wake, inbound, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -98,6 +103,9 @@ struct NodeStream {
     conn: u64,
     shutdown: watch::Receiver<bool>,
     snapshot_permits: Arc<Semaphore>,
+    /// The stream ends when the node's credential does; the node reconnects with its renewed
+    /// one and resumes from its applied version (no snapshot).
+    credential_expires: Option<SystemTime>,
 }
 
 impl NodeStream {
@@ -111,6 +119,8 @@ impl NodeStream {
         let mut last_send: Option<W3c> = None;
         // The in-flight delta's nonce and when the oldest change it carries was published.
         let mut carried: Option<(u64, std::time::Instant)> = None;
+        let expiry = credential_expiry(self.credential_expires);
+        tokio::pin!(expiry);
         let end = loop {
             wake.borrow_and_update();
             if !self.cache.is_current(&self.node, self.conn) {
@@ -163,6 +173,10 @@ impl NodeStream {
                 _ = tokio::time::sleep(self.config.nack_retry), if rejected => self.cache.retry_rejected(&self.node, self.conn),
                 _ = tx.closed() => break "stream closed",
                 _ = shutting_down(&mut self.shutdown) => break "controlplane shutting down",
+                _ = &mut expiry => {
+                    let _ = tx.send(Err(Status::unauthenticated("the credential of this stream expired: reconnect with the renewed one"))).await;
+                    break "credential expired";
+                }
             }
         };
         tracing::debug!(reason = end, "node stream ended");
@@ -238,6 +252,14 @@ fn ack_span(node: &str, ack: &pb::Ack, sent: Option<W3c>) -> DistSpan {
         span.error(ack.error.clone());
     }
     span
+}
+
+/// Resolves when the credential expires (never for credentials without an end).
+async fn credential_expiry(expires: Option<SystemTime>) {
+    match expires {
+        Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn shutting_down(rx: &mut watch::Receiver<bool>) {
