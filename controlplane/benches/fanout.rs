@@ -11,6 +11,7 @@
 //! Nodes and controlplane share the process, so the memory figures include the nodes' copies
 //! of their state; the figure taken before any node connects is the cluster model alone.
 
+use kpx_auth::client::AuthChannel;
 use kpx_controlplane::cache::CacheConfig;
 use kpx_controlplane::model::*;
 use kpx_controlplane::server::SyncConfig;
@@ -27,7 +28,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use kpx_auth::client::AuthChannel;
 
 /// Targets the design is held to (printed, never asserted).
 const TARGET_P99: Duration = Duration::from_millis(250);

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+pub mod secure;
+
 /// A source the test feeds by hand.
 pub struct ChannelSource(pub mpsc::UnboundedReceiver<ClusterEvent>);
 
@@ -166,7 +168,7 @@ pub fn node_event(name: &str, zone: Option<&str>) -> ClusterEvent {
 pub struct SimNode {
     pub events: mpsc::UnboundedReceiver<SyncEvent>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Session<Box<dyn Apply>>>>,
+    task: Option<tokio::task::JoinHandle<(Session<Box<dyn Apply>>, kpx_dataplane::stream::StreamError)>>,
     pub session: Option<Session<Box<dyn Apply>>>,
 }
 
@@ -188,20 +190,25 @@ impl SimNode {
 
     /// Opens a Sync stream to `url` (keeping the applied state of earlier streams).
     pub async fn connect(&mut self, url: &str) {
+        self.connect_with(url, &Default::default()).await
+    }
+
+    /// Opens a Sync stream with credentials.
+    pub async fn connect_with(&mut self, url: &str, creds: &kpx_auth::client::ClientCredentials) {
         let mut session = self.session.take().expect("not connected");
         let (tx, rx) = mpsc::unbounded_channel();
         session.events = Some(tx);
         self.events = rx;
-        let channel = kpx_dataplane::stream::connect(url, Duration::from_secs(5)).await.unwrap();
+        let channel = kpx_dataplane::stream::connect_with(url, creds, Duration::from_secs(5)).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         self.stop = Some(stop);
         self.task = Some(tokio::spawn(async move {
-            session
+            let error = session
                 .run_until(channel, async {
                     let _ = stopped.await;
                 })
                 .await;
-            session
+            (session, error)
         }));
     }
 
@@ -211,8 +218,17 @@ impl SimNode {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            self.session = Some(task.await.unwrap());
+            self.session = Some(task.await.unwrap().0);
         }
+    }
+
+    /// Waits for the stream to end by itself; returns why (the state is kept).
+    pub async fn ended(&mut self, within: Duration) -> kpx_dataplane::stream::StreamError {
+        let task = self.task.take().expect("connected");
+        let (session, error) = tokio::time::timeout(within, task).await.expect("the stream ends in time").unwrap();
+        self.session = Some(session);
+        self.stop = None;
+        error
     }
 
     /// The next event that is not Connected.

@@ -15,6 +15,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod auth;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
@@ -96,6 +98,7 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    auth: Mutex<auth::AuthState>,
     /// Per kind: `true` while list responses are held back.
     held: HashMap<Kind, watch::Sender<bool>>,
 }
@@ -117,7 +120,7 @@ impl FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake apiserver");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let held = Kind::ALL.into_iter().map(|k| (k, watch::channel(false).0)).collect();
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), held });
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), auth: Mutex::default(), held });
         let server = shared.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -140,6 +143,15 @@ impl FakeApiServer {
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url.parse().unwrap());
         kube::Client::try_from(config).expect("client for the fake apiserver")
+    }
+
+    /// The authentication side: tokens, RBAC answers, pods, and the review requests received.
+    pub fn auth<R>(&self, f: impl FnOnce(&mut auth::AuthState) -> R) -> R {
+        f(&mut self.shared.auth.lock().unwrap())
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -288,6 +300,12 @@ fn event_line(event_type: &str, object: &Value) -> Bytes {
 }
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if let Some(answer) = auth::handle(&mut shared.auth.lock().unwrap(), &parts.method, parts.uri.path(), &body) {
+        return answer;
+    }
+    let req = Request::from_parts(parts, ());
     let path_and_query = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let Some(kind) = Kind::from_path(req.uri().path()) else {
         return status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find {path_and_query}"));
