@@ -164,11 +164,14 @@ pub fn node_event(name: &str, zone: Option<&str>) -> ClusterEvent {
     ClusterEvent::Node(name.into(), Some(Node { name: name.into(), zone: zone.map(String::from), addresses: vec![] }))
 }
 
+/// A session whose stream ended, and why.
+type Ended = (Session<Box<dyn Apply>>, kpx_dataplane::stream::StreamError);
+
 /// A simulated node: the real dataplane session with an in-memory backend, driven in a task.
 pub struct SimNode {
     pub events: mpsc::UnboundedReceiver<SyncEvent>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<(Session<Box<dyn Apply>>, kpx_dataplane::stream::StreamError)>>,
+    task: Option<tokio::task::JoinHandle<Ended>>,
     pub session: Option<Session<Box<dyn Apply>>>,
 }
 
