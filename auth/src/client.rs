@@ -176,7 +176,7 @@ impl ClientCredentials {
                 builder.with_client_auth_cert(certs, key_der).map_err(|e| CredentialError::Mismatch {
                     cert: cert.origin(),
                     key: key.origin(),
-                    reason: e.to_string(),
+                    reason: pem::mismatch_reason(&e),
                 })?
             }
         };

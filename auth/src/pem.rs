@@ -71,6 +71,16 @@ pub fn read_roots(what: &'static str, path: &Path) -> Result<Arc<RootCertStore>,
     Ok(Arc::new(roots))
 }
 
+/// Words rustls's "keys may not be consistent: KeyMismatch" for people.
+pub fn mismatch_reason(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            "the private key does not match the certificate's public key".into()
+        }
+        e => e.to_string(),
+    }
+}
+
 /// The crypto provider of every kpx TLS config: ring, as kube's client already uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

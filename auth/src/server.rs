@@ -68,6 +68,23 @@ impl ServerSecurity {
     /// From the flags. `api` is the apiserver for the token path (required when
     /// `--token-audience` is given); `lookup_pods`: whether node tokens without the node-name
     /// extra may be resolved through their pod. `plane` names the server in log lines.
+    /// The flag combinations a server refuses for `listen`, checked before anything binds.
+    pub fn check(flags: &ServerFlags, listen: SocketAddr) -> Result<(), SecurityError> {
+        let loopback = listen.ip().is_loopback();
+        let tls = flags.tls_cert_file.is_some() && flags.tls_private_key_file.is_some();
+        if flags.client_ca_file.is_some() && !tls {
+            return Err(SecurityError::ClientCaWithoutTls);
+        }
+        if !tls && !loopback && !flags.insecure {
+            return Err(SecurityError::PlaintextBeyondLoopback(listen));
+        }
+        let authenticates = flags.client_ca_file.is_some() || flags.token_audience.is_some();
+        if !authenticates && !loopback && !flags.insecure {
+            return Err(SecurityError::NoAuthenticationBeyondLoopback(listen));
+        }
+        Ok(())
+    }
+
     pub fn from_flags(
         flags: &ServerFlags,
         listen: SocketAddr,
@@ -76,18 +93,10 @@ impl ServerSecurity {
         metrics: AuthMetrics,
         plane: &str,
     ) -> Result<Self, SecurityError> {
+        Self::check(flags, listen)?;
         let loopback = listen.ip().is_loopback();
         let tls_files = flags.tls_cert_file.clone().zip(flags.tls_private_key_file.clone());
-        if flags.client_ca_file.is_some() && tls_files.is_none() {
-            return Err(SecurityError::ClientCaWithoutTls);
-        }
-        if tls_files.is_none() && !loopback && !flags.insecure {
-            return Err(SecurityError::PlaintextBeyondLoopback(listen));
-        }
         let authenticates = flags.client_ca_file.is_some() || flags.token_audience.is_some();
-        if !authenticates && !loopback && !flags.insecure {
-            return Err(SecurityError::NoAuthenticationBeyondLoopback(listen));
-        }
         let tls = match tls_files {
             Some((cert, key)) => Some(Arc::new(ReloadingTls::load(
                 TlsFiles { cert, key, client_ca: flags.client_ca_file.clone() },

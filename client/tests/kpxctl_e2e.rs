@@ -23,7 +23,11 @@ use std::sync::OnceLock;
 fn controlplane_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        workspace_bin("kpx-controlplane", "kpx-controlplane", &["controlplane", "proto", "telemetry", "Cargo.lock"])
+        workspace_bin(
+            "kpx-controlplane",
+            "kpx-controlplane",
+            &["controlplane", "proto", "telemetry", "auth", "Cargo.lock"],
+        )
     })
 }
 

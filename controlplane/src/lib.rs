@@ -84,6 +84,7 @@ pub enum RunError {
 
 /// Runs the controlplane until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    ServerSecurity::check(&config.security, config.listen)?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| RunError::Listen { addr: config.listen, source })?;
     let skips = Arc::new(Skips::default());

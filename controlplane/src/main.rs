@@ -47,8 +47,19 @@ struct Flags {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
+    // One line an operator can act on (the messages carry their causes); no backtrace dump.
+    match run(flags).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kpx-controlplane: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
     // Flushes exported spans when main returns.
     let _telemetry = kpx_telemetry::init("kpx-controlplane", flags.log_format == "json")?;
     let (source, auth_kubeconfig) = match flags.manifests {

@@ -334,6 +334,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     // Credentials that cannot work are a configuration error, said once at startup; later
     // failures to read them (a rotation in progress) are retried with the connection.
     config.credentials.check(&config.controlplane)?;
+    let metrics = Arc::new(Metrics::new());
+    let admin_security = match config.admin_listen {
+        Some(addr) => Some(admin_security(&config, addr, metrics.auth.clone()).await?),
+        None => None,
+    };
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
     let backends = if config.backend == BackendKind::Ipvs {
         if ipvs.is_some() {
@@ -345,7 +350,6 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         build_backends(&config)?
     };
     let health = Arc::new(Health::new(&config.node_name, config.sync_period * 2));
-    let metrics = Arc::new(Metrics::new());
     let healthz = listen("/healthz", config.healthz_bind_address).await?;
     let scrape = listen("/metrics", config.metrics_bind_address).await?;
     let h = health.clone();
@@ -375,14 +379,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         zone: String::new(),
     };
     let status = Arc::new(AdminStatus::default());
-    // A misconfigured admin API (plaintext beyond loopback, unreadable certificate) stops the
-    // agent with a clear error; a taken port does not: the admin API is a debugging aid, and
-    // several agents on one host, or another program's port on a control-plane node, must not
-    // stop the proxy.
-    let admin_security = match config.admin_listen {
-        Some(addr) => Some(admin_security(&config, addr, metrics.auth.clone()).await?),
-        None => None,
-    };
+    // A misconfigured admin API (plaintext beyond loopback, unreadable certificate) stopped the
+    // agent above with a clear error; a taken port does not: the admin API is a debugging aid,
+    // and several agents on one host, or another program's port on a control-plane node, must
+    // not stop the proxy.
     let admin = match config.admin_listen {
         Some(addr) => listen("admin gRPC", addr)
             .await

