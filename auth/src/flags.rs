@@ -4,7 +4,7 @@ use crate::client::ClientCredentials;
 use std::path::PathBuf;
 
 /// A gRPC server's TLS and authentication.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct ServerFlags {
     /// Serving certificate (PEM, intermediates after it). Re-read when the file changes.
     #[arg(long, value_name = "FILE", requires = "tls_private_key_file")]
@@ -33,6 +33,27 @@ pub struct ServerFlags {
     /// Connections that have not authenticated yet, at most; more are closed at accept.
     #[arg(long, value_name = "N", default_value_t = crate::listener::Limits::default().max_unauthenticated)]
     pub max_unauthenticated_connections: usize,
+    /// Of those, at most this many from one address.
+    #[arg(long, value_name = "N", default_value_t = crate::listener::Limits::default().max_unauthenticated_per_ip)]
+    pub max_unauthenticated_connections_per_ip: usize,
+}
+
+/// The flags' defaults (plaintext, no authentication), for servers built in code.
+impl Default for ServerFlags {
+    fn default() -> Self {
+        let limits = crate::listener::Limits::default();
+        ServerFlags {
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            client_ca_file: None,
+            token_audience: None,
+            node_service_account: ("kpx-system".into(), "kpx-dataplane".into()),
+            admin_groups: vec!["system:masters".into()],
+            insecure: false,
+            max_unauthenticated_connections: limits.max_unauthenticated,
+            max_unauthenticated_connections_per_ip: limits.max_unauthenticated_per_ip,
+        }
+    }
 }
 
 fn parse_service_account(s: &str) -> Result<(String, String), String> {
@@ -89,6 +110,12 @@ mod tests {
     #[test]
     fn defaults_and_pairs() {
         let f = Both::try_parse_from(["x"]).unwrap();
+        let d = ServerFlags::default();
+        assert_eq!(
+            (&f.server.node_service_account, &f.server.admin_groups, f.server.max_unauthenticated_connections_per_ip),
+            (&d.node_service_account, &d.admin_groups, d.max_unauthenticated_connections_per_ip),
+            "Default agrees with the flags' defaults"
+        );
         assert_eq!(f.server.node_service_account, ("kpx-system".into(), "kpx-dataplane".into()));
         assert_eq!(f.server.admin_groups, vec!["system:masters"]);
         assert_eq!(f.server.max_unauthenticated_connections, 256);

@@ -2,8 +2,10 @@
 //! who is on the other end ([`ConnInfo`] in every request's extensions).
 //!
 //! It is also the first defence against callers that never prove who they are: at most
-//! `max_unauthenticated` connections may be open without having authenticated (more are closed
-//! at accept, and counted), a TLS handshake must finish within `handshake_timeout`, and a
+//! `max_unauthenticated` connections may be open without having authenticated, and at most
+//! `max_unauthenticated_per_ip` from one address (more are closed at accept, and counted: one
+//! hostile pod cannot use up the places real nodes reconnect through), a TLS handshake must
+//! finish within `handshake_timeout`, and a
 //! connection must carry an authenticated request within `auth_deadline` of its accept or be
 //! closed. A verified client certificate authenticates the connection at the handshake; a
 //! token does at the first request it authorizes. Established, authenticated connections (the
@@ -13,9 +15,10 @@ use crate::identity::CertSubject;
 use crate::io::MaybeTls;
 use crate::metrics::AuthMetrics;
 use crate::server_tls::{ReloadingTls, peer_subject};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +36,7 @@ pub struct Limits {
     /// From accept to the first authenticated request.
     pub auth_deadline: Duration,
     pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -41,9 +45,13 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             auth_deadline: Duration::from_secs(10),
             max_unauthenticated: 256,
+            max_unauthenticated_per_ip: 32,
         }
     }
 }
+
+/// Unauthenticated connections per peer address.
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
 /// Per connection: whether it has authenticated, and its place among the unauthenticated ones.
 #[derive(Debug)]
@@ -66,12 +74,21 @@ impl ConnState {
 #[derive(Debug)]
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: PerIp,
     metrics: AuthMetrics,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.metrics.unauthenticated().dec();
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -175,6 +192,7 @@ impl Acceptor {
 
     async fn accept_loop(self, listener: TcpListener, tx: mpsc::Sender<Result<Conn, io::Error>>) {
         let slots = Arc::new(Semaphore::new(self.limits.max_unauthenticated.max(1)));
+        let per_ip = PerIp::default();
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -192,14 +210,11 @@ impl Acceptor {
             let _ = tcp.set_nodelay(true);
             let slot = match self.open {
                 true => None,
-                false => match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        self.metrics.unauthenticated().inc();
-                        Some(Slot { _permit: permit, metrics: self.metrics.clone() })
-                    }
-                    Err(_) => {
-                        self.metrics.connection_rejected("too_many_unauthenticated");
-                        tracing::debug!(%remote, "closing connection: too many unauthenticated connections");
+                false => match self.take_slot(&slots, &per_ip, remote.ip()) {
+                    Ok(slot) => Some(slot),
+                    Err(reason) => {
+                        self.metrics.connection_rejected(reason);
+                        tracing::debug!(%remote, reason, "closing connection: too many unauthenticated connections");
                         continue;
                     }
                 },
@@ -216,6 +231,19 @@ impl Acceptor {
                 }
             });
         }
+    }
+
+    /// A place among the unauthenticated connections, or the reason there is none.
+    fn take_slot(&self, slots: &Arc<Semaphore>, per_ip: &PerIp, ip: IpAddr) -> Result<Slot, &'static str> {
+        let mut counts = per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(ip).or_default();
+        if *count >= self.limits.max_unauthenticated_per_ip.max(1) {
+            return Err("too_many_unauthenticated_from_address");
+        }
+        let permit = slots.clone().try_acquire_owned().map_err(|_| "too_many_unauthenticated")?;
+        *count += 1;
+        self.metrics.unauthenticated().inc();
+        Ok(Slot { _permit: permit, ip, per_ip: per_ip.clone(), metrics: self.metrics.clone() })
     }
 
     async fn handshake(&self, tcp: TcpStream, remote: SocketAddr, state: Arc<ConnState>) -> Option<Conn> {

@@ -144,7 +144,11 @@ impl ServerSecurity {
                 "{plane} authenticates its callers"
             ),
         }
-        let limits = Limits { max_unauthenticated: flags.max_unauthenticated_connections, ..Limits::default() };
+        let limits = Limits {
+            max_unauthenticated: flags.max_unauthenticated_connections,
+            max_unauthenticated_per_ip: flags.max_unauthenticated_connections_per_ip,
+            ..Limits::default()
+        };
         Ok(ServerSecurity {
             policy: Arc::new(policy),
             acceptor: Acceptor { tls, open: !authenticates, limits, metrics },

@@ -37,13 +37,7 @@ impl Cluster {
         api.apply(Kind::EndpointSlice, objects::endpoint_slice("shop", "web-1", "web", &["10.244.1.5"]));
         api.apply(Kind::Node, objects::node("node-a", "192.0.2.1", "2026-11-22T10:00:00Z"));
         api.apply(Kind::Node, objects::node("node-b", "192.0.2.2", "2026-11-22T10:00:00Z"));
-        let flags = ServerFlags {
-            token_audience: Some("kpx".into()),
-            node_service_account: ("kpx-system".into(), "kpx-dataplane".into()),
-            admin_groups: vec!["system:masters".into()],
-            max_unauthenticated_connections: 64,
-            ..ServerFlags::default()
-        };
+        let flags = ServerFlags { token_audience: Some("kpx".into()), ..ServerFlags::default() };
         let reviews: Arc<dyn ApiServer> = Arc::new(KubeApi::new(api.client()));
         let source = Box::new(KubeSource::new(api.client(), Arc::new(Skips::default())));
         let cp = SecureControlplane::start(Security::Flags { flags, api: Some(reviews) }, Some(source)).await;

@@ -67,9 +67,6 @@ impl Pki {
             tls_cert_file: Some(cert),
             tls_private_key_file: Some(key),
             client_ca_file: Some(self.ca_file()),
-            node_service_account: ("kpx-system".into(), "kpx-dataplane".into()),
-            admin_groups: vec!["system:masters".into()],
-            max_unauthenticated_connections: 256,
             ..ServerFlags::default()
         }
     }

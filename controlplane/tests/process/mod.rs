@@ -28,6 +28,8 @@ pub fn examples_dir() -> PathBuf {
 pub struct ControlplaneProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// `/metrics` and the health endpoints.
+    pub metrics_addr: SocketAddr,
     log: PathBuf,
     /// Set for a controlplane started with TLS: how the readiness check (and tests) connect.
     secure: Option<ClientCredentials>,
@@ -61,7 +63,7 @@ impl ControlplaneProcess {
     fn start_full(bin: &Path, manifests: &Path, env: &[(&str, &str)], secure: Option<Secure>) -> ControlplaneProcess {
         assert!(bin.is_file(), "no controlplane binary at {}", bin.display());
         for attempt in 1..=PORT_ATTEMPTS {
-            let addr = free_port();
+            let (addr, metrics_addr) = (free_port(), free_port());
             let log = std::env::temp_dir().join(format!("kpx-e2e-controlplane-{}-{}.log", std::process::id(), addr));
             let log_file = std::fs::File::create(&log).expect("create controlplane log");
             let child = Command::new(bin)
@@ -71,7 +73,8 @@ impl ControlplaneProcess {
                 .arg(manifests)
                 .args(["--manifests-poll-interval", "100ms"])
                 // Tests run several controlplanes at once: not the fixed default port.
-                .args(["--metrics-bind-address", "127.0.0.1:0"])
+                .arg("--metrics-bind-address")
+                .arg(metrics_addr.to_string())
                 .args(secure.iter().flat_map(|s| s.args.iter()))
                 .env("RUST_LOG", "info")
                 .envs(env.iter().copied())
@@ -80,7 +83,8 @@ impl ControlplaneProcess {
                 .stderr(log_file)
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-            let mut cp = ControlplaneProcess { child, addr, log, secure: secure.as_ref().map(|s| s.creds.clone()) };
+            let creds = secure.as_ref().map(|s| s.creds.clone());
+            let mut cp = ControlplaneProcess { child, addr, metrics_addr, log, secure: creds };
             match cp.wait_ready() {
                 Ok(()) => return cp,
                 Err(log) if log.contains("cannot listen on") && attempt < PORT_ATTEMPTS => {
@@ -97,6 +101,10 @@ impl ControlplaneProcess {
             Some(_) => format!("https://{}", self.addr),
             None => format!("http://{}", self.addr),
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {
