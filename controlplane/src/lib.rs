@@ -63,7 +63,7 @@ pub enum Security {
     /// Plaintext, nobody authenticated: loopback test servers.
     Open,
     /// From the flags; `api` is the apiserver for the token path.
-    Flags { flags: ServerFlags, api: Option<Arc<dyn ApiServer>> },
+    Flags { flags: Box<ServerFlags>, api: Option<Arc<dyn ApiServer>> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +108,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         None => None,
     };
     let api = api.map(|c| Arc::new(kpx_auth::apiserver::KubeApi::new(c)) as Arc<dyn ApiServer>);
-    let security = Security::Flags { flags: config.security, api };
+    let security = Security::Flags { flags: Box::new(config.security), api };
     serve_with_metrics(listener, metrics, security, source, skips, config.cache, config.sync, shutdown).await
 }
 

@@ -23,7 +23,7 @@ fn populate(cp: &SecureControlplane) {
 }
 
 async fn start(pki: &Pki) -> SecureControlplane {
-    let cp = SecureControlplane::start(Security::Flags { flags: pki.server_flags(), api: None }, None).await;
+    let cp = SecureControlplane::start(Security::Flags { flags: Box::new(pki.server_flags()), api: None }, None).await;
     populate(&cp);
     cp
 }
@@ -182,7 +182,7 @@ async fn the_serving_certificate_rotates_without_dropping_streams() {
     let pki = Pki::new();
     let flags = pki.server_flags();
     let (cert, key) = (flags.tls_cert_file.clone().unwrap(), flags.tls_private_key_file.clone().unwrap());
-    let cp = SecureControlplane::start(Security::Flags { flags, api: None }, None).await;
+    let cp = SecureControlplane::start(Security::Flags { flags: Box::new(flags), api: None }, None).await;
     populate(&cp);
     assert_eq!(served_certificate(&cp, &pki).await, der_of(&cert));
     let mut node = SimNode::new("node-1", Box::new(Accept));
