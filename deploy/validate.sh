@@ -6,8 +6,11 @@
 #   2. validate every document against the Kubernetes $K8S_VERSION schemas, strictly (unknown
 #      fields are errors), with the PyPI package kubernetes-validate (ships the schemas; no
 #      cluster, no network);
-#   3. check least privilege: RBAC grants only get/list/watch on services, endpointslices and
-#      nodes, to the controlplane's ServiceAccount only; the dataplane mounts no API token.
+#   3. check least privilege: each Role/ClusterRole grants exactly what kpx needs (the
+#      controlplane: get/list/watch on services, endpointslices and nodes, create on tokenreviews
+#      and subjectaccessreviews, get on pods in kpx-system; kpx-inspector: get/list/watch on
+#      nodestates.kpx.io, bound to nobody), bindings name the controlplane's ServiceAccount only,
+#      and the dataplane mounts no API token (only a projected token for audience kpx).
 # Exit status: 0 valid, 1 invalid, 3 a tool is missing (python3 -m pip install kubernetes-validate).
 # Usage: deploy/validate.sh [KUSTOMIZE_DIR]
 set -euo pipefail
@@ -74,37 +77,54 @@ for d in docs:
     except Exception as e:  # unknown kind or version: as bad as invalid
         errors.append(f"{d['kind']}/{d['metadata']['name']}: {type(e).__name__}: {e}")
 
-# Least privilege.
-ALLOWED_VERBS = {"get", "list", "watch"}
-ALLOWED = {("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")}
-granted = set()
-roles = {d["metadata"]["name"]: d for d in docs if d["kind"] in ("ClusterRole", "Role")}
-for name, role in roles.items():
+# Least privilege: every role grants exactly this, and nothing else exists.
+RO = ["get", "list", "watch"]
+EXPECTED = {
+    ("ClusterRole", "", "kpx-controlplane"): {
+        ("", "services"): RO, ("", "nodes"): RO, ("discovery.k8s.io", "endpointslices"): RO,
+        ("authentication.k8s.io", "tokenreviews"): ["create"],
+        ("authorization.k8s.io", "subjectaccessreviews"): ["create"],
+    },
+    ("Role", "kpx-system", "kpx-controlplane-pods"): {("", "pods"): ["get"]},
+    ("ClusterRole", "", "kpx-inspector"): {("kpx.io", "nodestates"): RO},
+}
+BINDINGS = {("ClusterRoleBinding", "kpx-controlplane"): "kpx-controlplane", ("RoleBinding", "kpx-controlplane-pods"): "kpx-controlplane-pods"}
+roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d for d in docs if d["kind"] in ("ClusterRole", "Role")}
+if set(roles) != set(EXPECTED):
+    errors.append(f"roles {sorted(roles)}, expected exactly {sorted(EXPECTED)}")
+for k, role in roles.items():
     if role.get("aggregationRule"):
-        errors.append(f"{role['kind']}/{name}: aggregationRule grants whatever matches")
+        errors.append(f"{k[0]}/{k[2]}: aggregationRule grants whatever matches")
+    granted = {}
     for rule in role.get("rules", []):
         if rule.get("nonResourceURLs"):
-            errors.append(f"{role['kind']}/{name}: nonResourceURLs {rule['nonResourceURLs']}")
-        bad_verbs = set(rule.get("verbs", [])) - ALLOWED_VERBS
-        if bad_verbs:
-            errors.append(f"{role['kind']}/{name}: verbs {sorted(bad_verbs)} (only get/list/watch)")
+            errors.append(f"{k[0]}/{k[2]}: nonResourceURLs {rule['nonResourceURLs']}")
         for group in rule.get("apiGroups", []):
             for res in rule.get("resources", []):
-                if (group, res) not in ALLOWED:
-                    errors.append(f"{role['kind']}/{name}: resource {group or 'core'}/{res} not allowed")
-                granted.add((group, res))
-if granted != ALLOWED:
-    errors.append(f"RBAC grants {sorted(granted)}, the controlplane needs exactly {sorted(ALLOWED)}")
+                granted.setdefault((group, res), set()).update(rule.get("verbs", []))
+    want = {gr: set(v) for gr, v in EXPECTED.get(k, {}).items()}
+    for gr in sorted(set(granted) | set(want)):
+        if granted.get(gr, set()) != want.get(gr, set()):
+            errors.append(f"{k[0]}/{k[2]}: {gr[0] or 'core'}/{gr[1]} verbs {sorted(granted.get(gr, set()))}, expected {sorted(want.get(gr, set()))}")
 for b in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+    bk = (b["kind"], b["metadata"]["name"])
+    if BINDINGS.get(bk) != b["roleRef"]["name"]:
+        errors.append(f"{bk[0]}/{bk[1]}: binds role {b['roleRef']['name']}; expected bindings: {BINDINGS}")
     for s in b.get("subjects", []):
         if (s.get("kind"), s.get("name"), s.get("namespace")) != ("ServiceAccount", "kpx-controlplane", "kpx-system"):
-            errors.append(f"{b['kind']}/{b['metadata']['name']}: binds {s}; only the controlplane's ServiceAccount may be bound")
+            errors.append(f"{bk[0]}/{bk[1]}: binds {s}; only the controlplane's ServiceAccount may be bound")
 
-# The dataplane needs no API access: no token in its pods.
+# The dataplane needs no API access: no API token in its pods; its projected token is for kpx.
 for d in docs:
     if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "kpx-dataplane":
-        if d["spec"]["template"]["spec"].get("automountServiceAccountToken") is not False:
+        spec = d["spec"]["template"]["spec"]
+        if spec.get("automountServiceAccountToken") is not False:
             errors.append("DaemonSet/kpx-dataplane: automountServiceAccountToken must be false")
+        for v in spec.get("volumes", []):
+            for src in v.get("projected", {}).get("sources", []):
+                token = src.get("serviceAccountToken")
+                if token is not None and token.get("audience") in (None, "", "api", "https://kubernetes.default.svc", "https://kubernetes.default.svc.cluster.local"):
+                    errors.append(f"DaemonSet/kpx-dataplane: volume {v['name']} projects a token the apiserver accepts")
     if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "kpx-dataplane":
         if d.get("automountServiceAccountToken") is not False:
             errors.append("ServiceAccount/kpx-dataplane: automountServiceAccountToken must be false")
@@ -112,10 +132,13 @@ for d in docs:
         for c in d["spec"]["template"]["spec"]["containers"]:
             if c.get("securityContext", {}).get("privileged"):
                 errors.append(f"{d['kind']}/{d['metadata']['name']}: container {c['name']} is privileged")
+            args = c.get("args", [])
+            if "--insecure" in args:
+                errors.append(f"{d['kind']}/{d['metadata']['name']}: container {c['name']} runs with --insecure")
 
 for e in errors:
     print(f"FAIL {e}", file=sys.stderr)
 if errors:
     sys.exit(1)
-print(f"{len(docs)} documents valid; RBAC is get/list/watch on services, endpointslices, nodes only")
+print(f"{len(docs)} documents valid; RBAC grants exactly what kpx needs")
 PY

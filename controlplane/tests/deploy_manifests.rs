@@ -48,6 +48,9 @@ fn base_manifests_are_valid_with_least_privilege() {
         "ServiceAccount/kpx-dataplane",
         "ClusterRole/kpx-controlplane",
         "ClusterRoleBinding/kpx-controlplane",
+        "Role/kpx-controlplane-pods",
+        "RoleBinding/kpx-controlplane-pods",
+        "ClusterRole/kpx-inspector",
         "Service/kpx-controlplane",
         "Deployment/kpx-controlplane",
         "DaemonSet/kpx-dataplane",
@@ -76,16 +79,79 @@ fn privilege_creep_and_schema_errors_are_rejected() {
     edit("rbac.yaml", r#"verbs: ["get", "list", "watch"]"#, r#"verbs: ["get", "list", "watch", "patch"]"#);
     edit("dataplane.yaml", "automountServiceAccountToken: false", "automountServiceAccountToken: true");
     edit("controlplane.yaml", "replicas: 2", "replicas: 2\n  replica: 2");
+    edit("dataplane.yaml", "audience: kpx", "audience: https://kubernetes.default.svc");
+    edit("controlplane.yaml", "- json\n", "- json\n        - --insecure\n");
 
     let Some(out) = validate(dir.path()) else { return };
     let text = text(&out);
     assert_eq!(out.status.code(), Some(1), "expected a rejection:\n{text}");
     for complaint in [
-        "resource core/secrets not allowed",
-        "verbs ['patch']",
+        "ClusterRole/kpx-controlplane: core/secrets verbs ['get', 'list', 'patch', 'watch'], expected []",
+        "ClusterRole/kpx-controlplane: core/nodes verbs ['get', 'list', 'patch', 'watch'], expected ['get', 'list', 'watch']",
         "DaemonSet/kpx-dataplane: automountServiceAccountToken must be false",
+        "DaemonSet/kpx-dataplane: volume kpx-token projects a token the apiserver accepts",
+        "Deployment/kpx-controlplane: container controlplane runs with --insecure",
         "'replica' was unexpected",
     ] {
         assert!(text.contains(complaint), "missing complaint {complaint:?}:\n{text}");
+    }
+}
+
+/// Every YAML document of the files in `dir` (the kustomization file itself left out).
+fn documents(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() == "kustomization.yaml" {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        for doc in serde_saphyr::read::<_, serde_json::Value>(&mut bytes.as_slice()) {
+            out.push(doc.unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+        }
+    }
+    out
+}
+
+fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+/// The cert-manager example fits the base: the Secret and names the base mounts and connects
+/// to are the ones its Certificates issue, and the TLS flags point into those mounts.
+#[test]
+fn cert_manager_example_matches_the_base() {
+    let base = documents(&repo_root().join("deploy/kustomize/base"));
+    let certs = documents(&repo_root().join("deploy/kustomize/cert-manager"));
+    let serving = find(&certs, "Certificate", "kpx-controlplane");
+    let deployment = find(&base, "Deployment", "kpx-controlplane");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let secret = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(secret["secret"]["secretName"], serving["spec"]["secretName"]);
+    let args: Vec<&str> =
+        pod["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let flag = |f: &str| args[args.iter().position(|a| *a == f).unwrap_or_else(|| panic!("no {f}")) + 1];
+    assert_eq!(flag("--tls-cert-file"), "/etc/kpx/tls/tls.crt");
+    assert_eq!(flag("--tls-private-key-file"), "/etc/kpx/tls/tls.key");
+    assert_eq!(flag("--client-ca-file"), "/etc/kpx/tls/ca.crt");
+    let audience = flag("--token-audience");
+
+    // The dataplanes connect with https to a host the serving certificate names, with a token
+    // for the audience the controlplane expects.
+    let endpoint = find(&base, "ConfigMap", "kpx-bootstrap")["data"]["controlplane-endpoint"].as_str().unwrap();
+    let host = endpoint.strip_prefix("https://").expect("https").split(':').next().unwrap();
+    let names: Vec<&str> =
+        serving["spec"]["dnsNames"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(names.contains(&host), "{host} not in {names:?}");
+    let daemonset = find(&base, "DaemonSet", "kpx-dataplane");
+    let volumes = daemonset["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let token = volumes.iter().find(|v| v["name"] == "kpx-token").unwrap();
+    assert_eq!(token["projected"]["sources"][0]["serviceAccountToken"]["audience"], audience);
+    let admin = find(&certs, "Certificate", "kpx-admin");
+    assert_eq!(admin["spec"]["subject"]["organizations"][0], "system:masters");
+    for c in [serving, admin] {
+        assert_eq!(c["spec"]["issuerRef"]["name"], "kpx-ca");
     }
 }

@@ -40,7 +40,9 @@ impl Cluster {
         let flags = ServerFlags { token_audience: Some("kpx".into()), ..ServerFlags::default() };
         let reviews: Arc<dyn ApiServer> = Arc::new(KubeApi::new(api.client()));
         let source = Box::new(KubeSource::new(api.client(), Arc::new(Skips::default())));
-        let cp = SecureControlplane::start(Security::Flags { flags: Box::new(flags), api: Some(reviews) }, Some(source)).await;
+        let cp =
+            SecureControlplane::start(Security::Flags { flags: Box::new(flags), api: Some(reviews) }, Some(source))
+                .await;
         Cluster { api, cp, tokens: tempfile::tempdir().unwrap() }
     }
 
