@@ -18,7 +18,10 @@
 #
 # The controlplane reads a temporary copy of deploy/examples (file source); each dataplane runs
 # inside its node's namespace (as it would with hostNetwork) and programs that namespace's
-# iptables. The demo sends real TCP and UDP requests through the services and prints which pod
+# iptables. Everything runs secured, as in a cluster: `kpxctl certs` makes a CA, the
+# controlplane's serving certificate and kubelet-style node certificates (CN=system:node:NAME)
+# plus an admin certificate for kpxctl; the controlplane serves TLS and knows each node by its
+# certificate, and the demo shows a dataplane holding node-b's certificate refused as node-a. The demo sends real TCP and UDP requests through the services and prints which pod
 # answered (checking each answer: it exits 1 if one is wrong), shows `kpxctl nodes`, then makes
 # one endpoint not ready and shows that traffic stops reaching it. Nothing outside the kpxdemo-*
 # namespaces is touched (no host interface, route or iptables rule); on every exit path every
@@ -121,8 +124,54 @@ spawn() {
 
 mkdir "$workdir/manifests"
 cp deploy/examples/*.yaml "$workdir/manifests/"
+pki=$workdir/pki
 
-kpxctl() { "${run_in_client[@]}" "$bin/kpxctl" --controlplane "http://$cp_addr" "$@"; }
+# kpxctl as the demo's admin (O=system:masters: may inspect every node).
+kpxctl() {
+  "${run_in_client[@]}" "$bin/kpxctl" --controlplane "https://$cp_addr" \
+    --cacert "$pki/ca.pem" --cert "$pki/admin.pem" --key "$pki/admin-key.pem" "$@"
+}
+
+# make_certs ADDR...: a CA, the controlplane's certificate for ADDR..., node-a's and node-b's
+# (CN=system:node:NAME, as kubelets have) and an admin's, with kpx's own helper.
+make_certs() {
+  local names=() a
+  for a in "$@"; do names+=(--server-name "$a"); done
+  heading "certificates: kpxctl certs --dir <tmp>/pki ${names[*]} --node node-a --node node-b --admin demo-admin"
+  "$bin/kpxctl" certs --dir "$pki" "${names[@]}" --node node-a=10.77.0.10 --node node-b=10.77.0.11 \
+    --admin demo-admin | sed "s|$pki/||g; s|^|   |"
+}
+
+# The controlplane's TLS flags: its certificate, and the CA node and admin certificates come from.
+cp_tls=(--tls-cert-file "$pki/server.pem" --tls-private-key-file "$pki/server-key.pem" --client-ca-file "$pki/ca.pem")
+
+# node_tls NODE: sets tls to a dataplane's flags for reaching the controlplane as NODE.
+node_tls() {
+  tls=(--controlplane "https://$cp_addr" --cacert "$pki/ca.pem" --cert "$pki/node-$1.pem" --key "$pki/node-$1-key.pem")
+}
+
+# impersonation RUN-PREFIX...: a dataplane holding node-b's certificate asks to subscribe as
+# node-a. The controlplane refuses it (PERMISSION_DENIED) before it reads or changes anything:
+# the real node-a stays connected and in sync.
+impersonation() {
+  heading "impersonation: a dataplane with node-b's certificate runs as --node node-a"
+  local log=$workdir/impostor.log tls
+  node_tls node-b
+  err=$log spawn "$@" "$bin/kpx-dataplane" --node node-a "${tls[@]}" --backend dry-run \
+    --admin-listen "" --healthz-bind-address 127.0.0.1:0 --metrics-bind-address 127.0.0.1:0
+  local impostor=${pids[-1]}
+  refused() { grep -q "may subscribe only as itself" "$log"; }
+  wait_for 15 "the controlplane to refuse the impostor" refused
+  kill "$impostor" 2>/dev/null || true
+  note "the impostor's log: the controlplane refused this node's credentials:"
+  grep -o 'node \\"node-b\\" (client certificate) may subscribe only as itself, not as node \\"node-a\\"' "$log" |
+    head -1 | sed 's/\\"/"/g; s/^/     /'
+  note "and kpxctl with node-b's certificate may read node-b's state, not node-a's:"
+  "${run_in_client[@]}" "$bin/kpxctl" --controlplane "https://$cp_addr" --cacert "$pki/ca.pem" \
+    --cert "$pki/node-node-b.pem" --key "$pki/node-node-b-key.pem" state node-a 2>&1 | sed 's/^/     /' || true
+  both_acked || fail "node-a or node-b is no longer in sync after the refused impersonation"
+  note "node-a and node-b are still connected and in sync"
+}
 
 # How many times $2 occurs in $1.
 count() {
@@ -200,20 +249,23 @@ dry_run_demo() {
     fail "port $port is already in use; pick another with KPX_DEMO_PORT=<port> $0"
   fi
 
-  heading "kpx-controlplane --listen $cp_addr --manifests <copy of deploy/examples>"
+  make_certs 127.0.0.1
+  heading "kpx-controlplane --listen $cp_addr --manifests <copy of deploy/examples> --tls-cert-file ... --client-ca-file ..."
   err=$workdir/controlplane.log spawn "$bin/kpx-controlplane" --listen "$cp_addr" \
-    --manifests "$workdir/manifests" --manifests-poll-interval 200ms
+    --manifests "$workdir/manifests" --manifests-poll-interval 200ms "${cp_tls[@]}"
   wait_for 15 "kpx-controlplane" controlplane_up
 
-  local node ip
+  local node ip tls
   for node in node-a node-b; do
+    node_tls "$node"
     [[ $node == node-a ]] && ip=10.77.0.10 || ip=10.77.0.11
-    heading "kpx-dataplane --node $node --backend dry-run --cluster-cidr 10.244.0.0/16 --node-ip $ip"
+    heading "kpx-dataplane --node $node --controlplane https://$cp_addr --cacert ... --cert node-$node.pem ... --backend dry-run --node-ip $ip"
     out=$workdir/$node.rules err=$workdir/$node.log spawn "$bin/kpx-dataplane" --node "$node" \
-      --controlplane "http://$cp_addr" --backend dry-run --cluster-cidr 10.244.0.0/16 --node-ip "$ip" \
+      "${tls[@]}" --backend dry-run --cluster-cidr 10.244.0.0/16 --node-ip "$ip" \
       --healthz-bind-address 127.0.0.1:0 --metrics-bind-address 127.0.0.1:0
   done
   wait_for 20 "both nodes to ACK" both_acked
+  impersonation
 
   heading "the rules node-a would program (its dataplane's output: iptables-restore input)"
   cat "$workdir/node-a.rules"
@@ -387,19 +439,23 @@ kernel_demo() {
    every pod runs kpx-testpod serve NAME ADDR:PORT (web-* on 8080, echo-* on 5353)
 EOF
 
-  heading "kpx-controlplane --listen $cp_addr --manifests <copy of deploy/examples>   (in kpxdemo-client)"
+  make_certs 10.77.0.2
+  heading "kpx-controlplane --listen $cp_addr --manifests <copy of deploy/examples> --tls-cert-file ... --client-ca-file ...   (in kpxdemo-client)"
+  note "not a loopback address: kpx serves it only with TLS and callers that prove who they are"
   err=$workdir/controlplane.log spawn ip netns exec "$client_ns" "$bin/kpx-controlplane" \
-    --listen "$cp_addr" --manifests "$workdir/manifests" --manifests-poll-interval 200ms
+    --listen "$cp_addr" --manifests "$workdir/manifests" --manifests-poll-interval 200ms "${cp_tls[@]}"
   wait_for 15 "kpx-controlplane" controlplane_up
 
-  local node
+  local node tls
   for node in node-a node-b; do
-    heading "kpx-dataplane --node $node --controlplane http://$cp_addr --backend iptables --cluster-cidr 10.244.0.0/16 --node-ip $(node_ip "$node")   (in kpxdemo-$node)"
+    node_tls "$node"
+    heading "kpx-dataplane --node $node --controlplane https://$cp_addr --cacert ... --cert node-$node.pem ... --backend iptables --cluster-cidr 10.244.0.0/16 --node-ip $(node_ip "$node")   (in kpxdemo-$node)"
     err=$workdir/$node.log spawn ip netns exec "kpxdemo-$node" "$bin/kpx-dataplane" --node "$node" \
-      --controlplane "http://$cp_addr" --backend iptables --cluster-cidr 10.244.0.0/16 --node-ip "$(node_ip "$node")"
+      "${tls[@]}" --backend iptables --cluster-cidr 10.244.0.0/16 --node-ip "$(node_ip "$node")"
   done
   wait_for 20 "both nodes to ACK" both_acked
   note "both nodes have applied and ACKed their state"
+  impersonation ip netns exec kpxdemo-node-b
 
   heading "node-a's service portals (iptables -t nat -S KUBE-SERVICES, in kpxdemo-node-a)"
   ip netns exec kpxdemo-node-a iptables -w -t nat -S KUBE-SERVICES
