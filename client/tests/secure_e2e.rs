@@ -11,6 +11,7 @@ mod common;
 #[path = "../../controlplane/tests/process/mod.rs"]
 mod process;
 
+use base64::Engine;
 use common::{Dataplane, grpcurl, workspace_bin};
 use kpx_auth::client::ClientCredentials;
 use process::{ControlplaneProcess, Secure, examples_dir};
@@ -177,6 +178,28 @@ fn secure_planes_with_grpcurl_kpxctl_and_a_refused_impersonation() {
     assert!(text(&denied).1.contains("denied GetNodeState"), "{:?}", text(&denied));
     let own = kpxctl(&[&node_b[..], &["state", "node-b"]].concat());
     assert!(own.status.success(), "{:?}", text(&own));
+    // The same admin through a kubeconfig (client-certificate-data, as kubeadm writes it).
+    let b64 = |path: &str| base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
+    let kubeconfig = pki.0.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: admin\nclusters:\n- name: c\n  cluster: {{server: https://apiserver.invalid:6443}}\ncontexts:\n- name: admin\n  context: {{cluster: c, user: alice}}\nusers:\n- name: alice\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64(&admin),
+            b64(&admin_key)
+        ),
+    )
+    .unwrap();
+    let via_kubeconfig = kpxctl(&[
+        "--controlplane",
+        &cp_url,
+        "--cacert",
+        &ca,
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "nodes",
+    ]);
+    assert!(via_kubeconfig.status.success(), "{:?}", text(&via_kubeconfig));
     let anonymous = kpxctl(&["--controlplane", &cp_url, "--cacert", &ca, "nodes"]);
     assert!(text(&anonymous).1.contains("refused the credentials"), "{:?}", text(&anonymous));
 
