@@ -10,9 +10,9 @@ mod common;
 #[path = "../../controlplane/tests/process/mod.rs"]
 mod process;
 
-use common::{Dataplane, grpcurl, workspace_bin};
+use common::{Dataplane, controlplane_bin, dataplane_bin};
 
-use process::{ControlplaneProcess, examples_dir};
+use process::{ControlplaneProcess, examples_dir, grpcurl};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::Path;
@@ -37,13 +37,8 @@ fn grpcurl_out(grpcurl: &Path, args: &[&str]) -> Result<String, String> {
 #[test]
 fn admin_api_with_grpcurl_and_kpxctl_diff() {
     let Some(grpcurl) = grpcurl() else { return };
-    let cp_bin = workspace_bin(
-        "kpx-controlplane",
-        "kpx-controlplane",
-        &["controlplane", "proto", "telemetry", "auth", "Cargo.lock"],
-    );
-    let dp_bin =
-        workspace_bin("kpx-dataplane", "kpx-dataplane", &["dataplane", "proto", "telemetry", "auth", "Cargo.lock"]);
+    let cp_bin = controlplane_bin();
+    let dp_bin = dataplane_bin();
     let cp = ControlplaneProcess::start(&cp_bin, &examples_dir());
     let admin = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let _dp = Dataplane::start(&dp_bin, &["--node", "node-a", "--controlplane", &cp.url(), "--admin-listen", &admin]);

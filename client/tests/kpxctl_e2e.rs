@@ -8,8 +8,6 @@ mod common;
 #[path = "../../controlplane/tests/process/mod.rs"]
 mod process;
 
-use common::workspace_bin;
-
 use process::{ControlplaneProcess, examples_dir};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -20,19 +18,13 @@ use std::sync::OnceLock;
 /// built it; otherwise (`cargo test -p kpx-client`) it is built here when missing or older than
 /// its sources. Not unconditionally: a `cargo build` here and the `cargo test` around it build
 /// the binary under different profiles and would rebuild it in turn on every run.
-fn controlplane_bin() -> &'static Path {
+fn cached_controlplane_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        workspace_bin(
-            "kpx-controlplane",
-            "kpx-controlplane",
-            &["controlplane", "proto", "telemetry", "auth", "Cargo.lock"],
-        )
-    })
+    BIN.get_or_init(common::controlplane_bin)
 }
 
 fn start() -> ControlplaneProcess {
-    ControlplaneProcess::start(controlplane_bin(), &examples_dir())
+    ControlplaneProcess::start(cached_controlplane_bin(), &examples_dir())
 }
 
 fn kpxctl(cp: &str, args: &[&str]) -> Output {

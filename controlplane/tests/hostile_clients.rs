@@ -13,7 +13,6 @@ use common::{Accept, SimNode};
 use kpx_dataplane::stream::SyncEvent;
 use process::{ControlplaneProcess, Secure, examples_dir};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -84,14 +83,8 @@ fn sample(text: &str, series: &str) -> f64 {
 
 /// A real ClientHello, as a TLS client would send it.
 fn client_hello(pki: &Pki) -> Vec<u8> {
-    let roots = kpx_auth::pem::read_roots("CA file", &pki.ca_file()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(kpx_auth::pem::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut conn = rustls::ClientConnection::new(pki.rustls_client(), name).unwrap();
     let mut hello = Vec::new();
     conn.write_tls(&mut hello).unwrap();
     hello

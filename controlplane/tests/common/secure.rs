@@ -71,6 +71,17 @@ impl Pki {
         }
     }
 
+    /// A bare rustls client trusting this CA (for handshakes the tests look into).
+    pub fn rustls_client(&self) -> Arc<rustls::ClientConfig> {
+        let roots = kpx_auth::pem::read_roots("CA file", &self.ca_file()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(kpx_auth::pem::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
     /// Client credentials trusting this CA, with a certificate pair when given.
     pub fn client(&self, pair: Option<&(PathBuf, PathBuf)>) -> ClientCredentials {
         ClientCredentials::from_files(

