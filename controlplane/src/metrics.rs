@@ -84,6 +84,8 @@ pub struct Metrics {
     registry: Registry,
     source_events: Family<KindLabel, Counter>,
     acks: Family<ResultLabel, Counter>,
+    updates_sent: Family<KindLabel, Counter>,
+    update_bytes_sent: Family<KindLabel, Counter>,
     change_to_ack: Histogram,
     view: Arc<Mutex<ScrapeView>>,
     auth: kpx_auth::AuthMetrics,
@@ -100,6 +102,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let source_events = Family::<KindLabel, Counter>::default();
         let acks = Family::<ResultLabel, Counter>::default();
+        let updates_sent = Family::<KindLabel, Counter>::default();
+        let update_bytes_sent = Family::<KindLabel, Counter>::default();
         // 1 ms doubling to ~65 s.
         let change_to_ack = Histogram::new(exponential_buckets(0.001, 2.0, 17));
         let view = Arc::new(Mutex::new(ScrapeView::default()));
@@ -115,6 +119,16 @@ impl Metrics {
             acks.clone(),
         );
         registry.register(
+            "kpx_controlplane_updates_sent",
+            "Updates sent to nodes, by kind (snapshot or delta)",
+            updates_sent.clone(),
+        );
+        registry.register(
+            "kpx_controlplane_update_bytes_sent",
+            "Encoded bytes of the updates sent to nodes, by kind (snapshot or delta)",
+            update_bytes_sent.clone(),
+        );
+        registry.register(
             "kpx_controlplane_change_to_ack_seconds",
             "Per ACK of a delta: time from the publish of the oldest change it carries to the ACK",
             change_to_ack.clone(),
@@ -122,7 +136,7 @@ impl Metrics {
         registry.register_collector(Box::new(ScrapeCollector(view.clone())));
         let auth = kpx_auth::AuthMetrics::default();
         auth.register(&mut registry);
-        Metrics { registry, source_events, acks, change_to_ack, view, auth }
+        Metrics { registry, source_events, acks, updates_sent, update_bytes_sent, change_to_ack, view, auth }
     }
 
     /// The gRPC server's authentication, authorization and connection metrics.
@@ -139,6 +153,19 @@ impl Metrics {
             ClusterEvent::Synced => return,
         };
         self.source_events.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    /// An update went to a node: `bytes` encoded, over all its chunks.
+    pub fn sent(&self, full: bool, bytes: usize) {
+        let kind = KindLabel { kind: if full { "snapshot" } else { "delta" }.into() };
+        self.updates_sent.get_or_create(&kind).inc();
+        self.update_bytes_sent.get_or_create(&kind).inc_by(bytes as u64);
+    }
+
+    /// Updates sent so far, (snapshots, deltas): for tests and benchmarks.
+    pub fn sent_counts(&self) -> (u64, u64) {
+        let get = |k: &str| self.updates_sent.get_or_create(&KindLabel { kind: k.into() }).get();
+        (get("snapshot"), get("delta"))
     }
 
     /// A node answered an update; `oldest_change` is when the oldest change the update carried

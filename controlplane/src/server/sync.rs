@@ -134,6 +134,7 @@ impl NodeStream {
                 };
                 tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
                 carried = plan.content.oldest_change.map(|t| (plan.nonce, t));
+                let full = plan.full;
                 let send = send_span(&self.node, &mut plan);
                 last_send = send.w3c();
                 let (mut closed, mut bytes) = (false, 0usize);
@@ -149,6 +150,7 @@ impl NodeStream {
                 if closed {
                     break "stream closed";
                 }
+                self.cache.metrics().sent(full, bytes);
             }
             let rejected = self.cache.is_rejected(&self.node);
             tokio::select! {
