@@ -47,6 +47,26 @@ pub struct PlannedUpdate {
     pub base_version: Option<ContentHash>,
     pub full: bool,
     pub content: UpdateContent,
+    /// Not an update but a request for the node's digest (no version, no entries).
+    pub send_digest: bool,
+}
+
+/// What a node runs, service by service (from its Digest): the base of a delta when the node
+/// reported a version this controlplane does not know.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeDigest {
+    /// The version the node says it runs; equal to the sum of `services`.
+    pub version: ContentHash,
+    pub services: HashMap<ServiceKey, ContentHash>,
+}
+
+impl NodeDigest {
+    /// Whether the sums add up to the version.
+    pub fn is_consistent(&self) -> bool {
+        let mut total = ContentHash::EMPTY;
+        self.services.values().for_each(|s| total.apply(ContentHash::EMPTY, *s));
+        total == self.version
+    }
 }
 
 /// A service prepared for viewing, with its per-class views memoised.

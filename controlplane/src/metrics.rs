@@ -120,12 +120,12 @@ impl Metrics {
         );
         registry.register(
             "kpx_controlplane_updates_sent",
-            "Updates sent to nodes, by kind (snapshot or delta)",
+            "Updates sent to nodes, by kind (snapshot, delta, digest_request)",
             updates_sent.clone(),
         );
         registry.register(
             "kpx_controlplane_update_bytes_sent",
-            "Encoded bytes of the updates sent to nodes, by kind (snapshot or delta)",
+            "Encoded bytes of the updates sent to nodes, by kind (snapshot, delta, digest_request)",
             update_bytes_sent.clone(),
         );
         registry.register(
@@ -155,9 +155,10 @@ impl Metrics {
         self.source_events.get_or_create(&KindLabel { kind: kind.into() }).inc();
     }
 
-    /// An update went to a node: `bytes` encoded, over all its chunks.
-    pub fn sent(&self, full: bool, bytes: usize) {
-        let kind = KindLabel { kind: if full { "snapshot" } else { "delta" }.into() };
+    /// An update went to a node: `bytes` encoded, over all its chunks. `kind`: snapshot,
+    /// delta or digest_request.
+    pub fn sent(&self, kind: &str, bytes: usize) {
+        let kind = KindLabel { kind: kind.into() };
         self.updates_sent.get_or_create(&kind).inc();
         self.update_bytes_sent.get_or_create(&kind).inc_by(bytes as u64);
     }

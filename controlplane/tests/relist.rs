@@ -57,14 +57,16 @@ async fn a_relist_of_an_unchanged_cluster_sends_nothing() {
     assert_eq!(updates_sent(&cp).await, (2.0, 0.0));
 
     // Every watch expires; the controlplane relists all 20,002 objects.
-    let before: Vec<(usize, usize)> = Kind::ALL.iter().map(|k| (api.list_starts(*k), api.watches_accepted(*k))).collect();
+    let before: Vec<(usize, usize)> =
+        Kind::ALL.iter().map(|k| (api.list_starts(*k), api.watches_accepted(*k))).collect();
     for kind in Kind::ALL {
         api.expire_watches(kind);
     }
     wait_until("every kind relisted and watching again", Duration::from_secs(60), || {
-        Kind::ALL.iter().zip(&before).all(|(k, (lists, watches))| {
-            api.list_starts(*k) > *lists && api.watches_accepted(*k) > *watches
-        })
+        Kind::ALL
+            .iter()
+            .zip(&before)
+            .all(|(k, (lists, watches))| api.list_starts(*k) > *lists && api.watches_accepted(*k) > *watches)
     })
     .await;
     for node in &mut nodes {
@@ -77,7 +79,9 @@ async fn a_relist_of_an_unchanged_cluster_sends_nothing() {
     api.apply(Kind::EndpointSlice, objects::endpoint_slice("bulk", "svc-0-x", "svc-0", &ips));
     for node in &mut nodes {
         match node.next().await {
-            SyncEvent::Applied { full: false, changes, .. } => assert_eq!((changes.services, changes.endpoints), (0, 1)),
+            SyncEvent::Applied { full: false, changes, .. } => {
+                assert_eq!((changes.services, changes.endpoints), (0, 1))
+            }
             e => panic!("expected one delta, got {e:?}"),
         }
         node.expect_quiet(Duration::from_millis(500)).await;

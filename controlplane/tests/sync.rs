@@ -171,6 +171,72 @@ async fn fresh_controlplane_with_same_cluster_sends_no_snapshot() {
     cp2.stop().await;
 }
 
+/// Records the services each apply was told changed.
+struct Recorder(Arc<Mutex<Vec<ChangeSet>>>);
+
+impl Apply for Recorder {
+    fn apply(&mut self, _: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        self.0.lock().unwrap().push(changes.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn another_replica_with_a_changed_cluster_sends_one_delta_from_the_nodes_digest() {
+    let cp1 = cluster(fast(), &["node-a"]).await;
+    cp1.send(service_event(cluster_ip_service("default", "db", "10.96.0.11", 5432)));
+    cp1.send(service_event(cluster_ip_service("default", "old", "10.96.0.12", 80)));
+    let applies = Arc::new(Mutex::new(Vec::new()));
+    let mut node = SimNode::new("node-a", Box::new(Recorder(applies.clone())));
+    node.connect(&cp1.url()).await;
+    let (full, _, _, v1) = applied(node.next().await);
+    assert!(full);
+    cp1.wait_node("node-a", "ack", |n| n.acked_version == v1).await;
+    cp1.stop().await;
+    node.disconnect().await;
+
+    // The replica the node moves to has seen changes the node has not: web has a third
+    // endpoint, old is gone, new appeared; db is unchanged.
+    let cp2 = cluster(fast(), &["node-a"]).await;
+    for e in web(3) {
+        cp2.send(e);
+    }
+    cp2.send(service_event(cluster_ip_service("default", "db", "10.96.0.11", 5432)));
+    cp2.send(service_event(cluster_ip_service("default", "new", "10.96.0.13", 80)));
+    let desired =
+        cp2.wait_node("node-a", "published", |n| !n.desired_version.is_empty() && n.desired_version != v1).await;
+    node.connect(&cp2.url()).await;
+    match node.next().await {
+        SyncEvent::Applied { full, version, changes, .. } => {
+            assert!(!full, "a delta, not a snapshot");
+            assert_eq!(version, desired.desired_version, "the node verified the delta against cp2's version");
+            assert_eq!(changes.services, 3, "web replaced, old removed, new added");
+        }
+        e => panic!("expected one delta, got {e:?}"),
+    }
+    let last = applies.lock().unwrap().last().cloned().unwrap();
+    let changed: Vec<&str> = last.services.iter().map(String::as_str).collect();
+    assert_eq!(changed, ["default/new", "default/old", "default/web"], "db was not touched");
+    node.expect_quiet(Duration::from_millis(300)).await;
+    cp2.wait_node("node-a", "ack", |n| n.acked_version == desired.desired_version).await;
+    node.disconnect().await;
+
+    // A third replica whose cluster is what the node now runs: nothing at all is sent.
+    let cp3 = cluster(fast(), &["node-a"]).await;
+    for e in web(3) {
+        cp3.send(e);
+    }
+    cp3.send(service_event(cluster_ip_service("default", "db", "10.96.0.11", 5432)));
+    cp3.send(service_event(cluster_ip_service("default", "new", "10.96.0.13", 80)));
+    cp3.wait_node("node-a", "published", |n| n.desired_version == desired.desired_version).await;
+    node.connect(&cp3.url()).await;
+    node.expect_quiet(Duration::from_millis(500)).await;
+    cp3.wait_node("node-a", "recognised", |n| n.connected && n.acked_version == desired.desired_version).await;
+    node.disconnect().await;
+    cp2.stop().await;
+    cp3.stop().await;
+}
+
 /// Blocks on its first delta until released, to play a slow node.
 struct Slow {
     calls: Arc<AtomicUsize>,

@@ -7,6 +7,7 @@
 
 use kpx_proto::v1 as pb;
 use kpx_proto::version::{self, ContentHash};
+use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -68,6 +69,9 @@ pub fn content_hash(services: &Services) -> ContentHash {
     hash
 }
 
+/// Digest messages stay near this size (the controlplane decodes up to 2 MiB).
+const DIGEST_CHUNK_BYTES: usize = 512 * 1024;
+
 fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
@@ -96,6 +100,31 @@ impl AppliedState {
 
     pub fn services(&self) -> &Services {
         &self.services
+    }
+
+    /// The answer to a digest request: one sum per service, split into messages of about
+    /// 512 KiB. O(entries): the sums are computed here, not kept (a digest is asked for only
+    /// when a node reconnects to a controlplane that does not know its version).
+    pub fn digest(&self, nonce: u64) -> Vec<pb::Digest> {
+        let version = self.version.map(|v| v.to_version()).unwrap_or_default();
+        let mut out = vec![pb::Digest { nonce, version: version.clone(), ..Default::default() }];
+        let mut size = 0;
+        for entry in self.services.values() {
+            let sum = version::service_sum(&entry.service, entry.endpoints.values());
+            let d = pb::ServiceDigest {
+                namespace: entry.service.namespace.clone(),
+                name: entry.service.name.clone(),
+                sum: sum.to_bytes(),
+            };
+            size += d.encoded_len() + 4;
+            if size > DIGEST_CHUNK_BYTES {
+                out.last_mut().expect("one").more = true;
+                out.push(pb::Digest { nonce, version: version.clone(), ..Default::default() });
+                size = d.encoded_len() + 4;
+            }
+            out.last_mut().expect("one").services.push(d);
+        }
+        out
     }
 
     pub fn endpoint_count(&self) -> usize {

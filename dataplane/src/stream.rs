@@ -58,7 +58,11 @@ pub struct ChangeCounts {
 
 impl ChangeCounts {
     pub fn of(update: &pb::Update) -> ChangeCounts {
-        let services = update.services_upserted.len() + update.services_removed.len();
+        // A service may be both removed and upserted (replaced, in a delta from a digest):
+        // one change.
+        let upserted = update.services_upserted.iter().map(|s| (s.namespace.as_str(), s.name.as_str()));
+        let removed = update.services_removed.iter().map(|r| (r.namespace.as_str(), r.name.as_str()));
+        let services = upserted.chain(removed).collect::<std::collections::BTreeSet<_>>().len();
         let endpoints: std::collections::BTreeSet<&str> = update
             .upserted_endpoints()
             .map(|(service, _)| service)
@@ -205,6 +209,18 @@ impl<A: Apply> Session<A> {
             wire_bytes += chunk.encoded_len();
             chunks += 1;
             let Some(update) = assembler.push(chunk) else { continue };
+            if update.send_digest {
+                // A controlplane that does not know our version: tell it what we run instead
+                // of taking a snapshot; it answers with a delta.
+                tracing::info!(version = %self.state.version().map(|v| v.to_version()).unwrap_or_default(), "controlplane asked for a digest of the applied state");
+                for d in self.state.digest(update.nonce) {
+                    tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Digest(d)) })
+                        .await
+                        .map_err(|_| StreamError::Closed)?;
+                }
+                (wire_bytes, chunks) = (0, 0);
+                continue;
+            }
             let ack = self.apply(&update, std::mem::take(&mut wire_bytes), std::mem::take(&mut chunks));
             tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Ack(ack)) })
                 .await
@@ -424,6 +440,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ChangeCounts::of(&update), ChangeCounts { services: 2, endpoints: 3 });
+        // Replaced (removed and upserted in one update, as a delta from a digest): one change.
+        let replaced = pb::Update {
+            services_upserted: vec![pb::Service { namespace: "a".into(), name: "x".into(), ..Default::default() }],
+            services_removed: vec![pb::ServiceRef { namespace: "a".into(), name: "x".into() }],
+            ..Default::default()
+        };
+        assert_eq!(ChangeCounts::of(&replaced).services, 1);
         assert_eq!(ChangeCounts::of(&pb::Update::default()), ChangeCounts::default());
     }
 

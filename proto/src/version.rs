@@ -43,6 +43,23 @@ impl ContentHash {
         }
         u128::from_str_radix(s, 16).ok().map(ContentHash)
     }
+
+    /// The 16 bytes of a digest's `sum` (big-endian).
+    pub fn to_bytes(self) -> Vec<u8> {
+        self.0.to_be_bytes().to_vec()
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<ContentHash> {
+        <[u8; 16]>::try_from(b).ok().map(|a| ContentHash(u128::from_be_bytes(a)))
+    }
+}
+
+/// One service's contribution to a node's version: its entry's hash plus its endpoints'. A
+/// node's version is the sum of these over its services; a Digest lists them.
+pub fn service_sum<'a>(service: &Service, endpoints: impl IntoIterator<Item = &'a Endpoint>) -> ContentHash {
+    let mut sum = ContentHash::from(service_hash(service));
+    endpoints.into_iter().for_each(|e| sum.add(endpoint_hash(e)));
+    sum
 }
 
 impl fmt::Debug for ContentHash {
@@ -123,5 +140,7 @@ mod tests {
         assert_eq!(ContentHash::parse_version(&v.to_version()), Some(v));
         assert_eq!(ContentHash::parse_version("xyz"), None);
         assert_eq!(ContentHash::parse_version(&"g".repeat(32)), None);
+        assert_eq!(ContentHash::from_bytes(&v.to_bytes()), Some(v));
+        assert_eq!(ContentHash::from_bytes(&[1, 2, 3]), None);
     }
 }

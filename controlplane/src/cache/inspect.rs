@@ -94,6 +94,7 @@ impl Cache {
             base_version: None,
             full: true,
             content: snapshot_content(&st, &info),
+            send_digest: false,
         };
         Ok((planned, st.head, info))
     }
@@ -116,6 +117,7 @@ impl Cache {
                 base_version: Some(base),
                 full: false,
                 content: merged.into_content(),
+                send_digest: false,
             },
             st.head,
         ))

@@ -28,6 +28,8 @@ pub(super) struct InFlight {
     pub version: ContentHash,
     pub seq: u64,
     pub generation: u64,
+    /// A request for the node's digest, not an update.
+    pub digest_request: bool,
 }
 
 /// A version the node is known to run, and the change sequence number it corresponds to.
@@ -52,6 +54,12 @@ pub(super) struct NodeTrack {
     pub acked: Option<Point>,
     /// The version a (re)subscribing node reported before the cache had published.
     pub reported: Option<ContentHash>,
+    /// A version the node reported that this controlplane never produced (another replica's,
+    /// or one from before a restart): the node is asked for its digest instead of being sent
+    /// a snapshot.
+    pub unknown_reported: Option<ContentHash>,
+    /// The node's digest, the base of its next delta.
+    pub digest: Option<super::NodeDigest>,
     pub force_snapshot: bool,
     /// The desired version the node last rejected: not resent until it changes or the retry
     /// timer of the stream clears it, so a node that cannot apply is not hammered.
@@ -73,6 +81,8 @@ impl NodeTrack {
             in_flight: None,
             acked: None,
             reported: None,
+            unknown_reported: None,
+            digest: None,
             force_snapshot: false,
             rejected: None,
             last_nack: String::new(),
@@ -97,6 +107,7 @@ impl NodeTrack {
             && r == version
         {
             self.acked = Some(Point { version, seq: head, generation: self.generation });
+            self.unknown_reported = None;
         }
         self.wake();
     }
@@ -159,8 +170,10 @@ impl Cache {
         let reported = ContentHash::parse_version(&sub.applied_version);
         // Work out where the node stands. The in-flight update of a previous stream may have
         // been applied even though its ack never arrived.
-        let lost_ack = track.in_flight.take();
+        let lost_ack = track.in_flight.take().filter(|f| !f.digest_request);
         track.rejected = None;
+        track.digest = None;
+        track.unknown_reported = None;
         track.acked = match reported {
             None => None,
             Some(v) if synced && v == track.version => {
@@ -174,6 +187,7 @@ impl Cache {
                 if !synced {
                     track.reported = Some(v);
                 }
+                track.unknown_reported = Some(v);
                 None
             }
         };
@@ -236,6 +250,26 @@ impl Cache {
         if track.rejected == Some(track.version) {
             return None;
         }
+        if !track.force_snapshot && track.acked.is_none() {
+            if let Some(digest) = track.digest.take() {
+                return self.delta_from_digest(st, node, digest, head);
+            }
+            if let Some(reported) = track.unknown_reported {
+                let nonce = self.next_nonce();
+                let generation = track.generation;
+                track.in_flight =
+                    Some(InFlight { nonce, version: reported, seq: head, generation, digest_request: true });
+                tracing::info!(node, %reported, "node runs a version this controlplane does not know: asking for its digest");
+                return Some(PlannedUpdate {
+                    nonce,
+                    version: reported,
+                    base_version: None,
+                    full: false,
+                    content: UpdateContent::default(),
+                    send_digest: true,
+                });
+            }
+        }
         let delta = match (track.force_snapshot, track.acked) {
             (false, Some(a)) if a.version == track.version => {
                 // Changes since cancelled out; move the node's point forward so later deltas
@@ -255,8 +289,68 @@ impl Cache {
         };
         let track = st.nodes.get_mut(node).expect("tracked");
         track.force_snapshot = false;
-        track.in_flight = Some(InFlight { nonce, version: track.version, seq: head, generation: track.generation });
-        Some(PlannedUpdate { nonce, version: track.version, base_version, full, content })
+        track.unknown_reported = None;
+        let generation = track.generation;
+        track.in_flight =
+            Some(InFlight { nonce, version: track.version, seq: head, generation, digest_request: false });
+        Some(PlannedUpdate { nonce, version: track.version, base_version, full, content, send_digest: false })
+    }
+
+    /// The delta that brings a node from what its digest says to its desired state: every
+    /// service whose sum differs is replaced whole (removed and upserted in one update), those
+    /// it should not have are removed. Nothing when they agree: the node is current.
+    fn delta_from_digest(
+        &self,
+        st: &mut State,
+        node: &str,
+        digest: super::NodeDigest,
+        head: u64,
+    ) -> Option<PlannedUpdate> {
+        let info = track_info(st, node);
+        let content = digest_delta(st, &info, &digest);
+        let nonce = self.next_nonce();
+        let track = st.nodes.get_mut(node).expect("tracked");
+        if content.entry_count() == 0 {
+            tracing::info!(node, version = %digest.version, "node's digest matches its desired state");
+            track.acked = Some(Point { version: track.version, seq: head, generation: track.generation });
+            track.wake();
+            return None;
+        }
+        tracing::info!(node, base = %digest.version, services = content.services_upserted.len() + content.services_removed.len(), "delta from the node's digest");
+        let generation = track.generation;
+        track.in_flight =
+            Some(InFlight { nonce, version: track.version, seq: head, generation, digest_request: false });
+        Some(PlannedUpdate {
+            nonce,
+            version: track.version,
+            base_version: Some(digest.version),
+            full: false,
+            content,
+            send_digest: false,
+        })
+    }
+
+    /// The node's digest answering the request in flight. An inconsistent digest (its sums do
+    /// not add up to its version) gets the node a snapshot.
+    pub fn on_digest(&self, node: &str, conn: ConnId, nonce: u64, digest: super::NodeDigest) {
+        let mut st = self.lock();
+        let Some(track) = st.nodes.get_mut(node) else { return };
+        if track.conn.as_ref().is_none_or(|c| c.id != conn) {
+            return;
+        }
+        if track.in_flight.is_none_or(|f| !f.digest_request || f.nonce != nonce) {
+            tracing::warn!(node, nonce, "digest that was not asked for; ignored");
+            return;
+        }
+        track.in_flight = None;
+        track.unknown_reported = None;
+        if digest.is_consistent() {
+            track.digest = Some(digest);
+        } else {
+            tracing::warn!(node, version = %digest.version, "the node's digest does not add up to its version; sending a snapshot");
+            track.force_snapshot = true;
+        }
+        track.wake();
     }
 
     /// Handles an ACK or NACK from the node's current stream.
@@ -271,6 +365,13 @@ impl Cache {
             return;
         };
         track.in_flight = None;
+        if sent.digest_request {
+            // An agent that does not know digests: a snapshot, as before digests existed.
+            track.unknown_reported = None;
+            track.force_snapshot = true;
+            track.wake();
+            return;
+        }
         track.last_apply_micros = ack.apply_micros;
         track.last_ack_ms = now_ms();
         let reported = ContentHash::parse_version(&ack.version);
@@ -303,6 +404,26 @@ fn non_empty(s: &str) -> Option<String> {
 
 fn track_info(st: &State, node: &str) -> NodeInfo {
     st.nodes[node].info.clone()
+}
+
+/// What differs between a node's digest and its desired state (see `delta_from_digest`).
+fn digest_delta(st: &State, node: &NodeInfo, digest: &super::NodeDigest) -> UpdateContent {
+    let mut c = UpdateContent::default();
+    let ref_of = |k: &crate::model::ServiceKey| pb::ServiceRef { namespace: k.namespace.clone(), name: k.name.clone() };
+    for (key, entry) in &st.entries {
+        let view = entry.view(&entry.prepared.class_of(node));
+        match digest.services.get(key) {
+            Some(sum) if *sum == view.sum => continue,
+            Some(_) => c.services_removed.push(ref_of(key)),
+            None => {}
+        }
+        c.services_upserted.push(entry.prepared.wire.clone());
+        if !view.endpoints.is_empty() {
+            c.endpoint_views.push(view);
+        }
+    }
+    c.services_removed.extend(digest.services.keys().filter(|k| !st.entries.contains_key(*k)).map(ref_of));
+    c
 }
 
 /// Every entry of a node's desired state.

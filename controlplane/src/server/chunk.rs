@@ -28,6 +28,7 @@ enum Section {
 /// acts on.
 pub struct Chunks {
     nonce: u64,
+    send_digest: bool,
     version: String,
     base_version: String,
     full: bool,
@@ -43,7 +44,8 @@ pub struct Chunks {
 pub fn chunk_update(plan: PlannedUpdate, max_bytes: usize) -> Chunks {
     Chunks {
         nonce: plan.nonce,
-        version: plan.version.to_version(),
+        send_digest: plan.send_digest,
+        version: if plan.send_digest { String::new() } else { plan.version.to_version() },
         base_version: plan.base_version.map(|v| v.to_version()).unwrap_or_default(),
         full: plan.full,
         max_bytes,
@@ -154,6 +156,7 @@ impl Iterator for Chunks {
             base_version: self.base_version.clone(),
             full: self.full,
             more: true,
+            send_digest: self.send_digest,
             ..Default::default()
         };
         let mut size = 0;
@@ -194,7 +197,7 @@ mod tests {
         }
         content.services_removed.push(pb::ServiceRef { namespace: "a".into(), name: "b".into() });
         content.causes.push(pb::TraceContext { traceparent: "00-1-2-01".into(), ..Default::default() });
-        PlannedUpdate { nonce: 7, version: ContentHash(5), base_version: None, full: true, content }
+        PlannedUpdate { nonce: 7, version: ContentHash(5), base_version: None, full: true, content, send_digest: false }
     }
 
     #[test]
@@ -261,9 +264,27 @@ mod tests {
             base_version: Some(ContentHash(1)),
             full: false,
             content: UpdateContent::default(),
+            send_digest: false,
         };
         let chunks: Vec<_> = chunk_update(p, 1 << 20).collect();
         assert_eq!(chunks.len(), 1);
         assert!(!chunks[0].more);
+    }
+
+    #[test]
+    fn a_digest_request_is_one_empty_message_without_version() {
+        let p = PlannedUpdate {
+            nonce: 9,
+            version: ContentHash(1),
+            base_version: None,
+            full: false,
+            content: UpdateContent::default(),
+            send_digest: true,
+        };
+        let chunks: Vec<_> = chunk_update(p, 1 << 20).collect();
+        assert_eq!(chunks.len(), 1);
+        let c = &chunks[0];
+        assert!(c.send_digest && !c.more && !c.full);
+        assert_eq!((c.nonce, c.version.as_str(), c.base_version.as_str()), (9, "", ""));
     }
 }

@@ -2,12 +2,14 @@
 
 use super::chunk::chunk_update;
 use crate::cache::log::UpdateContent;
-use crate::cache::{Cache, PlannedUpdate};
+use crate::cache::{Cache, NodeDigest, PlannedUpdate};
+use crate::model::ServiceKey;
 use crate::trace_context::{from_wire, to_wire};
 use futures::Stream;
 use kpx_auth::{Access, Caller};
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::node_message::Msg;
+use kpx_proto::version::ContentHash;
 use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
 use prost::Message;
 use std::pin::Pin;
@@ -121,6 +123,8 @@ impl NodeStream {
         let mut carried: Option<(u64, std::time::Instant)> = None;
         let expiry = credential_expiry(self.credential_expires);
         tokio::pin!(expiry);
+        // A digest being received (it may span several messages).
+        let mut digest: Option<(u64, NodeDigest)> = None;
         let end = loop {
             wake.borrow_and_update();
             if !self.cache.is_current(&self.node, self.conn) {
@@ -134,7 +138,11 @@ impl NodeStream {
                 };
                 tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
                 carried = plan.content.oldest_change.map(|t| (plan.nonce, t));
-                let full = plan.full;
+                let kind = match (plan.full, plan.send_digest) {
+                    (true, _) => "snapshot",
+                    (false, true) => "digest_request",
+                    (false, false) => "delta",
+                };
                 let send = send_span(&self.node, &mut plan);
                 last_send = send.w3c();
                 let (mut closed, mut bytes) = (false, 0usize);
@@ -150,7 +158,7 @@ impl NodeStream {
                 if closed {
                     break "stream closed";
                 }
-                self.cache.metrics().sent(full, bytes);
+                self.cache.metrics().sent(kind, bytes);
             }
             let rejected = self.cache.is_rejected(&self.node);
             tokio::select! {
@@ -162,8 +170,16 @@ impl NodeStream {
                         let oldest = carried.take().filter(|(n, _)| *n == ack.nonce).map(|(_, t)| t);
                         self.cache.metrics().ack(!ack.error.is_empty(), oldest);
                     }
+                    Ok(Some(pb::NodeMessage { msg: Some(Msg::Digest(d)) })) => match collect_digest(&mut digest, d) {
+                        Ok(None) => {}
+                        Ok(Some((nonce, complete))) => self.cache.on_digest(&self.node, self.conn, nonce, complete),
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::invalid_argument(e))).await;
+                            break "protocol error";
+                        }
+                    },
                     Ok(Some(_)) => {
-                        let _ = tx.send(Err(Status::invalid_argument("only Ack may follow Subscribe on a Sync stream"))).await;
+                        let _ = tx.send(Err(Status::invalid_argument("only Ack or Digest may follow Subscribe on a Sync stream"))).await;
                         break "protocol error";
                     }
                     Ok(None) => break "node closed the stream",
@@ -254,6 +270,30 @@ fn ack_span(node: &str, ack: &pb::Ack, sent: Option<W3c>) -> DistSpan {
         span.error(ack.error.clone());
     }
     span
+}
+
+/// The most services a digest may list (a node never has more than the cluster's services;
+/// this bounds what a broken or hostile node can make the controlplane hold).
+const MAX_DIGEST_SERVICES: usize = 1_000_000;
+
+/// Adds one Digest message to the one being received; the whole digest once its last message
+/// arrived. Errors are protocol violations (the stream ends).
+fn collect_digest(pending: &mut Option<(u64, NodeDigest)>, d: pb::Digest) -> Result<Option<(u64, NodeDigest)>, String> {
+    let version =
+        ContentHash::parse_version(&d.version).ok_or_else(|| format!("digest version {:?} is invalid", d.version))?;
+    let (nonce, acc) = pending.get_or_insert_with(|| (d.nonce, NodeDigest { version, ..NodeDigest::default() }));
+    if *nonce != d.nonce || acc.version != version {
+        return Err("the messages of one digest disagree on nonce or version".into());
+    }
+    for s in d.services {
+        let sum = ContentHash::from_bytes(&s.sum)
+            .ok_or_else(|| format!("digest of {}/{}: sum is not 16 bytes", s.namespace, s.name))?;
+        acc.services.insert(ServiceKey::new(s.namespace, s.name), sum);
+    }
+    if acc.services.len() > MAX_DIGEST_SERVICES {
+        return Err(format!("a digest may list at most {MAX_DIGEST_SERVICES} services"));
+    }
+    Ok(if d.more { None } else { pending.take() })
 }
 
 /// Resolves when the credential expires (never for credentials without an end).

@@ -147,3 +147,48 @@ fn an_empty_service_can_be_replaced() {
     }
     assert_eq!(st.services().len(), 1);
 }
+
+#[test]
+fn a_digest_lists_every_service_sum_in_messages_of_bounded_size() {
+    let services: Vec<pb::Service> = (0..20_000).map(|i| svc(&format!("service-with-a-long-name-{i}"))).collect();
+    let endpoints: Vec<pb::Endpoint> = (0..20_000)
+        .map(|i| ep(&format!("service-with-a-long-name-{i}"), &format!("10.0.{}.{}", i / 250, i % 250)))
+        .collect();
+    let st = AppliedState::with(services, endpoints).unwrap();
+    let digest = st.digest(42);
+    assert!(digest.len() > 1, "20,000 services need more than one message");
+    assert!(digest.iter().all(|d| d.nonce == 42 && d.encoded_len() <= 600 * 1024));
+    assert!(digest[..digest.len() - 1].iter().all(|d| d.more) && !digest.last().unwrap().more);
+    let mut total = ContentHash::EMPTY;
+    let mut listed = 0;
+    for d in &digest {
+        assert_eq!(d.version, st.version().unwrap().to_version());
+        for s in &d.services {
+            total.apply(ContentHash::EMPTY, ContentHash::from_bytes(&s.sum).unwrap());
+            listed += 1;
+        }
+    }
+    assert_eq!(listed, 20_000);
+    assert_eq!(Some(total), st.version(), "the sums add up to the version");
+}
+
+#[test]
+fn a_replaced_service_is_removed_and_upserted_in_one_delta() {
+    let mut st = AppliedState::with(vec![svc("web")], vec![ep("web", "10.0.0.1"), ep("web", "10.0.0.2")]).unwrap();
+    let base = st.version().unwrap().to_version();
+    let mut web = svc("web");
+    web.cluster_ips = vec!["10.96.0.99".into()];
+    let version = version_of(&[web.clone()], &[ep("web", "10.0.0.3")]);
+    let delta = pb::Update {
+        version,
+        base_version: base,
+        services_removed: vec![pb::ServiceRef { namespace: "ns".into(), name: "web".into() }],
+        services_upserted: vec![web],
+        endpoints_upserted: vec![ep("web", "10.0.0.3")],
+        ..Default::default()
+    };
+    let changes = st.apply(&delta).unwrap();
+    assert_eq!(changes.services.iter().collect::<Vec<_>>(), ["ns/web"]);
+    let eps: Vec<&String> = st.services()["ns/web"].endpoints.keys().collect();
+    assert_eq!(eps, ["10.0.0.3"], "the old endpoints went with the removal");
+}
