@@ -71,16 +71,23 @@ async fn killing_a_replica_under_a_change_stream_costs_no_snapshot_and_no_reappl
     }
     let bin = Path::new(env!("CARGO_BIN_EXE_kpx-controlplane"));
     let dir = manifests.path().to_path_buf();
-    let (a, b) = tokio::task::spawn_blocking(move || (ControlplaneProcess::start(bin, &dir), ControlplaneProcess::start(bin, &dir)))
-        .await
-        .unwrap();
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        (ControlplaneProcess::start(bin, &dir), ControlplaneProcess::start(bin, &dir))
+    })
+    .await
+    .unwrap();
     let survivor_url = b.url();
     let front = format!("http://{}", balancer(vec![a.addr, b.addr]).await);
 
     // Two nodes, each with the real reconnect loop; every applied update is recorded.
     let mut applied: Vec<Arc<Mutex<Vec<(String, bool)>>>> = Vec::new();
     for name in ["node-a", "node-b"] {
-        let identity = NodeIdentity { node_name: name.into(), backend: "sim".into(), ip_families: vec!["IPv4".into()], zone: String::new() };
+        let identity = NodeIdentity {
+            node_name: name.into(),
+            backend: "sim".into(),
+            ip_families: vec!["IPv4".into()],
+            zone: String::new(),
+        };
         let mut session = Session::new(identity, Box::new(Accept) as Box<dyn kpx_dataplane::stream::Apply>);
         let (tx, mut rx) = mpsc::unbounded_channel();
         session.events = Some(tx);
@@ -96,7 +103,14 @@ async fn killing_a_replica_under_a_change_stream_costs_no_snapshot_and_no_reappl
         let front = front.clone();
         tokio::spawn(async move {
             let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
-            kpx_dataplane::stream::run_forever(&mut session, &front, &ClientCredentials::default(), backoff, std::future::pending()).await;
+            kpx_dataplane::stream::run_forever(
+                &mut session,
+                &front,
+                &ClientCredentials::default(),
+                backoff,
+                std::future::pending(),
+            )
+            .await;
         });
     }
 

@@ -296,7 +296,7 @@ fn bench_render(a: &Args, m: &Model) -> String {
 
     // What else a full sync and a partial sync compute in process (no kernel).
     let t = Instant::now();
-    let previous = PreviousRules::from_state(&cfg, &m.state);
+    let previous = PreviousRules::from_state(&m.state);
     let from_state = t.elapsed();
     let mut probe = Model { state: m.state.clone(), hash: m.hash, next_ip: m.next_ip };
     let mut rng = StdRng::seed_from_u64(a.seed);
@@ -311,9 +311,9 @@ fn bench_render(a: &Args, m: &Model) -> String {
     }
     let mut prev = previous.clone();
     let t = Instant::now();
-    prev.update(&cfg, &probe.state, &changes);
+    prev.update(&probe.state, &changes);
     let update = t.elapsed();
-    println!("   full sync also runs PreviousRules::from_state (renders every service again): {}", ms(from_state));
+    println!("   full sync also runs PreviousRules::from_state (shares the state's entries): {}", ms(from_state));
     println!(
         "   one-endpoint change in process: render_partial {:.1} µs ({} lines, {} bytes), PreviousRules::update {:.1} µs",
         median(&partial).as_secs_f64() * 1e6,

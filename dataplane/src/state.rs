@@ -40,7 +40,7 @@ pub struct ChangeSet {
     pub services: BTreeSet<String>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct ServiceEntry {
     pub service: pb::Service,
     /// By IP.

@@ -74,7 +74,7 @@ fn render_case(
         let cfg = random_cfg(family, i);
         let [full1, partial, full2] = &mut inputs[fam_index(family)];
         render::render_full(&cfg, s1, full1);
-        let previous = PreviousRules::from_state(&cfg, s1);
+        let previous = PreviousRules::from_state(s1);
         render::render_partial(&cfg, s2, changes, &previous, partial);
         render::render_full(&cfg, s2, full2);
         for (what, text) in [("full", &*full1), ("partial", &*partial), ("full after the delta", &*full2)] {

@@ -212,8 +212,6 @@ pub struct IptablesBackend {
     chunks: Vec<String>,
     /// Whether the restore command is iptables-nft, once known.
     nft: Option<bool>,
-    /// Rules outside the per-service ones (top-level chains, canary), from the last full sync.
-    fixed: RuleCounts,
     stats: BackendStats,
 }
 
@@ -235,7 +233,6 @@ impl IptablesBackend {
             splits: None,
             chunks: Vec::new(),
             nft: None,
-            fixed: RuleCounts::default(),
             stats: BackendStats::default(),
         }
     }
@@ -437,15 +434,28 @@ impl IptablesBackend {
             (self.builtin_chains("filter")?, self.save("nat")?)
         };
         let plan = self.prepare_full(state, &saved_filter, &saved_nat)?;
+        // The kernel's tables as text, parsed: tens of MiB at 10k services, not needed now.
+        drop((saved_filter, saved_nat));
         self.restore(true)?;
+        self.release_large_inputs();
         let (filter, nat) = plan.rendered;
-        let total = RuleCounts { filter: filter + 1, nat: nat + 1 };
-        self.previous = plan.previous.unwrap_or_else(|| PreviousRules::from_state(&self.render, state));
-        let services = self.previous.services.values().fold(RuleCounts::default(), |acc, r| add(acc, counts(r)));
-        self.fixed = RuleCounts { filter: total.filter - services.filter, nat: total.nat - services.nat };
-        self.stats.rules = total;
+        self.stats.rules = RuleCounts { filter: filter + 1, nat: nat + 1 };
+        self.previous = PreviousRules::from_state(state);
         self.stats.last_unchanged_chains = plan.unchanged;
+        tracing::debug!(family = ?self.cfg.family, split = plan.split, unchanged = plan.unchanged, "full sync done");
         Ok(())
+    }
+
+    /// A full sync's input is tens of MiB at 10k services: once restored it is only kept when
+    /// small (for `last_restore_input`, diagnostics and tests), so that the agent's memory
+    /// follows the state, not the ruleset's text.
+    fn release_large_inputs(&mut self) {
+        const KEEP: usize = 8 << 20;
+        if self.buf.capacity() + self.chunks.iter().map(String::capacity).sum::<usize>() > KEEP {
+            self.buf = String::new();
+            self.chunks = Vec::new();
+            self.splits = None;
+        }
     }
 
     /// The restore input(s) of a full sync over the tables `saved_filter` and `saved_nat`
@@ -476,23 +486,20 @@ impl IptablesBackend {
         // restore whatever the split.
         let max = self.cfg.full_sync_chunk_rules;
         let to_write = unchanged.rendered_rules - unchanged.rules;
-        let previous = if max > 0 && to_write > max && self.is_nft() {
+        let split = max > 0 && to_write > max && self.is_nft();
+        if split {
             let mut first = String::new();
             split::first_restore(&self.buf, saved_nat, &mut first);
             self.chunks.push(first);
-            let previous = split::service_chunks(&self.render, state, max, &unchanged.chains, &mut self.chunks);
+            split::service_chunks(&self.render, state, max, &unchanged.chains, &mut self.chunks);
             self.buf = split::keep_top_level(&self.buf);
             tracing::debug!(family = ?self.cfg.family, restores = self.chunks.len() + 1, "full sync split");
-            Some(previous)
-        } else {
-            if !unchanged.chains.is_empty() {
-                // Copied back to keep the buffer's capacity for the next render.
-                let kept = unchanged::without_chains(&self.buf, &unchanged.chains);
-                self.buf.clear();
-                self.buf.push_str(&kept);
-            }
-            None
-        };
+        } else if !unchanged.chains.is_empty() {
+            // Copied back to keep the buffer's capacity for the next render.
+            let kept = unchanged::without_chains(&self.buf, &unchanged.chains);
+            self.buf.clear();
+            self.buf.push_str(&kept);
+        }
         tracing::debug!(
             family = ?self.cfg.family,
             unchanged_chains = unchanged.chains.len(),
@@ -518,7 +525,7 @@ impl IptablesBackend {
         if added_filter + added_nat > 0 || !stale.is_empty() {
             tracing::info!(family = ?self.cfg.family, jumps_added = added_filter + added_nat, stale_chains = stale.len(), "full sync adopts the kernel's rules");
         }
-        Ok(FullPlan { rendered: (filter, nat), previous, unchanged: unchanged.chains.len() })
+        Ok(FullPlan { rendered: (filter, nat), split, unchanged: unchanged.chains.len() })
     }
 
     fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), IptablesError> {
@@ -537,15 +544,11 @@ impl IptablesBackend {
         self.restore(false)?;
         let mut rules = self.stats.rules;
         for k in &changes.services {
-            if let Some(old) = self.previous.services.get(k) {
-                rules = sub(rules, counts(old));
-            }
+            rules = sub(rules, counts(&self.previous.rules_of(&self.render, k)));
         }
-        self.previous.update(&self.render, state, changes);
+        self.previous.update(state, changes);
         for k in &changes.services {
-            if let Some(new) = self.previous.services.get(k) {
-                rules = add(rules, counts(new));
-            }
+            rules = add(rules, counts(&self.previous.rules_of(&self.render, k)));
         }
         self.stats.rules = rules;
         Ok(())
@@ -669,8 +672,8 @@ impl Apply for IptablesBackend {
 struct FullPlan {
     /// Rule lines of the whole rendered ruleset (filter, nat), whatever the restore writes.
     rendered: (usize, usize),
-    /// What a split sync rendered per service (None: render it from the state).
-    previous: Option<PreviousRules>,
+    /// Whether the per-service chains went in chunks of their own (iptables-nft).
+    split: bool,
     /// Per-service chains left as they are.
     unchanged: usize,
 }

@@ -21,10 +21,10 @@
 //! A failing restore fails the sync as a single restore would (the backend retries once with a
 //! full sync). iptables-legacy rewrites the whole table on every restore, so it keeps one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use crate::backend::iptables::chains;
-use crate::backend::iptables::render::{self, PreviousRules, RenderConfig};
+use crate::backend::iptables::render::{self, RenderConfig};
 use crate::backend::iptables::saved::{SERVICE_CHAIN_PREFIXES, SavedTable};
 use crate::state::AppliedState;
 
@@ -79,16 +79,14 @@ pub fn first_restore(full: &str, saved_nat: &SavedTable, out: &mut String) {
 /// The per-service chains of `state`, as `*nat` restores of whole services holding at most
 /// `max_rules` rules each (a larger service goes alone), appended to `out`. The chains in
 /// `unchanged` (already in the kernel as rendered) are left out; the rest of a service still
-/// goes in one restore. Every service is rendered once, and what was rendered (unchanged
-/// chains included) is returned as the rules now installed.
+/// goes in one restore. Every service is rendered once.
 pub fn service_chunks(
     cfg: &RenderConfig,
     state: &AppliedState,
     max_rules: usize,
     unchanged: &HashSet<String>,
     out: &mut Vec<String>,
-) -> PreviousRules {
-    let mut services = BTreeMap::new();
+) {
     let (mut decl, mut rules, mut n) = (String::new(), String::new(), 0);
     let flush = |decl: &mut String, rules: &mut String, out: &mut Vec<String>| {
         let mut chunk = String::with_capacity(decl.len() + rules.len() + 16);
@@ -100,7 +98,7 @@ pub fn service_chunks(
         decl.clear();
         rules.clear();
     };
-    for (key, entry) in state.services() {
+    for entry in state.services().values() {
         let r = render::render_service(cfg, entry);
         let written = || r.chains.iter().filter(|(c, _)| !unchanged.contains(c));
         let count: usize = written().map(|(_, l)| l.len()).sum();
@@ -118,12 +116,10 @@ pub fn service_chunks(
             }
         }
         n += count;
-        services.insert(key.clone(), r);
     }
     if !decl.is_empty() {
         flush(&mut decl, &mut rules, out);
     }
-    PreviousRules { services }
 }
 
 /// Drops the per-service chains (declarations and rules) from the `*nat` section of `full`,

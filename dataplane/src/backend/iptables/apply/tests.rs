@@ -275,8 +275,9 @@ fn nft_full_sync_is_split_by_service() {
             assert!(seen.insert(c.to_string()), "{c} declared twice");
         }
     }
-    let previous = PreviousRules::from_state(&b.render, &st);
-    for (key, r) in &previous.services {
+    let previous = PreviousRules::from_state(&st);
+    for key in previous.keys() {
+        let r = previous.rules_of(&b.render, key);
         let holders: Vec<usize> = chunks
             .iter()
             .enumerate()
@@ -285,7 +286,7 @@ fn nft_full_sync_is_split_by_service() {
             .collect();
         assert_eq!(holders.len(), 1, "{key} is in chunks {holders:?}");
     }
-    assert_eq!(seen.len(), previous.chains().len());
+    assert_eq!(seen.len(), previous.chains(&b.render).len());
     assert_eq!(b.previous, previous, "what the chunks installed is recorded");
 
     // KUBE-SERVICES is written only by the last restore, which has no service chain.
@@ -461,9 +462,10 @@ fn chains_written(input: &str) -> BTreeSet<&str> {
 fn full_resync_writes_only_the_chains_that_differ() {
     let st = many(6, 3);
     let render = IptablesConfig::new(IpFamily::V4, "node1").render_config();
-    let previous = PreviousRules::from_state(&render, &st);
-    let chains_of =
-        |key: &str| -> Vec<String> { previous.services[key].chains.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>() };
+    let previous = PreviousRules::from_state(&st);
+    let chains_of = |key: &str| -> Vec<String> {
+        previous.rules_of(&render, key).chains.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>()
+    };
     // ns/s0 is a NodePort (SVC, EXT, 3 SEP); the others SVC and 3 SEP.
     let (svc1, sep2, sep3) =
         (chains_of("ns/s1")[0].clone(), chains_of("ns/s2")[1].clone(), chains_of("ns/s3")[1].clone());
@@ -484,7 +486,7 @@ fn full_resync_writes_only_the_chains_that_differ() {
     // The kernel holds all of it: no per-service chain is written, the top-level ones are.
     let mut b = fresh();
     let plan2 = b.prepare_full(&st, &empty, &SavedTable::parse(&identical)).unwrap();
-    assert_eq!(plan2.unchanged, previous.chains().len());
+    assert_eq!(plan2.unchanged, previous.chains(&render).len());
     assert_eq!(plan2.rendered, plan.rendered, "the counts are those of the whole ruleset");
     let input = b.last_restore_input();
     assert!(chains_written(&input).is_empty(), "{input}");
@@ -515,7 +517,7 @@ fn full_resync_writes_only_the_chains_that_differ() {
     }
     let mut b = fresh();
     let plan3 = b.prepare_full(&st, &empty, &SavedTable::parse(&drifted)).unwrap();
-    assert_eq!(plan3.unchanged, previous.chains().len() - 3);
+    assert_eq!(plan3.unchanged, previous.chains(&render).len() - 3);
     assert_eq!(plan3.rendered, plan.rendered);
     let input = b.last_restore_input();
     assert_eq!(
@@ -544,7 +546,7 @@ fn full_resync_writes_only_the_chains_that_differ() {
     let mut b = IptablesBackend::new(off);
     let plan4 = b.prepare_full(&st, &empty, &SavedTable::parse(&identical)).unwrap();
     assert_eq!(plan4.unchanged, 0);
-    assert_eq!(chains_written(&b.last_restore_input()).len(), previous.chains().len());
+    assert_eq!(chains_written(&b.last_restore_input()).len(), previous.chains(&render).len());
 }
 
 /// On iptables-nft, a resync split into chunks only carries the chains that differ, each
@@ -560,7 +562,7 @@ fn nft_split_resync_writes_only_the_chains_that_differ() {
     let plan = b.prepare_full(&st, &empty, &empty).unwrap();
     let everything = b.restore_inputs();
     assert!(everything.len() > 3);
-    let previous = plan.previous.expect("split");
+    assert!(plan.split);
     let identical = as_saved_nat(&everything.concat());
 
     // Nothing differs: one restore, no chunk, no per-service chain.
@@ -568,7 +570,7 @@ fn nft_split_resync_writes_only_the_chains_that_differ() {
     let plan = b.prepare_full(&st, &empty, &SavedTable::parse(&identical)).unwrap();
     assert_eq!(b.restore_inputs().len(), 1);
     assert!(chains_written(&b.last_restore_input()).is_empty());
-    assert_eq!(plan.previous, None, "rendered from the state after the restore");
+    assert!(!plan.split, "nothing to write: no chunks");
 
     // Every service's SVC chain differs (one rule gone from each): still over the limit, so
     // split, with only SVC chains in the chunks.
@@ -576,7 +578,7 @@ fn nft_split_resync_writes_only_the_chains_that_differ() {
         identical.lines().filter(|l| !l.contains("--probability 0.5")).map(|l| format!("{l}\n")).collect();
     let mut b = IptablesBackend::new(cfg.clone());
     let plan = b.prepare_full(&st, &empty, &SavedTable::parse(&drifted)).unwrap();
-    assert_eq!(plan.previous.as_ref(), Some(&previous), "the whole ruleset is recorded");
+    assert!(plan.split);
     let inputs = b.restore_inputs();
     assert!(inputs.len() > 2, "{} restores", inputs.len());
     let chunks = &inputs[1..inputs.len() - 1];

@@ -377,7 +377,7 @@ fn synced(extra: Vec<pb::Service>) -> (AppliedState, PreviousRules) {
     let mut services = vec![svc1(0), h];
     services.extend(extra);
     let st = state(services, [svc1_eps([false, false]), h_eps].concat());
-    let prev = PreviousRules::from_state(&cfg(), &st);
+    let prev = PreviousRules::from_state(&st);
     (st, prev)
 }
 
