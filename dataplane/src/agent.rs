@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub cluster_cidr: Option<String>,
     pub node_ips: Vec<IpAddr>,
     pub masquerade_all: bool,
+    /// Node ports also on 127.0.0.1 (kube-proxy's `localhostNodePorts`; iptables, IPv4).
+    pub localhost_node_ports: bool,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
     pub ip_families: Vec<IpFamily>,
@@ -69,6 +71,10 @@ pub enum AgentError {
     BackendUnavailable { backend: String, reason: String },
     #[error("backend ipvs is not usable on this node and --no-ipvs-fallback is set: {0}")]
     IpvsUnavailable(#[source] kpx_ipvs_netlink::IpvsError),
+    #[error(
+        "localhost node ports need net.ipv4.conf.all.route_localnet=1, which cannot be set: {0} (turn them off with --iptables-localhost-nodeports=false or iptables.localhostNodePorts: false)"
+    )]
+    RouteLocalnet(#[source] crate::backend::iptables::exec::ExecError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -93,6 +99,7 @@ pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, Agen
         cfg.cluster_cidr = config.cluster_cidr.clone();
         cfg.masquerade_all = config.masquerade_all;
         cfg.node_ips = config.node_ips.clone();
+        cfg.localhost_node_ports = config.localhost_node_ports;
         cfg.full_resync_period = config.full_resync_period;
         cfg.netns = config.netns.clone();
         cfg.dry_run = config.backend == BackendKind::DryRun;
@@ -102,6 +109,9 @@ pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, Agen
                 reason: e.to_string(),
             })?;
             tracing::info!(family = family_name(*family), %version, "iptables backend");
+            if apply::ensure_route_localnet(&cfg).map_err(AgentError::RouteLocalnet)? {
+                tracing::info!("route_localnet=1: node ports answer on 127.0.0.1 too (localhost node ports)");
+            }
         }
         out.push(IptablesBackend::new(cfg));
     }

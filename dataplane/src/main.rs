@@ -35,6 +35,10 @@ struct Flags {
     /// Masquerade all traffic to services.
     #[arg(long)]
     masquerade_all: bool,
+    /// Node ports also answer on 127.0.0.1 (iptables backend, IPv4; sets route_localnet=1),
+    /// as kube-proxy's --iptables-localhost-nodeports.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    iptables_localhost_nodeports: bool,
     /// /healthz and /livez.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
@@ -97,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         cluster_cidr: flags.cluster_cidr,
         node_ips: flags.node_ips,
         masquerade_all: flags.masquerade_all,
+        localhost_node_ports: flags.iptables_localhost_nodeports,
         healthz_bind_address: flags.healthz_bind_address,
         metrics_bind_address: flags.metrics_bind_address,
         ip_families: flags.ip_families,
