@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub backend: BackendKind,
     pub cluster_cidr: Option<String>,
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's nodePortAddresses: the node's addresses in these CIDRs, read at startup,
+    /// are added to `node_ips`.
+    pub node_port_cidrs: Vec<String>,
     pub masquerade_all: bool,
     /// Node ports also on 127.0.0.1 (kube-proxy's `localhostNodePorts`; iptables, IPv4).
     pub localhost_node_ports: bool,
@@ -59,6 +62,14 @@ pub struct AgentConfig {
     pub ipvs_scheduler: String,
     /// Use iptables when the kernel has no IPVS (else startup fails).
     pub ipvs_fallback: bool,
+    /// arp_ignore/arp_announce for the VIPs on kube-ipvs0 (kube-proxy's ipvs.strictARP).
+    pub ipvs_strict_arp: bool,
+    /// IPVS timeouts: TCP, TCP after FIN, UDP; zero leaves the kernel's.
+    pub ipvs_timeouts: [Duration; 3],
+    /// IPVS virtual servers in these CIDRs are never deleted (kube-proxy's ipvs.excludeCIDRs).
+    pub ipvs_exclude_cidrs: Vec<String>,
+    /// conntrack settings applied at startup, as kube-proxy does (iptables and ipvs backends).
+    pub conntrack: crate::config::Conntrack,
     /// The admin gRPC API (`kpx.v1.Admin`); None: not served.
     pub admin_listen: Option<SocketAddr>,
 }
@@ -75,6 +86,8 @@ pub enum AgentError {
         "localhost node ports need net.ipv4.conf.all.route_localnet=1, which cannot be set: {0} (turn them off with --iptables-localhost-nodeports=false or iptables.localhostNodePorts: false)"
     )]
     RouteLocalnet(#[source] crate::backend::iptables::exec::ExecError),
+    #[error("no address of this node is in nodePortAddresses ({0}): node ports would be served nowhere")]
+    NoNodePortAddress(String),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -135,6 +148,9 @@ pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentErro
     cfg.cluster_cidrs = config.cluster_cidr.iter().flat_map(|c| c.split(',')).map(str::to_string).collect();
     cfg.masquerade_all = config.masquerade_all;
     cfg.reconcile_period = config.sync_period;
+    cfg.strict_arp = config.ipvs_strict_arp;
+    cfg.timeouts = config.ipvs_timeouts;
+    cfg.exclude_cidrs = config.ipvs_exclude_cidrs.clone();
     match IpvsBackend::new(cfg) {
         Ok(b) => {
             tracing::info!(scheduler = %config.ipvs_scheduler, "ipvs backend");
@@ -306,7 +322,36 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpL
 
 /// Runs the agent until `shutdown` resolves. Errors only at startup (backend unusable, a port
 /// taken); afterwards problems are retried and reported through health and metrics.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// The settings kube-proxy makes at startup besides its rules: node ports on the addresses of
+/// `node_port_cidrs`, and the conntrack sysctls (not for dry-run).
+fn prepare_host(config: &mut AgentConfig) -> Result<(), AgentError> {
+    if !config.node_port_cidrs.is_empty() {
+        let runner = crate::backend::iptables::exec::Runner { netns: config.netns.clone() };
+        let out = runner.run(&["ip", "-o", "addr", "show"], &[]).map(|r| r.stdout).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot list the node's addresses for nodePortAddresses");
+            String::new()
+        });
+        let found = crate::backend::ipvs::host::addresses_in(&out, &config.node_port_cidrs);
+        tracing::info!(cidrs = ?config.node_port_cidrs, addresses = ?found, "node ports on the node's addresses in nodePortAddresses");
+        if found.is_empty() {
+            // An empty list would mean every address: refuse rather than widen.
+            return Err(AgentError::NoNodePortAddress(config.node_port_cidrs.join(",")));
+        }
+        config.node_ips.extend(found);
+    }
+    if config.backend != BackendKind::DryRun {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let failed =
+            crate::sysctl::apply(&crate::sysctl::conntrack_writes(&config.conntrack, cpus), config.netns.as_deref());
+        if !failed.is_empty() {
+            tracing::warn!(failed = ?failed, "some conntrack settings could not be applied; the proxy runs without them");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    prepare_host(&mut config)?;
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
     let backends = if config.backend == BackendKind::Ipvs {
         if ipvs.is_some() {

@@ -119,7 +119,7 @@ impl Cluster {
 
     fn spawn_dataplane(&self, node: usize) -> Dataplane {
         let n = &self.topo.nodes[node];
-        let log = self.work.path().join(format!("{}.log", n.name));
+        let log = self.log_path(node);
         let log_file = File::options().create(true).append(true).open(&log).unwrap();
         let node_ip = if self.options.node_ip { vec!["--node-ip".to_string(), n.ip4.to_string()] } else { vec![] };
         let child = Command::new(env!("CARGO_BIN_EXE_kpx-dataplane"))
@@ -189,6 +189,11 @@ impl Cluster {
             let mut c = pb::inspect_client::InspectClient::connect(url).await.ok()?;
             Some(c.list_nodes(pb::ListNodesRequest {}).await.ok()?.into_inner().nodes)
         })
+    }
+
+    /// Where node NODE's dataplane logs.
+    pub fn log_path(&self, node: usize) -> PathBuf {
+        self.work.path().join(format!("{}.log", self.topo.nodes[node].name))
     }
 
     /// `iptables-save -t TABLE` (or ip6tables-save) in node NODE's namespace.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kpx_ipvs_netlink::{Family, IpvsClient, IpvsError};
 
 use super::companion;
-use super::host::{node_addresses, set_sysctls, working_restore_cmd};
+use super::host::{self, node_addresses, set_sysctls, working_restore_cmd};
 use super::plan::{self, Desired, Index, Key, Op, PlanConfig, Table, Update};
 use crate::backend::iptables::exec::Runner;
 use crate::state::{AppliedState, ChangeSet};
@@ -44,6 +44,12 @@ pub struct IpvsConfig {
     pub restore_cmd: String,
     /// Set the sysctls IPVS needs (vs.conntrack and friends); tests on a throwaway kernel only.
     pub sysctls: bool,
+    /// arp_ignore=1/arp_announce=2 (kube-proxy's ipvs.strictARP, off by default as there).
+    pub strict_arp: bool,
+    /// IPVS timeouts set at startup: TCP, TCP after FIN, UDP; zero leaves the kernel's.
+    pub timeouts: [Duration; 3],
+    /// Virtual servers in these CIDRs are never deleted (kube-proxy's ipvs.excludeCIDRs).
+    pub exclude_cidrs: Vec<String>,
 }
 
 impl IpvsConfig {
@@ -59,6 +65,9 @@ impl IpvsConfig {
             reconcile_period: Duration::from_secs(30),
             restore_cmd: "iptables-restore".into(),
             sysctls: true,
+            strict_arp: false,
+            timeouts: [Duration::ZERO; 3],
+            exclude_cidrs: Vec::new(),
         }
     }
 
@@ -141,7 +150,14 @@ impl IpvsBackend {
     /// Without configured node addresses, NodePorts go on every address the node has now
     /// (`ip -o addr`, less loopback, link-local and the VIP interface), read once here.
     pub fn new(mut cfg: IpvsConfig) -> Result<IpvsBackend, IpvsError> {
-        let client = IpvsClient::new()?;
+        let mut client = IpvsClient::new()?;
+        if cfg.timeouts.iter().any(|t| !t.is_zero()) {
+            // As kube-proxy at startup; 0 leaves that timeout as the kernel has it.
+            let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+            let [tcp, tcp_fin, udp] = cfg.timeouts.map(secs);
+            client.set_timeouts(&kpx_ipvs_netlink::Timeouts { tcp, tcp_fin, udp })?;
+            tracing::info!(tcp, tcp_fin, udp, "ipvs timeouts set (seconds; 0: unchanged)");
+        }
         if cfg.node_ips.is_empty() {
             let ran = Runner::default().run(&["ip", "-o", "addr", "show"], &[]);
             let out = ran.map(|r| r.stdout).unwrap_or_default();
@@ -296,8 +312,8 @@ impl IpvsBackend {
         self.addrs = Some(addrs);
 
         let keys: BTreeSet<Key> = up.touched.union(&self.draining).copied().collect();
-        let (owned, node_ips) = (&self.owned, &self.cfg.node_ips);
-        let mut ops = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, node_ips, k));
+        let (owned, cfg) = (&self.owned, &self.cfg);
+        let mut ops = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, cfg, k));
         self.execute(&ops)?;
         let draining = plan::draining_among(desired, &self.table, &keys);
         self.drain(desired, draining, &mut ops)?;
@@ -331,8 +347,8 @@ impl IpvsBackend {
         let keys: BTreeSet<Key> = draining.into_iter().collect();
         if !keys.is_empty() {
             self.refresh(&keys)?;
-            let (owned, node_ips) = (&self.owned, &self.cfg.node_ips);
-            let more: Vec<Op> = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, node_ips, k))
+            let (owned, cfg) = (&self.owned, &self.cfg);
+            let more: Vec<Op> = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, cfg, k))
                 .into_iter()
                 .filter(|op| matches!(op, Op::DeleteDest(..)))
                 .collect();
@@ -350,8 +366,8 @@ impl IpvsBackend {
     }
 
     fn plan(&self, desired: &Desired) -> Vec<Op> {
-        let (owned, node_ips) = (&self.owned, &self.cfg.node_ips);
-        plan::plan(desired, &self.table, |k: &Key| owns(owned, node_ips, k))
+        let (owned, cfg) = (&self.owned, &self.cfg);
+        plan::plan(desired, &self.table, |k: &Key| owns(owned, cfg, k))
     }
 
     fn execute(&mut self, ops: &[Op]) -> Result<(), SyncError> {
@@ -442,7 +458,7 @@ impl IpvsBackend {
         self.owned.extend(addrs.iter().copied());
         self.addrs = Some(addrs);
         if self.cfg.sysctls {
-            set_sysctls();
+            set_sysctls(self.cfg.strict_arp);
         }
         Ok(())
     }
@@ -504,9 +520,12 @@ impl IpvsBackend {
 }
 
 /// Virtual servers on a VIP kpx owns, or on a node address with a port in the NodePort range,
-/// are kpx's.
-fn owns(owned: &BTreeSet<IpAddr>, node_ips: &[IpAddr], k: &Key) -> bool {
-    owned.contains(&k.addr.ip()) || (node_ips.contains(&k.addr.ip()) && plan::NODE_PORT_RANGE.contains(&k.addr.port()))
+/// are kpx's, unless their address is in `exclude_cidrs` (kube-proxy's ipvs.excludeCIDRs:
+/// someone else's, never deleted).
+fn owns(owned: &BTreeSet<IpAddr>, cfg: &IpvsConfig, k: &Key) -> bool {
+    let ip = k.addr.ip();
+    let ours = owned.contains(&ip) || (cfg.node_ips.contains(&ip) && plan::NODE_PORT_RANGE.contains(&k.addr.port()));
+    ours && !host::in_cidrs(ip, &cfg.exclude_cidrs)
 }
 
 /// The companion rules of one family as last written.
