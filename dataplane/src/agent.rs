@@ -22,6 +22,7 @@ use crate::admin::{AdminService, AdminStatus, CoreView, ViewFn};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
+use crate::backend::shadow::{ShadowBackend, ShadowFamily};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
 use crate::metrics::{Metrics, NoLocalTracker};
@@ -35,6 +36,9 @@ pub enum BackendKind {
     Ipvs,
     /// Renders iptables rules and prints them instead of applying them.
     DryRun,
+    /// Beside a live kube-proxy: renders, compares with the kernel's rules, reports; writes
+    /// nothing (see `backend::shadow`).
+    Shadow,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +135,24 @@ pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, Agen
     Ok(out)
 }
 
+/// `--backend shadow`: the iptables backend's render settings per family, without its writer.
+pub fn build_shadow(config: &AgentConfig) -> ShadowBackend {
+    let families = config
+        .ip_families
+        .iter()
+        .map(|family| {
+            let mut cfg = IptablesConfig::new(*family, &config.node_name);
+            cfg.cluster_cidr = config.cluster_cidr.clone();
+            cfg.masquerade_all = config.masquerade_all;
+            cfg.node_ips = config.node_ips.clone();
+            cfg.localhost_node_ports = config.localhost_node_ports;
+            ShadowFamily { render: cfg.render_config(), save_cmd: cfg.save_cmd.clone() }
+        })
+        .collect();
+    tracing::info!("shadow backend: comparing with the kernel's rules, writing nothing");
+    ShadowBackend::new(families, config.netns.clone())
+}
+
 /// `--backend ipvs`: the IPVS backend, or `None` after falling back to iptables (logged) when
 /// the kernel has no IPVS, as kube-proxy does; an error instead with `--no-ipvs-fallback`.
 pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentError> {
@@ -168,6 +190,7 @@ pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentErro
 struct Core {
     backends: Vec<IptablesBackend>,
     ipvs: Option<IpvsBackend>,
+    shadow: Option<ShadowBackend>,
     /// The applied services, kept in step with the session's state after each apply.
     mirror: Services,
     has_state: bool,
@@ -203,6 +226,11 @@ impl Apply for NodeBackend {
         let before = core.stats();
         let mut errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
         errors.extend(core.ipvs.as_mut().and_then(|b| b.apply(state, changes).err()));
+        if let Some(shadow) = core.shadow.as_mut() {
+            shadow.compare(state);
+            self.metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        let shadow = core.shadow.is_some();
         self.metrics.record_sync(&before, &core.stats());
         if changes.full {
             core.mirror = state.services().clone();
@@ -217,7 +245,10 @@ impl Apply for NodeBackend {
         core.has_state = true;
         drop(core);
         self.metrics.no_local(self.no_local.update(state, changes));
-        self.hcnp.reconcile(state);
+        if !shadow {
+            // Beside kube-proxy, its healthCheckNodePort servers hold those ports.
+            self.hcnp.reconcile(state);
+        }
         if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
     }
 }
@@ -260,6 +291,14 @@ async fn housekeeping(
                 }
             }
             status.checked(drift.join("; "));
+            if core.shadow.is_some() {
+                // kube-proxy changes its rules on its own schedule: compare again.
+                let state = core.rebuild_state();
+                if let Some(shadow) = core.shadow.as_mut() {
+                    shadow.compare(&state);
+                    metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
             if !core.backends.iter().any(|b| b.wants_full_sync()) {
                 return;
             }
@@ -339,7 +378,7 @@ fn prepare_host(config: &mut AgentConfig) -> Result<(), AgentError> {
         }
         config.node_ips.extend(found);
     }
-    if config.backend != BackendKind::DryRun {
+    if !matches!(config.backend, BackendKind::DryRun | BackendKind::Shadow) {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let failed =
             crate::sysctl::apply(&crate::sysctl::conntrack_writes(&config.conntrack, cpus), config.netns.as_deref());
@@ -353,7 +392,10 @@ fn prepare_host(config: &mut AgentConfig) -> Result<(), AgentError> {
 pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     prepare_host(&mut config)?;
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
-    let backends = if config.backend == BackendKind::Ipvs {
+    let shadow = (config.backend == BackendKind::Shadow).then(|| build_shadow(&config));
+    let backends = if config.backend == BackendKind::Shadow {
+        Vec::new()
+    } else if config.backend == BackendKind::Ipvs {
         if ipvs.is_some() {
             Vec::new()
         } else {
@@ -378,8 +420,9 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
         BackendKind::Ipvs if ipvs.is_some() => "ipvs",
         BackendKind::Iptables | BackendKind::Ipvs => "iptables",
         BackendKind::DryRun => "dry-run",
+        BackendKind::Shadow => "shadow",
     };
-    let core = Arc::new(Mutex::new(Core { backends, ipvs, mirror: BTreeMap::new(), has_state: false }));
+    let core = Arc::new(Mutex::new(Core { backends, ipvs, shadow, mirror: BTreeMap::new(), has_state: false }));
     let backend = NodeBackend {
         core: core.clone(),
         metrics: metrics.clone(),
@@ -410,6 +453,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
                 services: c.mirror.clone(),
                 iptables: c.backends.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
                 ipvs: c.ipvs.as_ref().map(|b| b.config().clone()),
+                shadow: c.shadow.as_ref().map(|b| b.result().lock().unwrap_or_else(|e| e.into_inner()).clone()),
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);

@@ -27,8 +27,10 @@ struct Flags {
     /// The controlplane's gRPC address.
     #[arg(long, env = "KPX_CONTROLPLANE", value_name = "URL")]
     controlplane: Option<String>,
-    /// How the rules reach the kernel; dry-run prints iptables-restore input instead.
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run"])]
+    /// How the rules reach the kernel; dry-run prints iptables-restore input instead; shadow
+    /// runs beside a live kube-proxy, compares the rules it would write with the kernel's and
+    /// reports the differences, writing nothing.
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run", "shadow"])]
     backend: String,
     /// The IPVS scheduler (with --backend ipvs).
     #[arg(long, default_value = "rr", value_parser = kpx_dataplane::backend::ipvs::plan::SCHEDULERS)]
@@ -198,6 +200,15 @@ async fn main() -> anyhow::Result<()> {
     for note in &not_applicable {
         tracing::info!("--config: not applicable to kpx: {note}");
     }
+    if flags.backend == "shadow" {
+        // Beside kube-proxy, whose health and metrics servers hold the usual ports.
+        if !given(&matches, "healthz_bind_address") {
+            flags.healthz_bind_address = SocketAddr::from(([127, 0, 0, 1], 10267));
+        }
+        if !given(&matches, "metrics_bind_address") {
+            flags.metrics_bind_address = SocketAddr::from(([127, 0, 0, 1], 10268));
+        }
+    }
     if flags.cleanup {
         let report = kpx_dataplane::cleanup::run(flags.netns.as_deref());
         return report.into_result().map_err(anyhow::Error::msg);
@@ -214,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
         controlplane,
         backend: match flags.backend.as_str() {
             "dry-run" => BackendKind::DryRun,
+            "shadow" => BackendKind::Shadow,
             "ipvs" => BackendKind::Ipvs,
             _ => BackendKind::Iptables,
         },

@@ -92,7 +92,7 @@ impl IptablesConfig {
         self.restore_cmd.replacen("-restore", "", 1)
     }
 
-    fn render_config(&self) -> RenderConfig {
+    pub fn render_config(&self) -> RenderConfig {
         RenderConfig {
             family: self.family,
             cluster_cidr: self.cluster_cidr.clone(),
