@@ -17,7 +17,7 @@ mod diff;
 mod tests;
 
 pub use canon::{canonical, stored_probability, tokenize};
-pub use diff::{Difference, DifferenceKind, compare, is_owned};
+pub use diff::{Difference, DifferenceKind, compare, compare_ipvs, is_owned, is_owned_ipvs};
 
 /// One rule: its text after `-A CHAIN ` and its canonical form.
 #[derive(Debug, Clone)]

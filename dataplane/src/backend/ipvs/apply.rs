@@ -327,12 +327,21 @@ impl IpvsBackend {
         });
         self.addrs = Some(addrs);
 
-        for w in &mut self.companion {
+        for i in 0..self.companion.len() {
+            let w = &mut self.companion[i];
             let old = up.old.iter().map(|(k, s)| (k, s));
             let new = up.touched.iter().filter_map(|k| desired.services.get_key_value(k));
             let delta = companion::update_members(w.family, &mut w.members, old, new);
             if !delta.is_empty() {
                 self.runner.run_ok(&["ipset", "restore"], &[&delta])?;
+            }
+            // kube-proxy writes a set's rule only while the set has members: a set that filled
+            // or emptied changes the rules.
+            let nat = self.companion_rules(self.companion[i].family, &self.companion[i].members);
+            if nat != self.companion[i].nat {
+                self.runner
+                    .run_ok(&[&self.cfg.restore_cmd(self.companion[i].family), "--noflush", "-w", "5"], &[&nat])?;
+                self.companion[i].nat = nat;
             }
         }
         if !ops.is_empty() {
@@ -482,15 +491,20 @@ impl IpvsBackend {
         Ok(())
     }
 
+    /// The companion rules of `family` for these set members.
+    fn companion_rules(&self, family: Family, members: &companion::Members) -> String {
+        let cidr = self.cfg.cluster_cidrs.iter().find(|c| {
+            c.split('/').next().and_then(|ip| ip.parse::<IpAddr>().ok()).is_some_and(|ip| Family::of(ip) == family)
+        });
+        companion::render_rules(family, cidr.map(String::as_str), self.cfg.masquerade_all, members)
+    }
+
     /// ipsets then rules, per family: the first time (and after a failure or reconcile) all of
     /// them with the jumps ensured, afterwards only the ipset members that changed.
     fn write_companion(&mut self, desired: &Desired) -> Result<(), SyncError> {
         for family in self.cfg.families.clone() {
             let members = companion::members(family, desired);
-            let cidr = self.cfg.cluster_cidrs.iter().find(|c| {
-                c.split('/').next().and_then(|ip| ip.parse::<IpAddr>().ok()).is_some_and(|ip| Family::of(ip) == family)
-            });
-            let nat = companion::render_rules(family, cidr.map(String::as_str), self.cfg.masquerade_all);
+            let nat = self.companion_rules(family, &members);
             let before = self.companion.iter().position(|c| c.family == family).map(|i| self.companion.remove(i));
             if let Some(before) = before.filter(|b| b.nat == nat) {
                 let delta = companion::render_ipset_delta(&before.members, &members);
@@ -504,7 +518,9 @@ impl IpvsBackend {
             let restore = self.cfg.restore_cmd(family);
             self.runner.run_ok(&[&restore, "--noflush", "-w", "5"], &[&nat])?;
             let iptables = restore.replacen("-restore", "", 1);
-            for (table, chain, comment, target) in companion::JUMPS {
+            // Each missing jump goes first in its chain: inserted last to first, they keep the
+            // list's order.
+            for (table, chain, comment, target) in companion::JUMPS.iter().rev().copied() {
                 let rule = ["-t", table, "-m", "comment", "--comment", comment, "-j", target];
                 let check: Vec<&str> = [iptables.as_str(), "-w", "5", "-C", chain].into_iter().chain(rule).collect();
                 if !self.runner.run(&check, &[])?.success {

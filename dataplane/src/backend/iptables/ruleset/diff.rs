@@ -111,31 +111,58 @@ impl fmt::Display for Difference {
     }
 }
 
+/// Which chains a comparison looks at, and where rule order does not matter.
+struct Scope {
+    owned: fn(&str) -> bool,
+    unordered: &'static [&'static str],
+}
+
+/// kube-proxy's iptables mode (see the module comment).
+const IPTABLES: Scope = Scope { owned: is_owned, unordered: &UNORDERED };
+
+/// Whether kube-proxy's ipvs mode owns `chain`: every KUBE-* chain but kubelet's and the canaries.
+pub fn is_owned_ipvs(chain: &str) -> bool {
+    chain.starts_with("KUBE-")
+        && !["KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-MARK-DROP", "KUBE-PROXY-CANARY"].contains(&chain)
+}
+
+/// kube-proxy's ipvs mode: a fixed set of rules in a fixed order, every chain compared in order.
+const IPVS: Scope = Scope { owned: is_owned_ipvs, unordered: &[] };
+
 /// The chains of `table` in scope, with the rules in scope (see the module comment).
-fn in_scope<'a>(rules: &'a Ruleset, table: &str) -> BTreeMap<&'a str, Vec<&'a Rule>> {
+fn in_scope<'a>(rules: &'a Ruleset, table: &str, scope: &Scope) -> BTreeMap<&'a str, Vec<&'a Rule>> {
     let mut out = BTreeMap::new();
     let Some(t) = rules.tables.get(table) else { return out };
     for (chain, list) in &t.chains {
         if BUILT_IN.contains(&chain.as_str()) {
-            let jumps: Vec<&Rule> = list.iter().filter(|r| jumps_to_owned(r)).collect();
+            let jumps: Vec<&Rule> = list.iter().filter(|r| jumps_to(r, scope.owned)).collect();
             out.insert(chain.as_str(), jumps);
-        } else if is_owned(chain) {
+        } else if (scope.owned)(chain) {
             out.insert(chain.as_str(), list.iter().collect());
         }
     }
     out
 }
 
-fn jumps_to_owned(r: &Rule) -> bool {
-    r.canon.windows(2).any(|w| (w[0] == "-j" || w[0] == "-g") && is_owned(&w[1]))
+fn jumps_to(r: &Rule, owned: fn(&str) -> bool) -> bool {
+    r.canon.windows(2).any(|w| (w[0] == "-j" || w[0] == "-g") && owned(&w[1]))
 }
 
 /// The differences between the rules kpx would write (`kpx`) and the kernel's (`kernel`),
 /// sorted; empty when they do the same (see the module comment for what is left out).
 pub fn compare(kpx: &Ruleset, kernel: &Ruleset) -> Vec<Difference> {
+    compare_in(kpx, kernel, &IPTABLES)
+}
+
+/// [`compare`] for kube-proxy's ipvs mode: every KUBE-* chain (kubelet's aside), all in order.
+pub fn compare_ipvs(kpx: &Ruleset, kernel: &Ruleset) -> Vec<Difference> {
+    compare_in(kpx, kernel, &IPVS)
+}
+
+fn compare_in(kpx: &Ruleset, kernel: &Ruleset, scope: &Scope) -> Vec<Difference> {
     let mut out = Vec::new();
     for table in ["filter", "nat"] {
-        let (want, have) = (in_scope(kpx, table), in_scope(kernel, table));
+        let (want, have) = (in_scope(kpx, table, scope), in_scope(kernel, table, scope));
         let diff = |kind, chain: &str, rule: Option<&Rule>| Difference {
             kind,
             table: table.to_string(),
@@ -158,7 +185,7 @@ pub fn compare(kpx: &Ruleset, kernel: &Ruleset) -> Vec<Difference> {
                 out.extend(only_h.into_iter().map(|r| diff(DifferenceKind::RuleOnlyInKernel, chain, Some(r))));
                 continue;
             }
-            let ordered = !UNORDERED.contains(chain);
+            let ordered = !scope.unordered.contains(chain);
             let same_order = w.iter().zip(h.iter()).all(|(a, b)| a == b);
             let last_ok = table != "nat" || *chain != "KUBE-SERVICES" || (last_is_nodeports(w) == last_is_nodeports(h));
             if (ordered && !same_order) || !last_ok {
