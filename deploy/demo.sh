@@ -66,10 +66,14 @@ if [[ ${KPX_DEMO_FORCE_DRY_RUN:-} == 1 ]]; then
   mode=dry-run reason="KPX_DEMO_FORCE_DRY_RUN=1"
 elif [[ $EUID -ne 0 ]]; then
   mode=dry-run reason="not running as root (network namespaces and iptables need root)"
-elif ! command -v ip >/dev/null; then
-  mode=dry-run reason="iproute2 (ip) is not installed"
-elif ! command -v iptables-restore >/dev/null; then
-  mode=dry-run reason="iptables is not installed"
+elif ! command -v ip >/dev/null || ! command -v iptables-restore >/dev/null; then
+  # As root the tools are installed the way CI installs them (scripts/install-tools).
+  heading "installing iproute2 and iptables (scripts/install-tools demo)"
+  if ! scripts/install-tools demo; then
+    mode=dry-run reason="iproute2 or iptables is missing and could not be installed (see above)"
+  elif ! command -v ip >/dev/null || ! command -v iptables-restore >/dev/null; then
+    mode=dry-run reason="iproute2 or iptables is still missing after installing"
+  fi
 fi
 
 workdir=$(mktemp -d -t kpxdemo.XXXXXX)

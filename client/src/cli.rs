@@ -56,8 +56,9 @@ pub enum Command {
     Diff {
         /// The node's name, as in its Node object.
         node: String,
-        /// The node's dataplane admin API (its --admin-listen, default 127.0.0.1:10266 on the node).
-        #[arg(long, env = "KPX_DATAPLANE", value_name = "ADDR")]
+        /// The node's dataplane admin API (its --admin-listen). The default is the dataplane's
+        /// own default, which answers when kpxctl runs on the node.
+        #[arg(long, env = "KPX_DATAPLANE", value_name = "ADDR", default_value = "127.0.0.1:10266")]
         dataplane: String,
     },
     /// Make a CA and certificates for a development or demo cluster (production: cert-manager
@@ -167,13 +168,15 @@ mod tests {
     }
 
     #[test]
-    fn diff_needs_the_dataplane() {
-        let cli = parse(&["diff", "node-a", "--dataplane", "127.0.0.1:10266", "-o", "yaml"]).unwrap();
+    fn diff_asks_the_dataplane_on_this_node_by_default() {
+        let cli = parse(&["diff", "node-a", "--dataplane", "10.0.0.5:9000", "-o", "yaml"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Diff { node, dataplane } if node == "node-a" && dataplane == "127.0.0.1:10266")
+            matches!(cli.command, Command::Diff { node, dataplane } if node == "node-a" && dataplane == "10.0.0.5:9000")
         );
         if std::env::var_os("KPX_DATAPLANE").is_none() {
-            assert_eq!(parse(&["diff", "node-a"]).unwrap_err().kind(), ErrorKind::MissingRequiredArgument);
+            // The dataplane's default --admin-listen: kpxctl run on the node finds it.
+            let cli = parse(&["diff", "node-a"]).unwrap();
+            assert!(matches!(cli.command, Command::Diff { dataplane, .. } if dataplane == "127.0.0.1:10266"));
         }
     }
 

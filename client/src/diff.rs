@@ -56,6 +56,19 @@ pub struct Diff {
     pub last_error: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub drift: String,
+    /// `--backend shadow`: how kpx's rules compare with the kernel's (a live kube-proxy's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+/// The dataplane's last shadow comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shadow {
+    pub compared_unix_ms: i64,
+    /// One line per difference; empty: the same rules.
+    pub differences: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 fn by_key(st: &NodeState) -> BTreeMap<String, &ServiceState> {
@@ -150,6 +163,11 @@ pub fn compare(desired: &NodeState, applied: &NodeState, status: &DataplaneStatu
         kernel,
         last_error: status.last_error.clone(),
         drift: status.drift.clone(),
+        shadow: (status.backend == "shadow").then(|| Shadow {
+            compared_unix_ms: status.shadow_compared_unix_ms,
+            differences: status.shadow_differences.clone(),
+            error: status.shadow_error.clone(),
+        }),
     }
 }
 
@@ -175,6 +193,25 @@ pub fn render(diff: &Diff) -> String {
     }
     if !diff.drift.is_empty() {
         out.push_str(&format!("drift at the last check: {}\n", diff.drift));
+    }
+    if let Some(sh) = &diff.shadow {
+        if sh.compared_unix_ms == 0 {
+            out.push_str("shadow: not compared yet\n");
+        } else if sh.differences.is_empty() && sh.error.is_empty() {
+            out.push_str("shadow: kpx's rules and the kernel's are the same\n");
+        } else {
+            out.push_str(&format!(
+                "shadow: {} between kpx's rules and the kernel's\n",
+                plural(sh.differences.len(), "difference")
+            ));
+        }
+        for d in &sh.differences {
+            out.push_str(&format!("  {d}\n"));
+        }
+        if !sh.error.is_empty() {
+            out.push_str(&format!("  (cannot read the kernel: {})\n", sh.error));
+        }
+        return out;
     }
     let k = &diff.kernel;
     if k.checked {
@@ -381,5 +418,30 @@ mod tests {
         let text = render(&compare(&s, &s, &connected(), &kernel));
         let want = "kernel: 1 virtual/real server present, 1 missing\n  missing demo/web:http TCP  10.96.0.10:80 -> 10.244.1.2:8080 (IPv4)";
         assert!(text.contains(want), "{text}");
+    }
+
+    #[test]
+    fn shadow_differences_are_listed_instead_of_the_kernel_check() {
+        let s = state("v1", vec![svc("demo", "web", vec![ep("demo/web", "10.244.1.2", 8080)])]);
+        let kernel = KernelRules { backend: "shadow".into(), ..Default::default() };
+        let shadow = |differences: Vec<String>| DataplaneStatus {
+            backend: "shadow".into(),
+            shadow_compared_unix_ms: 1,
+            shadow_differences: differences,
+            ..connected()
+        };
+        let text = render(&compare(&s, &s, &shadow(vec![]), &kernel));
+        assert!(text.contains("shadow: kpx's rules and the kernel's are the same\n"), "{text}");
+        assert!(!text.contains("kernel:"), "{text}");
+        let line = "- nat KUBE-SVC-OLD   (chain only in the kernel)".to_string();
+        let text = render(&compare(&s, &s, &shadow(vec![line.clone()]), &kernel));
+        assert!(
+            text.contains(&format!("shadow: 1 difference between kpx's rules and the kernel's\n  {line}\n")),
+            "{text}"
+        );
+        let not_yet = DataplaneStatus { shadow_compared_unix_ms: 0, ..shadow(vec![]) };
+        assert!(render(&compare(&s, &s, &not_yet, &kernel)).contains("shadow: not compared yet"));
+        // Other backends have no shadow section.
+        assert_eq!(compare(&s, &s, &connected(), &kernel).shadow, None);
     }
 }

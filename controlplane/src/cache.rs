@@ -20,7 +20,7 @@ use crate::node_view::{NodeInfo, PreparedService, ViewClass};
 use kpx_proto::v1 as pb;
 use kpx_proto::version::{self, ContentHash, EntryHash};
 use log::{ChangeLog, ClassDiff, Classing, LogEntry, UpdateContent};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
@@ -115,6 +115,8 @@ impl ServiceEntry {
 struct State {
     synced: bool,
     services: HashMap<ServiceKey, Service>,
+    /// Services that exist but are not proxied.
+    not_proxied: HashSet<ServiceKey>,
     slices: HashMap<SliceKey, EndpointSlice>,
     slices_by_service: HashMap<ServiceKey, BTreeSet<SliceKey>>,
     k8s_nodes: HashMap<String, Node>,
@@ -203,7 +205,13 @@ impl Cache {
                     self.changes.send_replace(st.head);
                 }
             }
+            ClusterEvent::NotProxied(key) => {
+                st.not_proxied.insert(key.clone());
+                st.services.remove(&key);
+                st.recompute(&key, cause);
+            }
             ClusterEvent::Service(key, svc) => {
+                st.not_proxied.remove(&key);
                 match svc {
                     Some(s) => st.services.insert(key.clone(), s),
                     None => st.services.remove(&key),
@@ -224,7 +232,7 @@ impl Cache {
                 match slice {
                     Some(s) => {
                         st.slices_by_service.entry(s.service.clone()).or_default().insert(key.clone());
-                        if st.synced && !st.services.contains_key(&s.service) {
+                        if st.synced && !st.knows(&s.service) {
                             self.skips.record(
                                 ObjectKind::EndpointSlice,
                                 &key,
@@ -264,6 +272,12 @@ impl State {
         Some(Arc::new(ServiceEntry::new(PreparedService::prepare(svc, &slices))))
     }
 
+    /// Whether the Service exists, proxied or not: slices of a Service kpx does not proxy are
+    /// expected (headless ones, another proxy's) and ignored quietly.
+    fn knows(&self, key: &ServiceKey) -> bool {
+        self.services.contains_key(key) || self.not_proxied.contains(key)
+    }
+
     fn publish_all(&mut self, skips: &Skips) {
         let keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
         for key in keys {
@@ -272,7 +286,7 @@ impl State {
             }
         }
         for (slice_key, slice) in &self.slices {
-            if !self.services.contains_key(&slice.service) {
+            if !self.knows(&slice.service) {
                 skips.record(
                     ObjectKind::EndpointSlice,
                     slice_key,

@@ -22,6 +22,11 @@ use std::net::IpAddr;
 /// Services with this label are handled by another service proxy.
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Set by the EndpointSlice controller on the slices of a headless Service.
+const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The label selector of the EndpointSlices kpx proxies, as kube-proxy's informer has it: not a
+/// headless service's, not another proxy's (the controller copies the Service's labels).
+pub const PROXIED_SLICES_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
@@ -231,6 +236,12 @@ fn ips<'a>(key: &ServiceKey, what: &str, texts: impl Iterator<Item = &'a str>, s
 pub fn endpoint_slice(obj: &discovery::EndpointSlice, skips: &Skips) -> Option<model::EndpointSlice> {
     let key: SliceKey = service_key(&obj.metadata);
     let record = |reason, detail: &dyn std::fmt::Display| skips.record(ObjectKind::EndpointSlice, &key, reason, detail);
+    if let Some(l) = [LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME].into_iter().find(|l| label(&obj.metadata, l).is_some())
+    {
+        // What the apiserver source does not even list (PROXIED_SLICES_SELECTOR): quietly ignored.
+        tracing::debug!(slice = %key, "not proxied: {l} is set");
+        return None;
+    }
     let Some(service_name) = label(&obj.metadata, LABEL_SERVICE_NAME).filter(|n| !n.is_empty()) else {
         record(SkipReason::MissingServiceLabel, &format_args!("no {LABEL_SERVICE_NAME} label"));
         return None;
@@ -371,7 +382,10 @@ fn push_object(index: usize, doc: Value, depth: usize, skips: &Skips, events: &m
     };
     match kind.as_str() {
         "Service" => match core::Service::deserialize(&doc) {
-            Ok(obj) => events.push(ClusterEvent::Service(service_key(&obj.metadata), service(&obj, skips))),
+            Ok(obj) => events.push(match service(&obj, skips) {
+                Some(s) => ClusterEvent::Service(service_key(&obj.metadata), Some(s)),
+                None => ClusterEvent::NotProxied(service_key(&obj.metadata)),
+            }),
             Err(e) => malformed(&name(), &e),
         },
         "EndpointSlice" => match discovery::EndpointSlice::deserialize(&doc) {
@@ -449,6 +463,27 @@ mod tests {
         assert!(aware(ip.clone(), json!({ANNOTATION_TOPOLOGY_HINTS: "auto"})));
         assert!(aware(ip.clone(), json!({ANNOTATION_TOPOLOGY_MODE: "Auto"})));
         assert!(!aware(ip, json!({ANNOTATION_TOPOLOGY_MODE: "Disabled"})));
+    }
+
+    #[test]
+    fn slices_of_headless_and_other_proxies_services_are_ignored_quietly() {
+        let skips = Skips::default();
+        let slice = |labels: Value| -> discovery::EndpointSlice {
+            serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                "metadata": {"name": "s-1", "namespace": "ns", "labels": labels},
+                "endpoints": [{"addresses": ["10.0.0.1"]}],
+            }))
+            .unwrap()
+        };
+        let headless = json!({LABEL_SERVICE_NAME: "s", LABEL_HEADLESS: ""});
+        let other = json!({LABEL_SERVICE_NAME: "s", LABEL_SERVICE_PROXY_NAME: "other"});
+        assert!(endpoint_slice(&slice(headless), &skips).is_none());
+        assert!(endpoint_slice(&slice(other), &skips).is_none());
+        assert!(endpoint_slice(&slice(json!({LABEL_SERVICE_NAME: "s"})), &skips).is_some());
+        assert_eq!(skips.total(), 0);
+        // The watcher's selector says the same to the apiserver.
+        assert_eq!(PROXIED_SLICES_SELECTOR, format!("!{LABEL_HEADLESS},!{LABEL_SERVICE_PROXY_NAME}"));
     }
 
     #[test]

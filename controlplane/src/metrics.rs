@@ -147,7 +147,7 @@ impl Metrics {
     /// One event from the source (the initial listing included).
     pub fn source_event(&self, event: &ClusterEvent) {
         let kind = match event {
-            ClusterEvent::Service(..) => "Service",
+            ClusterEvent::Service(..) | ClusterEvent::NotProxied(_) => "Service",
             ClusterEvent::Slice(..) => "EndpointSlice",
             ClusterEvent::Node(..) => "Node",
             ClusterEvent::Synced => return,

@@ -190,6 +190,10 @@ pub struct Node {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClusterEvent {
     Service(ServiceKey, Option<Service>),
+    /// The Service exists but kpx does not proxy it (headless, ExternalName, another proxy's, or
+    /// invalid): no proxy state, like a delete, but its EndpointSlices are expected and ignored
+    /// without a warning (every StatefulSet has a headless Service with slices).
+    NotProxied(ServiceKey),
     Slice(SliceKey, Option<EndpointSlice>),
     Node(String, Option<Node>),
     /// Every kind has been listed at least once: the state is complete and may be published.

@@ -17,8 +17,12 @@
 //! PreferSameTrafficDistribution gate enabled.
 //!
 //! `for_cluster` means "member of the cluster set". The dataplane uses it for ClusterIP traffic
-//! when internalTrafficPolicy is Cluster and for external traffic when externalTrafficPolicy is
-//! Cluster; under internalTrafficPolicy Local, internal traffic uses the `for_local` endpoints.
+//! when internalTrafficPolicy is Cluster, for external traffic when externalTrafficPolicy is
+//! Cluster, and for traffic from pods and the node itself to a node port, external or
+//! load-balancer IP under externalTrafficPolicy Local; under internalTrafficPolicy Local,
+//! internal traffic uses the `for_local` endpoints. The cluster set exists whenever one of
+//! those applies (kube-proxy's UsesClusterEndpoints), so a service with both policies Local
+//! that is reachable from outside still sends every node the cluster set.
 //!
 //! A node only receives the endpoints it may use, so for a service with a Local policy the
 //! Service entry also says in which IP families the service has usable endpoints anywhere
@@ -107,13 +111,16 @@ impl PreparedService {
     /// can share a view. An endpoint IP in two slices is kept once (the ready copy preferred).
     pub fn prepare(service: &model::Service, slices: &[&model::EndpointSlice]) -> PreparedService {
         let endpoints = merge(service, slices);
-        let externally_reachable = service.service_type != model::ServiceType::ClusterIp
+        // kube-proxy's ExternallyAccessible: a node port, an external IP or a load-balancer IP.
+        let externally_reachable = service.ports.iter().any(|p| p.node_port != 0)
             || !service.external_ips.is_empty()
             || !service.load_balancer_ips.is_empty();
-        // Like kube-proxy, the cluster set exists when some traffic is routed cluster-wide. One
-        // deviation: with both policies Local, kube-proxy still keeps cluster endpoints for
-        // pod-to-external-IP "short circuit" traffic; kpx's dataplane uses the local set there.
-        let uses_cluster = !service.internal_policy_local || (externally_reachable && !service.external_policy_local);
+        // kube-proxy's UsesClusterEndpoints: internal traffic is routed cluster-wide, or the
+        // service accepts external traffic at all. Even with both policies Local, pods and the
+        // node itself reach a node port or external address through the cluster set (kube-proxy's
+        // "short circuit": traffic that starts inside the cluster needs no client-IP keeping),
+        // so a node without local endpoints must still know the others.
+        let uses_cluster = !service.internal_policy_local || externally_reachable;
         let uses_local = service.internal_policy_local || service.external_policy_local;
 
         let ready: Vec<&Merged> = endpoints.iter().filter(|e| e.ready).collect();

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 /// change.
 pub fn change_span(event: &ClusterEvent) -> (DistSpan, TraceContext) {
     let (kind, object, trigger) = match event {
-        ClusterEvent::Service(k, _) => ("Service", k.to_string(), None),
+        ClusterEvent::Service(k, _) | ClusterEvent::NotProxied(k) => ("Service", k.to_string(), None),
         ClusterEvent::Slice(k, s) => {
             ("EndpointSlice", k.to_string(), s.as_ref().and_then(|s| s.trigger_time.as_deref()))
         }

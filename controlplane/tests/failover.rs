@@ -20,6 +20,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+/// The (version, full) of every update a node applied, in order.
+type AppliedLog = Arc<Mutex<Vec<(String, bool)>>>;
+
 const CHANGES: usize = 16;
 const KILL_AFTER: usize = 6;
 
@@ -80,7 +83,7 @@ async fn killing_a_replica_under_a_change_stream_costs_no_snapshot_and_no_reappl
     let front = format!("http://{}", balancer(vec![a.addr, b.addr]).await);
 
     // Two nodes, each with the real reconnect loop; every applied update is recorded.
-    let mut applied: Vec<Arc<Mutex<Vec<(String, bool)>>>> = Vec::new();
+    let mut applied: Vec<AppliedLog> = Vec::new();
     for name in ["node-a", "node-b"] {
         let identity = NodeIdentity {
             node_name: name.into(),

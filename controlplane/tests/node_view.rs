@@ -32,6 +32,9 @@ fn load(file: &str) -> Cluster {
             ClusterEvent::Service(key, s) => {
                 cluster.services.insert(key, s);
             }
+            ClusterEvent::NotProxied(key) => {
+                cluster.services.insert(key, None);
+            }
             ClusterEvent::Slice(_, Some(slice)) => cluster.slices.push(slice),
             ClusterEvent::Slice(key, None) => cluster.dropped_slices.push(key.to_string()),
             other => panic!("{file}: unexpected {other:?}"),
@@ -399,4 +402,55 @@ fn nodes_load_with_zone_and_internal_ips() {
         other => panic!("{other:?}"),
     }
     assert_eq!(events.len(), 4);
+}
+
+#[test]
+fn slices_of_services_kpx_does_not_proxy_are_no_skip_but_orphans_are() {
+    use kpx_controlplane::cache::{Cache, CacheConfig};
+    use std::sync::Arc;
+    // A headless Service and one of another proxy, with slices that lack the controller's
+    // labels (hand-made), and a slice whose Service does not exist.
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: ns}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mesh, namespace: ns, labels: {service.kubernetes.io/service-proxy-name: other}}
+spec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: ns, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.5]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: mesh-1, namespace: ns, labels: {kubernetes.io/service-name: mesh}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.6]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: gone-1, namespace: ns, labels: {kubernetes.io/service-name: gone}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.7]}]
+"#;
+    let skips = Arc::new(Skips::default());
+    let cache = Cache::new(skips.clone(), CacheConfig::default());
+    for e in k8s::events_from_manifest(yaml, &skips).unwrap() {
+        cache.apply(e, None);
+    }
+    cache.apply(ClusterEvent::Synced, None);
+    assert_eq!(skips.count(ObjectKind::EndpointSlice, SkipReason::UnknownService), 1, "{:?}", skips.snapshot());
+    assert_eq!(skips.total(), 1);
+    // A slice arriving later for the headless Service is quiet too.
+    let late = yaml.replace("name: db-1", "name: db-2").replace("10.244.1.5", "10.244.1.8");
+    for e in k8s::events_from_manifest(&late, &skips).unwrap() {
+        cache.apply(e, None);
+    }
+    assert_eq!(skips.count(ObjectKind::EndpointSlice, SkipReason::UnknownService), 2, "gone-1 again, db-2 quiet");
 }

@@ -387,11 +387,10 @@ async fn a_change_only_local_to_one_node_leaves_other_nodes_alone() {
     for n in ["node-a", "node-b", "node-c"] {
         cp.send(node_event(n, None));
     }
-    // Both policies Local: only the hosting node has anything to program for this service.
+    // internalTrafficPolicy Local and no way in from outside: only the hosting node has
+    // endpoints to program for this service. (Reachable from outside, every node would get
+    // the cluster endpoints too, as kube-proxy keeps them for pod and host traffic.)
     let mut svc = cluster_ip_service("default", "both-local", "10.96.0.30", 80);
-    svc.service_type = kpx_controlplane::model::ServiceType::NodePort;
-    svc.ports[0].node_port = 30090;
-    svc.external_policy_local = true;
     svc.internal_policy_local = true;
     cp.send(service_event(svc));
     cp.send(slice_event(slice("default", "both-local", "bl-1", 8080, vec![endpoint("10.244.1.5", "node-a")])));

@@ -221,6 +221,7 @@ fn render_config() -> RenderConfig {
         masquerade_all: false,
         node_ips: vec![IpAddr::V4(NODE_IP)],
         node_name: "node-0".into(),
+        localhost_node_ports: true,
     }
 }
 

@@ -23,6 +23,7 @@ use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesConfig, jumps};
 use crate::backend::ipvs::{IpvsConfig, dump, plan};
+use crate::backend::shadow::ShadowResult;
 use crate::state::{AppliedState, Services};
 use crate::stream::SyncEvent;
 
@@ -36,6 +37,8 @@ pub struct CoreView {
     /// The IPVS backend's configuration (node addresses resolved) when it drives this node: what
     /// its desired virtual servers are computed with.
     pub ipvs: Option<IpvsConfig>,
+    /// `--backend shadow`: the last comparison with the kernel's rules.
+    pub shadow: Option<ShadowResult>,
 }
 
 /// Produces a [`CoreView`]; blocking (it takes the agent's core mutex).
@@ -187,6 +190,9 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
         drift: s.0.drift.clone(),
         services: view.services.len() as u64,
         endpoints: view.services.values().map(|e| e.endpoints.len() as u64).sum(),
+        shadow_compared_unix_ms: view.shadow.as_ref().map_or(0, |r| r.compared_unix_ms),
+        shadow_differences: view.shadow.as_ref().map(|r| r.differences.clone()).unwrap_or_default(),
+        shadow_error: view.shadow.as_ref().and_then(|r| r.error.clone()).unwrap_or_default(),
     }
 }
 
@@ -246,6 +252,11 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
             Ok(kernel) => ipvs_kernel_rules(&mut out, cfg, &view.services, kernel),
             Err(e) => out.note = format!("reading the IPVS table: {e}"),
         }
+        return out;
+    }
+    if view.shadow.is_some() {
+        out.note =
+            "shadow: kpx programs nothing; GetStatus.shadow_differences compares its rules with the kernel's".into();
         return out;
     }
     if view.iptables.iter().all(|(cfg, _)| cfg.dry_run) {

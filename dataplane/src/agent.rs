@@ -22,6 +22,7 @@ use crate::admin::{AdminService, AdminStatus, CoreView, ViewFn};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
+use crate::backend::shadow::{ShadowBackend, ShadowFamily};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
 use crate::metrics::{Metrics, NoLocalTracker};
@@ -38,6 +39,9 @@ pub enum BackendKind {
     Ipvs,
     /// Renders iptables rules and prints them instead of applying them.
     DryRun,
+    /// Beside a live kube-proxy: renders, compares with the kernel's rules, reports; writes
+    /// nothing (see `backend::shadow`).
+    Shadow,
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +51,12 @@ pub struct AgentConfig {
     pub backend: BackendKind,
     pub cluster_cidr: Option<String>,
     pub node_ips: Vec<IpAddr>,
+    /// kube-proxy's nodePortAddresses: the node's addresses in these CIDRs, read at startup,
+    /// are added to `node_ips`.
+    pub node_port_cidrs: Vec<String>,
     pub masquerade_all: bool,
+    /// Node ports also on 127.0.0.1 (kube-proxy's `localhostNodePorts`; iptables, IPv4).
+    pub localhost_node_ports: bool,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
     pub ip_families: Vec<IpFamily>,
@@ -60,6 +69,14 @@ pub struct AgentConfig {
     pub ipvs_scheduler: String,
     /// Use iptables when the kernel has no IPVS (else startup fails).
     pub ipvs_fallback: bool,
+    /// arp_ignore/arp_announce for the VIPs on kube-ipvs0 (kube-proxy's ipvs.strictARP).
+    pub ipvs_strict_arp: bool,
+    /// IPVS timeouts: TCP, TCP after FIN, UDP; zero leaves the kernel's.
+    pub ipvs_timeouts: [Duration; 3],
+    /// IPVS virtual servers in these CIDRs are never deleted (kube-proxy's ipvs.excludeCIDRs).
+    pub ipvs_exclude_cidrs: Vec<String>,
+    /// conntrack settings applied at startup, as kube-proxy does (iptables and ipvs backends).
+    pub conntrack: crate::config::Conntrack,
     /// The admin gRPC API (`kpx.v1.Admin`); None: not served.
     pub admin_listen: Option<SocketAddr>,
     /// How the admin API authenticates its callers.
@@ -84,6 +101,12 @@ pub enum AgentError {
     AdminSecurity(#[from] kpx_auth::server::SecurityError),
     #[error("controlplane credentials: {0}")]
     Credentials(#[from] kpx_auth::client::CredentialError),
+    #[error(
+        "localhost node ports need net.ipv4.conf.all.route_localnet=1, which cannot be set: {0} (turn them off with --iptables-localhost-nodeports=false or iptables.localhostNodePorts: false)"
+    )]
+    RouteLocalnet(#[source] crate::backend::iptables::exec::ExecError),
+    #[error("no address of this node is in nodePortAddresses ({0}): node ports would be served nowhere")]
+    NoNodePortAddress(String),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -108,6 +131,7 @@ pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, Agen
         cfg.cluster_cidr = config.cluster_cidr.clone();
         cfg.masquerade_all = config.masquerade_all;
         cfg.node_ips = config.node_ips.clone();
+        cfg.localhost_node_ports = config.localhost_node_ports;
         cfg.full_resync_period = config.full_resync_period;
         cfg.netns = config.netns.clone();
         cfg.dry_run = config.backend == BackendKind::DryRun;
@@ -117,10 +141,31 @@ pub fn build_backends(config: &AgentConfig) -> Result<Vec<IptablesBackend>, Agen
                 reason: e.to_string(),
             })?;
             tracing::info!(family = family_name(*family), %version, "iptables backend");
+            if apply::ensure_route_localnet(&cfg).map_err(AgentError::RouteLocalnet)? {
+                tracing::info!("route_localnet=1: node ports answer on 127.0.0.1 too (localhost node ports)");
+            }
         }
         out.push(IptablesBackend::new(cfg));
     }
     Ok(out)
+}
+
+/// `--backend shadow`: the iptables backend's render settings per family, without its writer.
+pub fn build_shadow(config: &AgentConfig) -> ShadowBackend {
+    let families = config
+        .ip_families
+        .iter()
+        .map(|family| {
+            let mut cfg = IptablesConfig::new(*family, &config.node_name);
+            cfg.cluster_cidr = config.cluster_cidr.clone();
+            cfg.masquerade_all = config.masquerade_all;
+            cfg.node_ips = config.node_ips.clone();
+            cfg.localhost_node_ports = config.localhost_node_ports;
+            ShadowFamily { render: cfg.render_config(), save_cmd: cfg.save_cmd.clone() }
+        })
+        .collect();
+    tracing::info!("shadow backend: comparing with the kernel's rules, writing nothing");
+    ShadowBackend::new(families, config.netns.clone())
 }
 
 /// `--backend ipvs`: the IPVS backend, or `None` after falling back to iptables (logged) when
@@ -140,6 +185,9 @@ pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentErro
     cfg.cluster_cidrs = config.cluster_cidr.iter().flat_map(|c| c.split(',')).map(str::to_string).collect();
     cfg.masquerade_all = config.masquerade_all;
     cfg.reconcile_period = config.sync_period;
+    cfg.strict_arp = config.ipvs_strict_arp;
+    cfg.timeouts = config.ipvs_timeouts;
+    cfg.exclude_cidrs = config.ipvs_exclude_cidrs.clone();
     match IpvsBackend::new(cfg) {
         Ok(b) => {
             tracing::info!(scheduler = %config.ipvs_scheduler, "ipvs backend");
@@ -157,6 +205,7 @@ pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentErro
 struct Core {
     backends: Vec<IptablesBackend>,
     ipvs: Option<IpvsBackend>,
+    shadow: Option<ShadowBackend>,
     /// The applied services, kept in step with the session's state after each apply.
     mirror: Services,
     has_state: bool,
@@ -192,6 +241,11 @@ impl Apply for NodeBackend {
         let before = core.stats();
         let mut errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
         errors.extend(core.ipvs.as_mut().and_then(|b| b.apply(state, changes).err()));
+        if let Some(shadow) = core.shadow.as_mut() {
+            shadow.compare(state);
+            self.metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        let shadow = core.shadow.is_some();
         self.metrics.record_sync(&before, &core.stats());
         if changes.full {
             core.mirror = state.services().clone();
@@ -206,7 +260,10 @@ impl Apply for NodeBackend {
         core.has_state = true;
         drop(core);
         self.metrics.no_local(self.no_local.update(state, changes));
-        self.hcnp.reconcile(state);
+        if !shadow {
+            // Beside kube-proxy, its healthCheckNodePort servers hold those ports.
+            self.hcnp.reconcile(state);
+        }
         if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
     }
 }
@@ -249,6 +306,14 @@ async fn housekeeping(
                 }
             }
             status.checked(drift.join("; "));
+            if core.shadow.is_some() {
+                // kube-proxy changes its rules on its own schedule: compare again.
+                let state = core.rebuild_state();
+                if let Some(shadow) = core.shadow.as_mut() {
+                    shadow.compare(&state);
+                    metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
             if !core.backends.iter().any(|b| b.wants_full_sync()) {
                 return;
             }
@@ -330,7 +395,35 @@ async fn admin_security(
     Ok(kpx_auth::ServerSecurity::from_flags(&config.admin_security, addr, api, false, metrics, plane)?)
 }
 
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// The settings kube-proxy makes at startup besides its rules: node ports on the addresses of
+/// `node_port_cidrs`, and the conntrack sysctls (not for dry-run).
+fn prepare_host(config: &mut AgentConfig) -> Result<(), AgentError> {
+    if !config.node_port_cidrs.is_empty() {
+        let runner = crate::backend::iptables::exec::Runner { netns: config.netns.clone() };
+        let out = runner.run(&["ip", "-o", "addr", "show"], &[]).map(|r| r.stdout).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot list the node's addresses for nodePortAddresses");
+            String::new()
+        });
+        let found = crate::backend::ipvs::host::addresses_in(&out, &config.node_port_cidrs);
+        tracing::info!(cidrs = ?config.node_port_cidrs, addresses = ?found, "node ports on the node's addresses in nodePortAddresses");
+        if found.is_empty() {
+            // An empty list would mean every address: refuse rather than widen.
+            return Err(AgentError::NoNodePortAddress(config.node_port_cidrs.join(",")));
+        }
+        config.node_ips.extend(found);
+    }
+    if !matches!(config.backend, BackendKind::DryRun | BackendKind::Shadow) {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let failed =
+            crate::sysctl::apply(&crate::sysctl::conntrack_writes(&config.conntrack, cpus), config.netns.as_deref());
+        if !failed.is_empty() {
+            tracing::warn!(failed = ?failed, "some conntrack settings could not be applied; the proxy runs without them");
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Credentials that cannot work are a configuration error, said once at startup; later
     // failures to read them (a rotation in progress) are retried with the connection.
     config.credentials.check(&config.controlplane)?;
@@ -339,8 +432,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         Some(addr) => Some(admin_security(&config, addr, metrics.auth.clone()).await?),
         None => None,
     };
+    prepare_host(&mut config)?;
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
-    let backends = if config.backend == BackendKind::Ipvs {
+    let shadow = (config.backend == BackendKind::Shadow).then(|| build_shadow(&config));
+    let backends = if config.backend == BackendKind::Shadow {
+        Vec::new()
+    } else if config.backend == BackendKind::Ipvs {
         if ipvs.is_some() {
             Vec::new()
         } else {
@@ -364,8 +461,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         BackendKind::Ipvs if ipvs.is_some() => "ipvs",
         BackendKind::Iptables | BackendKind::Ipvs => "iptables",
         BackendKind::DryRun => "dry-run",
+        BackendKind::Shadow => "shadow",
     };
-    let core = Arc::new(Mutex::new(Core { backends, ipvs, mirror: BTreeMap::new(), has_state: false }));
+    let core = Arc::new(Mutex::new(Core { backends, ipvs, shadow, mirror: BTreeMap::new(), has_state: false }));
     let backend = NodeBackend {
         core: core.clone(),
         metrics: metrics.clone(),
@@ -398,6 +496,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 services: c.mirror.clone(),
                 iptables: c.backends.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
                 ipvs: c.ipvs.as_ref().map(|b| b.config().clone()),
+                shadow: c.shadow.as_ref().map(|b| b.result().lock().unwrap_or_else(|e| e.into_inner()).clone()),
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);

@@ -7,9 +7,12 @@
 pub mod admin;
 pub mod agent;
 pub mod backend;
+pub mod cleanup;
+pub mod config;
 pub mod hcnp;
 pub mod health;
 mod http;
 pub mod metrics;
 pub mod state;
 pub mod stream;
+pub mod sysctl;

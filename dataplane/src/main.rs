@@ -1,9 +1,11 @@
-//! `kpx-dataplane`: flags, logging, signals; everything else is in the library.
+//! `kpx-dataplane`: flags (and kube-proxy's configuration file), logging, signals; everything
+//! else is in the library.
 
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 use kpx_auth::flags::{ClientFlags, ServerFlags};
 use kpx_dataplane::agent::{self, AgentConfig, BackendKind};
 use kpx_dataplane::backend::iptables::render::IpFamily;
+use kpx_dataplane::config::{self, Mode, Settings};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,18 +15,44 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "kpx-dataplane", version)]
 struct Flags {
+    /// kube-proxy's configuration file (KubeProxyConfiguration, kubeproxy.config.k8s.io/v1alpha1,
+    /// as in the kube-proxy ConfigMap); flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Remove every rule, chain, ipset, IPVS virtual server and the kube-ipvs0 interface that kpx
+    /// or kube-proxy installed, then exit (to roll back).
+    #[arg(long)]
+    cleanup: bool,
     /// This node's name, as in its Node object.
-    #[arg(long, env = "NODE_NAME")]
-    node: String,
+    #[arg(long, env = "NODE_NAME", alias = "hostname-override")]
+    node: Option<String>,
     /// The controlplane's gRPC address.
     #[arg(long, env = "KPX_CONTROLPLANE", value_name = "URL")]
-    controlplane: String,
-    /// How the rules reach the kernel; dry-run prints iptables-restore input instead.
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run"])]
+    controlplane: Option<String>,
+    /// How the rules reach the kernel; dry-run prints iptables-restore input instead; shadow
+    /// runs beside a live kube-proxy, compares the rules it would write with the kernel's and
+    /// reports the differences, writing nothing.
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run", "shadow"])]
     backend: String,
     /// The IPVS scheduler (with --backend ipvs).
     #[arg(long, default_value = "rr", value_parser = kpx_dataplane::backend::ipvs::plan::SCHEDULERS)]
     ipvs_scheduler: String,
+    /// IPVS: answer ARP only for addresses of the receiving interface (arp_ignore=1,
+    /// arp_announce=2), which VIPs on kube-ipvs0 need on a shared L2 network.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    ipvs_strict_arp: bool,
+    /// IPVS idle timeout of TCP connections (0: the kernel's).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    ipvs_tcp_timeout: Duration,
+    /// IPVS timeout of TCP connections after a FIN (0: the kernel's).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    ipvs_tcpfin_timeout: Duration,
+    /// IPVS timeout of UDP flows (0: the kernel's).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    ipvs_udp_timeout: Duration,
+    /// IPVS virtual servers in these CIDRs are never deleted, even when no service wants them.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    ipvs_exclude_cidrs: Vec<String>,
     /// With --backend ipvs: exit if the kernel has no IPVS instead of falling back to iptables.
     #[arg(long)]
     no_ipvs_fallback: bool,
@@ -34,9 +62,29 @@ struct Flags {
     /// Addresses that accept NodePorts (repeat for several); every local address when omitted.
     #[arg(long = "node-ip", value_name = "IP")]
     node_ips: Vec<IpAddr>,
+    /// NodePorts on the node's addresses inside these CIDRs (kube-proxy's nodePortAddresses),
+    /// read at startup; with --node-ip, both.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    nodeport_addresses: Vec<String>,
     /// Masquerade all traffic to services.
     #[arg(long)]
     masquerade_all: bool,
+    /// Node ports also answer on 127.0.0.1 (iptables backend, IPv4; sets route_localnet=1),
+    /// as kube-proxy's --iptables-localhost-nodeports.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    iptables_localhost_nodeports: bool,
+    /// nf_conntrack_max is this times the CPUs (at least --conntrack-min); 0 leaves it.
+    #[arg(long, default_value_t = 32768)]
+    conntrack_max_per_core: u32,
+    /// The least nf_conntrack_max --conntrack-max-per-core may set.
+    #[arg(long, default_value_t = 131072)]
+    conntrack_min: u32,
+    /// Idle timeout of established TCP conntrack entries (0: the kernel's).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Timeout of TCP conntrack entries in CLOSE_WAIT (0: the kernel's).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
     /// /healthz and /livez.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
@@ -51,10 +99,10 @@ struct Flags {
     #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
     ip_families: Vec<IpFamily>,
     /// Rewrite every rule this often even when nothing went wrong.
-    #[arg(long, default_value = "1h", value_parser = kpx_telemetry::flags::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
     full_resync_period: Duration,
     /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
-    #[arg(long, default_value = "30s", value_parser = kpx_telemetry::flags::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
     /// Testing: program the named network namespace instead of this process's.
     #[arg(long, value_name = "NAME", hide = true)]
@@ -72,6 +120,11 @@ struct Flags {
     /// The admin API's TLS and callers.
     #[command(flatten, next_help_heading = "Admin API security")]
     admin_security: ServerFlags,
+}
+
+/// kpx's durations (`500ms`, `2s`) and Go's (`1m0s`, `1h30m`), as kube-proxy's flags take.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    kpx_telemetry::flags::parse_duration(s).or_else(|_| config::parse_go_duration(s))
 }
 
 fn parse_family(s: &str) -> Result<IpFamily, String> {
@@ -93,26 +146,110 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
     s.parse().map(|a| OptionalAddr(Some(a))).map_err(|_| format!("{s:?} is not an address like 127.0.0.1:10266"))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let flags = Flags::parse();
-    kpx_telemetry::exit::code("kpx-dataplane", run(flags).await)
+/// Whether flag `id` was given (command line or environment), so that it overrides the file.
+fn given(m: &ArgMatches, id: &str) -> bool {
+    matches!(m.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
 }
 
-async fn run(flags: Flags) -> anyhow::Result<()> {
+/// The file's settings, wherever the flag was not given.
+fn merge(f: &mut Flags, m: &ArgMatches, s: Settings) {
+    fn set<T>(m: &ArgMatches, id: &str, flag: &mut T, file: Option<T>) {
+        if let Some(v) = file.filter(|_| !given(m, id)) {
+            *flag = v;
+        }
+    }
+    let backend = s.mode.map(|mode| match mode {
+        Mode::Iptables => "iptables".to_string(),
+        Mode::Ipvs => "ipvs".to_string(),
+    });
+    set(m, "backend", &mut f.backend, backend);
+    set(m, "node", &mut f.node, s.node_name.map(Some));
+    set(m, "cluster_cidr", &mut f.cluster_cidr, s.cluster_cidr.map(Some));
+    set(m, "nodeport_addresses", &mut f.nodeport_addresses, s.node_port_addresses);
+    set(m, "healthz_bind_address", &mut f.healthz_bind_address, s.healthz_bind_address);
+    set(m, "metrics_bind_address", &mut f.metrics_bind_address, s.metrics_bind_address);
+    set(m, "masquerade_all", &mut f.masquerade_all, s.masquerade_all);
+    set(m, "iptables_localhost_nodeports", &mut f.iptables_localhost_nodeports, s.localhost_node_ports);
+    set(m, "sync_period", &mut f.sync_period, s.sync_period);
+    set(m, "ipvs_scheduler", &mut f.ipvs_scheduler, s.ipvs_scheduler);
+    set(m, "ipvs_strict_arp", &mut f.ipvs_strict_arp, s.ipvs_strict_arp);
+    set(m, "ipvs_tcp_timeout", &mut f.ipvs_tcp_timeout, s.ipvs_tcp_timeout);
+    set(m, "ipvs_tcpfin_timeout", &mut f.ipvs_tcpfin_timeout, s.ipvs_tcp_fin_timeout);
+    set(m, "ipvs_udp_timeout", &mut f.ipvs_udp_timeout, s.ipvs_udp_timeout);
+    set(m, "ipvs_exclude_cidrs", &mut f.ipvs_exclude_cidrs, s.ipvs_exclude_cidrs);
+    set(m, "conntrack_max_per_core", &mut f.conntrack_max_per_core, s.conntrack.max_per_core);
+    set(m, "conntrack_min", &mut f.conntrack_min, s.conntrack.min);
+    set(
+        m,
+        "conntrack_tcp_timeout_established",
+        &mut f.conntrack_tcp_timeout_established,
+        s.conntrack.tcp_established_timeout,
+    );
+    set(
+        m,
+        "conntrack_tcp_timeout_close_wait",
+        &mut f.conntrack_tcp_timeout_close_wait,
+        s.conntrack.tcp_close_wait_timeout,
+    );
+    set(m, "log_format", &mut f.log_format, s.log_format);
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let matches = Flags::command().get_matches();
+    let flags = Flags::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    kpx_telemetry::exit::code("kpx-dataplane", run(flags, matches).await)
+}
+
+async fn run(mut flags: Flags, matches: ArgMatches) -> anyhow::Result<()> {
+    let mut not_applicable = Vec::new();
+    let mut conntrack_extra = config::Conntrack::default();
+    if let Some(path) = &flags.config {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+        let settings = config::parse(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+        not_applicable = settings.not_applicable.clone();
+        conntrack_extra = settings.conntrack.clone();
+        merge(&mut flags, &matches, settings);
+    }
     // Flushes exported spans when main returns.
     let _telemetry = kpx_telemetry::init("kpx-dataplane", flags.log_format == "json")?;
+    for note in &not_applicable {
+        tracing::info!("--config: not applicable to kpx: {note}");
+    }
+    if flags.backend == "shadow" {
+        // Beside kube-proxy, whose health and metrics servers hold the usual ports.
+        if !given(&matches, "healthz_bind_address") {
+            flags.healthz_bind_address = SocketAddr::from(([127, 0, 0, 1], 10267));
+        }
+        if !given(&matches, "metrics_bind_address") {
+            flags.metrics_bind_address = SocketAddr::from(([127, 0, 0, 1], 10268));
+        }
+    }
+    if flags.cleanup {
+        let report = kpx_dataplane::cleanup::run(flags.netns.as_deref());
+        return report.into_result().map_err(anyhow::Error::msg);
+    }
+    let node_name = flags.node.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the node's name is needed: --node (or --hostname-override, NODE_NAME, hostnameOverride in --config)"
+        )
+    })?;
+    let controlplane =
+        flags.controlplane.ok_or_else(|| anyhow::anyhow!("--controlplane (or KPX_CONTROLPLANE) is needed"))?;
     let config = AgentConfig {
-        node_name: flags.node,
-        controlplane: flags.controlplane,
+        node_name,
+        controlplane,
         backend: match flags.backend.as_str() {
             "dry-run" => BackendKind::DryRun,
+            "shadow" => BackendKind::Shadow,
             "ipvs" => BackendKind::Ipvs,
             _ => BackendKind::Iptables,
         },
         cluster_cidr: flags.cluster_cidr,
         node_ips: flags.node_ips,
+        node_port_cidrs: flags.nodeport_addresses,
         masquerade_all: flags.masquerade_all,
+        localhost_node_ports: flags.iptables_localhost_nodeports,
         healthz_bind_address: flags.healthz_bind_address,
         metrics_bind_address: flags.metrics_bind_address,
         ip_families: flags.ip_families,
@@ -121,6 +258,17 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         netns: flags.netns,
         ipvs_scheduler: flags.ipvs_scheduler,
         ipvs_fallback: !flags.no_ipvs_fallback,
+        ipvs_strict_arp: flags.ipvs_strict_arp,
+        ipvs_timeouts: [flags.ipvs_tcp_timeout, flags.ipvs_tcpfin_timeout, flags.ipvs_udp_timeout],
+        ipvs_exclude_cidrs: flags.ipvs_exclude_cidrs,
+        conntrack: config::Conntrack {
+            max_per_core: Some(flags.conntrack_max_per_core),
+            min: Some(flags.conntrack_min),
+            tcp_established_timeout: Some(flags.conntrack_tcp_timeout_established),
+            tcp_close_wait_timeout: Some(flags.conntrack_tcp_timeout_close_wait),
+            // 1.29's settings, only from the file.
+            ..conntrack_extra
+        },
         admin_listen: flags.admin_listen.0,
         admin_security: flags.admin_security,
         kubeconfig: flags.kubeconfig,

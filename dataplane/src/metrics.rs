@@ -50,8 +50,15 @@ pub struct Metrics {
     pub service_changes_total: Counter,
     pub no_local_endpoints: Family<PolicyLabel, Gauge>,
     pub last_queued: Gauge<f64, AtomicU64>,
+    pub shadow_differences: Family<KindLabel, Gauge>,
+    pub shadow_last_compare: Gauge<f64, AtomicU64>,
     /// The admin API's authentication, authorization and connection metrics.
     pub auth: kpx_auth::AuthMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
 }
 
 /// kube-proxy's buckets: 1 ms doubling to ~16 s.
@@ -103,6 +110,8 @@ impl Metrics {
             service_changes_total: Counter::default(),
             no_local_endpoints: Family::default(),
             last_queued: Gauge::default(),
+            shadow_differences: Family::default(),
+            shadow_last_compare: Gauge::default(),
             auth: kpx_auth::AuthMetrics::default(),
             registry: Registry::default(),
         };
@@ -179,6 +188,16 @@ impl Metrics {
             "The last time a sync of proxy rules was queued",
             m.last_queued.clone(),
         );
+        registry.register(
+            "kpx_shadow_differences",
+            "--backend shadow: differences between kpx's rules and the kernel's at the last comparison, by kind",
+            m.shadow_differences.clone(),
+        );
+        registry.register(
+            "kpx_shadow_last_compare_timestamp_seconds",
+            "--backend shadow: when kpx's rules were last compared with the kernel's",
+            m.shadow_last_compare.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -235,6 +254,15 @@ impl Metrics {
         };
         set("internal", n.internal);
         set("external", n.external);
+    }
+
+    /// A shadow comparison: the differences per kind (every kind, zeros included).
+    pub fn shadow(&self, r: &crate::backend::shadow::ShadowResult) {
+        for (kind, n) in &r.by_kind {
+            let g = self.shadow_differences.get_or_create(&KindLabel { kind: kind.as_str().into() });
+            g.set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        self.shadow_last_compare.set(r.compared_unix_ms as f64 / 1000.0);
     }
 
     /// An update arrived (kpx applies it at once: kube-proxy's "queued" is "received").

@@ -157,7 +157,8 @@ fn sync_flush_and_adopt(variant: &str) {
     // A second full sync adds no second copy of any jump.
     b.apply(&state(&services, &eps), &changes(true, &[])).unwrap();
     assert_eq!(lines_of(&save("nat"), "PREROUTING").len(), 1);
-    assert_eq!(lines_of(&save("filter"), "INPUT").len(), 3);
+    // Three jumps of its own and, with localhost node ports (the default), the one to KUBE-FIREWALL.
+    assert_eq!(lines_of(&save("filter"), "INPUT").len(), 4);
 
     // 2. An endpoint change: a partial sync; the new rule is there, KUBE-SERVICES untouched.
     let services_before: Vec<String> = lines_of(&nat, "KUBE-SERVICES").into_iter().map(String::from).collect();

@@ -272,3 +272,42 @@ fn load_balancer_source_ranges_admit_only_their_sources() {
         assert_eq!(answer(&get("tcp", "10.96.0.10:80")).0, "pod1");
     });
 }
+
+/// A process on the node listening on every address (here on 0.0.0.0:2222), as an sshd or a
+/// kubelet would: the service IPs on kube-ipvs0 are the node's addresses too, but like
+/// kube-proxy (KUBE-IPVS-FILTER, kubernetes#72236) kpx answers on them only on service ports.
+/// With FORWARD's policy DROP, service traffic still flows (KUBE-FORWARD accepts it).
+#[test]
+fn a_host_port_is_not_reachable_through_a_service_ip() {
+    in_uml("a_host_port_is_not_reachable_through_a_service_ip", || {
+        let _topo = Topology::new(2);
+        let mut host = std::process::Command::new(TESTPOD)
+            .args(["serve", "node", "0.0.0.0:2222"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(host.stdout.take().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let out = std::process::Command::new("iptables-legacy").args(["-P", "FORWARD", "DROP"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut b = backend();
+        let st = state(vec![svc("web", "10.96.0.10", 80, 0)], vec![ep("web", 1, false), ep("web", 2, false)]);
+        b.apply(&st, &full()).unwrap();
+
+        // The host process answers on the node's address; the service on its port.
+        assert_eq!(answer(&get("tcp", "192.168.0.10:2222")).0, "node");
+        let pods = pods_answering("10.96.0.10:80", 4);
+        assert!(pods.iter().all(|p| p.starts_with("pod")), "{pods:?}");
+        // Through the service IP on any other port: refused, not the host process.
+        assert_eq!(get("tcp", "10.96.0.10:2222"), "refused", "\n{}", iptables_filter());
+        assert_eq!(get("udp", "10.96.0.10:2222"), "refused", "\n{}", iptables_filter());
+        let _ = host.kill();
+        let _ = host.wait();
+    });
+}
+
+fn iptables_filter() -> String {
+    let out = std::process::Command::new("iptables-legacy-save").args(["-t", "filter"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

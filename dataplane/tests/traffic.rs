@@ -10,7 +10,7 @@ mod cluster;
 mod manifest;
 mod netns;
 
-use cluster::Cluster;
+use cluster::{Cluster, Options};
 use manifest::{Svc, TARGET_PORT};
 use netns::{Outcome, Proto, Reply, Topology, eventually};
 use std::collections::BTreeMap;
@@ -304,6 +304,13 @@ fn local_policies_drop_where_no_local_endpoint_but_reject_without_any_endpoint()
     }
     let got = c.topo.client.ns.tcp_request(at(node_a.ip4, 30083), short);
     assert_eq!(got, Outcome::TimedOut, "client -> node-a:30083");
+    // Pods and the node itself reach node-a's node port all the same: kube-proxy sends traffic
+    // that starts inside the cluster to every endpoint (its "short circuit"), so node-a keeps
+    // the cluster endpoints of a service with both policies Local.
+    let node_port = at(node_a.ip4, 30083);
+    assert_eq!(sender.tcp_request(node_port, WAIT).expect_answer("pod on node-a -> node-a:30083").pod, "b-1");
+    let from_node = node_a.ns.tcp_request(node_port, WAIT).expect_answer("node-a -> node-a:30083");
+    assert_eq!(from_node.pod, "b-1");
     let filter = c.save(0, false, "filter");
     for line in [
         "-A KUBE-SERVICES -d 10.96.0.14/32 -p tcp -m comment --comment \"demo/itl:p has no local endpoints\" -m tcp --dport 80 -j DROP",
@@ -428,4 +435,60 @@ fn flushed_nat_table_comes_back() {
         "{nat}"
     );
     assert!(nat.contains("-A KUBE-PROXY-CANARY"), "{nat}");
+}
+
+#[test]
+fn localhost_node_ports_answer_on_127_0_0_1() {
+    if !netns::require_root_and_netns() {
+        return;
+    }
+    let topo = two_nodes();
+    let cluster_policy = web("10.96.0.11", &topo, &["a-1", "b-1"]).node_port(30080, false);
+    let local_policy = svc("web-local", "10.96.0.12", &topo, &["a-1"]).node_port(30081, true);
+    let dns = svc("dns", "10.96.0.20", &topo, &["b-1"]).udp(TARGET_PORT).node_port(30053, false);
+    // No --node-ip: node ports on every local address, 127.0.0.1 included (kube-proxy's default).
+    let services = [cluster_policy, local_policy, dns];
+    let c = Cluster::start_with(topo, &services, Options { node_ip: false, ..Options::default() });
+    let node_a = &c.topo.nodes[0];
+    assert_eq!(node_a.ns.run(&["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).trim(), "1");
+    let filter = c.save(0, false, "filter");
+    assert!(
+        filter.contains("-A INPUT -j KUBE-FIREWALL") && filter.contains("block incoming localnet connections"),
+        "{filter}"
+    );
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let reply = node_a.ns.tcp_request(at(ip("127.0.0.1"), 30080), WAIT).expect_answer("node-a -> 127.0.0.1:30080");
+        // 127.0.0.1 cannot leave the node: the reply must have been masqueraded.
+        assert_ne!(reply.peer.ip(), ip("127.0.0.1"), "{reply:?}");
+        seen.insert(reply.pod.clone(), reply);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.keys().map(String::as_str).collect::<Vec<_>>(), ["a-1", "b-1"]);
+    let local = node_a.ns.tcp_request(at(ip("127.0.0.1"), 30081), WAIT).expect_answer("node-a -> 127.0.0.1:30081");
+    assert_eq!(local.pod, "a-1");
+    // UDP as well.
+    let udp = node_a.ns.udp_request(at(ip("127.0.0.1"), 30053), WAIT).expect_answer("udp 127.0.0.1:30053");
+    assert_eq!(udp.pod, "b-1");
+}
+
+#[test]
+fn localhost_node_ports_can_be_turned_off() {
+    if !netns::require_root_and_netns() {
+        return;
+    }
+    let topo = two_nodes();
+    let service = web("10.96.0.11", &topo, &["a-1", "b-1"]).node_port(30080, false);
+    let options = Options { node_ip: false, extra_args: vec!["--iptables-localhost-nodeports=false".into()] };
+    let c = Cluster::start_with(topo, &[service], options);
+    let node_a = &c.topo.nodes[0];
+    assert_eq!(node_a.ns.run(&["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).trim(), "0");
+    assert!(!c.save(0, false, "filter").contains("KUBE-FIREWALL"));
+    // The node port still answers on the node's address, but not on 127.0.0.1 (the DNATed
+    // packet keeps a loopback source the kernel will not route).
+    assert!(node_a.ns.tcp_request(at(node_a.ip4, 30080), WAIT).pod().is_some());
+    let got = node_a.ns.tcp_request(at(ip("127.0.0.1"), 30080), Duration::from_millis(700));
+    assert_eq!(got, Outcome::TimedOut);
 }

@@ -169,9 +169,9 @@ fn internal_policy_local_without_local_endpoints_drops_when_they_exist_elsewhere
 
 #[test]
 fn both_policies_local_without_local_endpoints() {
-    // web-local with both policies Local, seen from node-c: no endpoint is sent to it.
+    // web-local with both policies Local, seen from node-c: like kube-proxy, the controlplane
+    // still sends it the cluster endpoints (the service is externally reachable), none local.
     let mut st = state(false);
-    st.services[1].endpoints.clear();
     let svc = st.services[1].service.as_mut().unwrap();
     svc.internal_policy_local = true;
     svc.families_with_endpoints = vec!["IPv4".into()];
@@ -185,8 +185,16 @@ fn both_policies_local_without_local_endpoints() {
     let cluster_ip = explain(&st, &q("10.96.0.12:80/tcp"));
     assert_eq!(cluster_ip.verdict, Verdict::Drop);
     assert!(cluster_ip.summary.contains("has no local endpoints on node-c"), "{}", cluster_ip.summary);
+    // A pod reaching the node port is short-circuited to every cluster endpoint.
+    let from_pod = explain(
+        &st,
+        &Query { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], ..from("10.77.0.12:30081/tcp", "10.244.3.9") },
+    );
+    assert_eq!(from_pod.verdict, Verdict::Dnat, "{}", from_pod.summary);
+    assert_eq!(ips(&from_pod), ["10.244.1.2:8080", "10.244.1.3:8080", "10.244.2.2:8080"]);
 
     // Without endpoints anywhere, both are rejected.
+    st.services[1].endpoints.clear();
     st.services[1].service.as_mut().unwrap().families_with_endpoints.clear();
     for dst in ["10.77.0.12:30081/tcp", "10.96.0.12:80/tcp"] {
         let ex = explain(&st, &q(dst));

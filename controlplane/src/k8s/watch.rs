@@ -9,7 +9,7 @@
 
 mod tracker;
 
-use super::{endpoint_slice, node, service, service_key};
+use super::{PROXIED_SLICES_SELECTOR, endpoint_slice, node, service, service_key};
 use crate::model::{ClusterEvent, EndpointSlice, Node, ServiceKey, Skips, SliceKey};
 use crate::source::{ClusterSource, SourceError};
 use futures::{StreamExt, stream::BoxStream};
@@ -89,7 +89,9 @@ impl KubeSource {
         let KubeSource { client, skips, config } = self;
         let streams: [BoxStream<'static, Update>; 3] = [
             kind_stream(Api::all(client.clone()), &config, Update::Service),
-            kind_stream(Api::all(client.clone()), &config, Update::Slice),
+            // Like kube-proxy, slices of headless services and of another proxy's are not even
+            // listed (the EndpointSlice controller labels them).
+            kind_stream(Api::all(client.clone()), &config.clone().labels(PROXIED_SLICES_SELECTOR), Update::Slice),
             kind_stream(Api::all(client), &config, Update::Node),
         ];
         let mut updates = futures::stream::select_all(streams);
@@ -123,7 +125,7 @@ where
 
 #[derive(Default)]
 struct State {
-    services: KindTracker<ServiceKey, crate::model::Service>,
+    services: KindTracker<ServiceKey, SeenService>,
     slices: KindTracker<SliceKey, EndpointSlice>,
     nodes: KindTracker<String, Node>,
     synced: bool,
@@ -137,8 +139,8 @@ impl State {
                 *event,
                 "Service",
                 |o| service_key(&o.metadata),
-                |o| service(o, skips),
-                ClusterEvent::Service,
+                |o| Some(service(o, skips).map_or(SeenService::NotProxied, SeenService::Proxied)),
+                SeenService::event,
             ),
             Update::Slice(event) => step(
                 &mut self.slices,
@@ -163,11 +165,29 @@ impl State {
             // The changes of the last list are part of the full state published here.
             self.synced = true;
             let nodes = self.nodes.current().map(|(k, m)| ClusterEvent::Node(k.clone(), Some(m.clone())));
-            let services = self.services.current().map(|(k, m)| ClusterEvent::Service(k.clone(), Some(m.clone())));
+            let services = self.services.current().map(|(k, m)| SeenService::event(k.clone(), Some(m.clone())));
             let slices = self.slices.current().map(|(k, m)| ClusterEvent::Slice(k.clone(), Some(m.clone())));
             out.extend(nodes.chain(services).chain(slices));
             out.push(ClusterEvent::Synced);
             tracing::info!(events = out.len() - 1, "initial lists complete");
+        }
+    }
+}
+
+/// Every Service is tracked, proxied or not: the cache must know that a headless Service exists
+/// to ignore its EndpointSlices quietly.
+#[derive(Debug, Clone, PartialEq)]
+enum SeenService {
+    Proxied(crate::model::Service),
+    NotProxied,
+}
+
+impl SeenService {
+    fn event(key: ServiceKey, seen: Option<SeenService>) -> ClusterEvent {
+        match seen {
+            Some(SeenService::Proxied(s)) => ClusterEvent::Service(key, Some(s)),
+            Some(SeenService::NotProxied) => ClusterEvent::NotProxied(key),
+            None => ClusterEvent::Service(key, None),
         }
     }
 }

@@ -167,13 +167,43 @@ fn node_hints_take_precedence_over_zone_hints() {
 }
 
 #[test]
-fn both_policies_local_never_sets_for_cluster() {
+fn both_policies_local_without_external_reach_never_sets_for_cluster() {
+    // Scenario 5's ports have no node port: nothing reaches it from outside, so only the local
+    // set exists (kube-proxy's UsesClusterEndpoints is false).
     let (_, service, slices) = &scenarios()[5];
     let p = PreparedService::prepare(service, &slices.iter().collect::<Vec<_>>());
     assert_eq!(summary(&p.view(&node("a1", Some("zone-a")))), [("10.0.0.1".into(), false, true)]);
     assert_eq!(summary(&p.view(&node("c1", Some("zone-c")))), []);
     // b1 has a ready and a terminating endpoint: only the ready one is local.
     assert_eq!(summary(&p.view(&node("b1", Some("zone-b")))), [("10.0.0.3".into(), false, true)]);
+}
+
+#[test]
+fn both_policies_local_and_reachable_from_outside_keep_the_cluster_set() {
+    // kube-proxy short-circuits pod and host traffic to a node port, external or LB IP to the
+    // cluster chain, so every node keeps the cluster endpoints, also one without local ones.
+    let (_, service, slices) = &scenarios()[5];
+    let slices: Vec<&EndpointSlice> = slices.iter().collect();
+    let with_node_port = |mut s: model::Service| {
+        s.ports[0].node_port = 30080;
+        s
+    };
+    let external_ip = |mut s: model::Service| {
+        s.external_ips = vec!["192.0.2.1".parse().unwrap()];
+        s
+    };
+    for reachable in [with_node_port(service.clone()), external_ip(service.clone())] {
+        let p = PreparedService::prepare(&reachable, &slices);
+        let c1 = summary(&p.view(&node("c1", Some("zone-c"))));
+        assert_eq!(
+            c1,
+            [("10.0.0.1".into(), true, false), ("10.0.0.2".into(), true, false), ("10.0.0.3".into(), true, false)]
+        );
+        let a1 = summary(&p.view(&node("a1", Some("zone-a"))));
+        // Zone hints narrow a1's cluster set to zone-a; its own endpoint is also local.
+        assert_eq!(a1, [("10.0.0.1".into(), true, true), ("10.0.0.2".into(), true, false)]);
+        assert_eq!(p.wire.families_with_endpoints, ["IPv4"]);
+    }
 }
 
 #[test]

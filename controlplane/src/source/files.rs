@@ -129,7 +129,7 @@ impl ObjectId {
     fn of(event: &ClusterEvent) -> Option<ObjectId> {
         match event {
             ClusterEvent::Node(name, _) => Some(ObjectId::Node(name.clone())),
-            ClusterEvent::Service(key, _) => Some(ObjectId::Service(key.clone())),
+            ClusterEvent::Service(key, _) | ClusterEvent::NotProxied(key) => Some(ObjectId::Service(key.clone())),
             ClusterEvent::Slice(key, _) => Some(ObjectId::Slice(key.clone())),
             ClusterEvent::Synced => None,
         }
@@ -148,6 +148,7 @@ fn is_upsert(event: &ClusterEvent) -> bool {
     match event {
         ClusterEvent::Node(_, o) => o.is_some(),
         ClusterEvent::Service(_, o) => o.is_some(),
+        ClusterEvent::NotProxied(_) => true,
         ClusterEvent::Slice(_, o) => o.is_some(),
         ClusterEvent::Synced => false,
     }

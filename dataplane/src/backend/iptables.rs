@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod exec;
 pub mod jumps;
 pub mod render;
+pub mod ruleset;
 pub mod saved;
 
 pub use apply::{BackendStats, IptablesBackend, IptablesConfig};

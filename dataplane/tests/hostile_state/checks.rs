@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kpx_dataplane::backend::iptables::jumps::JUMPS;
+use kpx_dataplane::backend::iptables::jumps;
+use kpx_dataplane::backend::iptables::render::{FORWARD_RULES, LOCALNET_RULE};
 
 use crate::iptables::{BUILTIN, Tables, arg, tokens};
 
@@ -15,6 +16,14 @@ pub(crate) fn is_kpx_chain(c: &str) -> bool {
 /// A verdict that stops traffic must be scoped to one destination and port, so that a hostile
 /// service can never block anything but its own addresses.
 fn check_verdict(chain: &str, toks: &[String]) -> Result<(), String> {
+    // kpx's two constant DROPs (no cluster data in them): kube-proxy's INVALID drop in
+    // KUBE-FORWARD and the localnet guard of localhost node ports.
+    let fixed = FORWARD_RULES.iter().chain([&LOCALNET_RULE]).filter_map(|l| l.strip_prefix(&format!("-A {chain} ")));
+    // `toks` is a whole restore line ("-A CHAIN ...") or a saved rule without that prefix.
+    let rule = if toks.first().is_some_and(|t| t == "-A") { toks.get(2..).unwrap_or_default() } else { toks };
+    if fixed.filter_map(tokens).any(|t| t.as_slice() == rule) {
+        return Ok(());
+    }
     let target = arg(toks, "-j").unwrap_or_default();
     if ["DROP", "REJECT"].contains(&target) {
         let scoped = toks.iter().any(|t| t == "-d") || arg(toks, "--dst-type") == Some("LOCAL");
@@ -93,12 +102,11 @@ pub(crate) fn check_text(text: &str) -> Result<(), String> {
 /// The kernel holds kpx's chains and (`with_jumps`, after a sync by the backend) its
 /// documented jumps from the built-in chains, nothing else: no other chain, no other rule in a
 /// built-in chain, no unscoped DROP/REJECT.
-pub(crate) fn check_kernel(tables: &Tables, with_jumps: bool) -> Result<(), String> {
+pub(crate) fn check_kernel(tables: &Tables, with_jumps: bool, firewall: bool) -> Result<(), String> {
     for (table, chains) in tables {
         for (chain, rules) in chains {
             if BUILTIN.contains(&chain.as_str()) {
-                let want: Vec<String> = JUMPS
-                    .iter()
+                let want: Vec<String> = jumps::jumps(firewall)
                     .filter(|j| with_jumps && j.table == table && j.chain == chain)
                     .map(|j| j.rule())
                     .collect();

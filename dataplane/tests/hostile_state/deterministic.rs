@@ -133,7 +133,7 @@ pub(crate) fn hostile_state_applies(variant: &'static str) {
         assert_eq!(b.stats().restore_failures, 0, "{ctx}: {:?}", b.stats().last_error);
         let input = b.last_restore_input();
         let (text, tables) = save(&ns, tools).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        check_kernel(&tables, true).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        check_kernel(&tables, true, render_cfg(family).localnet_firewall()).unwrap_or_else(|e| panic!("{ctx}: {e}"));
         check_web(&tables, family, &["10.180.0.1", "10.180.0.2", "fd00:10::1", "fd00:10::2"])
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         assert_eq!(comments(&input), comments(&text), "{ctx}: the kernel's comments are not the ones written");
@@ -171,7 +171,8 @@ pub(crate) fn hostile_state_applies(variant: &'static str) {
         assert_eq!(b.stats().restore_failures, 0, "{ctx}: partial sync failed: {:?}", b.stats().last_error);
         assert!(!b.stats().last_sync_full, "{ctx}: the delta was not a partial sync");
         let (text, partial) = save(&ns, tools).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        check_kernel(&partial, true).unwrap_or_else(|e| panic!("{ctx}: after the delta: {e}"));
+        check_kernel(&partial, true, render_cfg(family).localnet_firewall())
+            .unwrap_or_else(|e| panic!("{ctx}: after the delta: {e}"));
         check_web(&partial, family, &["10.180.0.2", "10.180.0.3", "fd00:10::2", "fd00:10::3"])
             .unwrap_or_else(|e| panic!("{ctx}: after the delta: {e}"));
         assert!(!text.contains("10.189.0.2"), "{ctx}");

@@ -203,6 +203,7 @@ pub(crate) fn backend_cfg(ns: &NetNs, tools: Tools, r: RenderConfig) -> Iptables
     cfg.cluster_cidr = r.cluster_cidr;
     cfg.masquerade_all = r.masquerade_all;
     cfg.node_ips = r.node_ips;
+    cfg.localhost_node_ports = r.localhost_node_ports;
     cfg.netns = Some(ns.name().to_string());
     cfg
 }

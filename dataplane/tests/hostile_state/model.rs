@@ -114,5 +114,6 @@ pub(crate) fn render_cfg(family: IpFamily) -> RenderConfig {
         masquerade_all: false,
         node_ips: Vec::new(),
         node_name: "node1".into(),
+        localhost_node_ports: true,
     }
 }

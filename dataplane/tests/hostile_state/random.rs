@@ -188,7 +188,7 @@ pub(crate) fn kernel_cases(tools: Tools, cases: &[Case], stride: usize) -> Vec<S
                     .map_err(|e| format!("applying the partial sync: {e}\n{partial}"))?;
             }
             let (_, after_partial) = save(&ns, tools)?;
-            check_kernel(&after_partial, false)?;
+            check_kernel(&after_partial, false, false)?;
             restore(&ns, tools, &[], full2).map_err(|e| format!("applying the full sync after the delta: {e}"))?;
             let (_, after_full) = save(&ns, tools)?;
             same_ruleset(&after_partial, &after_full)?;

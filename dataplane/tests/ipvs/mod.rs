@@ -35,6 +35,11 @@ pub fn in_uml(name: &str, scenario: impl FnOnce()) {
 /// [`in_uml`] with extra environment for the scenario inside UML (whose environment is
 /// otherwise minimal).
 pub fn in_uml_with(name: &str, env: &[(&str, &str)], scenario: impl FnOnce()) {
+    in_uml_limited(name, env, uml::DEFAULT_TIMEOUT, scenario)
+}
+
+/// [`in_uml_with`] for a scenario that may take longer than the default time limit.
+pub fn in_uml_limited(name: &str, env: &[(&str, &str)], limit: Duration, scenario: impl FnOnce()) {
     if std::env::var(INSIDE).is_ok_and(|v| v == "1") {
         scenario();
         return;
@@ -45,7 +50,8 @@ pub fn in_uml_with(name: &str, env: &[(&str, &str)], scenario: impl FnOnce()) {
     let exe = std::env::current_exe().expect("test binary path").display().to_string();
     let job = uml::UmlJob::new(&[exe.as_str(), "--exact", name, "--nocapture", "--test-threads=1"])
         .env(INSIDE, "1")
-        .env("RUST_BACKTRACE", "1");
+        .env("RUST_BACKTRACE", "1")
+        .timeout(limit);
     let job = env.iter().fold(job, |job, (k, v)| job.env(k, v));
     let result = uml::run_in_uml(&job).unwrap_or_else(|e| panic!("{e}"));
     result.assert_success();

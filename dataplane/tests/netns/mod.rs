@@ -105,6 +105,22 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a command with `stdin` as its input; it must succeed. Its stdout.
+pub fn feed(cmd: &mut Command, stdin: &str) -> String {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    child.stdin.take().expect("piped").write_all(stdin.as_bytes()).unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A network namespace that exists as long as this guard (like aya's NetNsGuard): created with
 /// loopback up, deleted on drop. Processes still inside keep the kernel object alive, so
 /// spawned children are guarded too ([`NsChild`]) and dropped before their namespace.

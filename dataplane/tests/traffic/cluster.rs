@@ -44,14 +44,36 @@ pub struct Cluster {
     rt: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     url: String,
+    /// Extra flags of every dataplane; `--node-ip` unless `node_ip` is off.
+    options: Options,
     pub topo: Topology,
     work: tempfile::TempDir,
+}
+
+/// How the dataplanes run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `--node-ip` with the node's address (node ports only there); off: every local address,
+    /// 127.0.0.1 included (localhost node ports).
+    pub node_ip: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { node_ip: true, extra_args: Vec::new() }
+    }
 }
 
 impl Cluster {
     /// Writes SERVICES, starts the controlplane and a dataplane per node of TOPO, and waits
     /// until every node acked its desired state.
     pub fn start(topo: Topology, services: &[Svc]) -> Cluster {
+        Cluster::start_with(topo, services, Options::default())
+    }
+
+    /// [`Cluster::start`] with dataplane OPTIONS.
+    pub fn start_with(topo: Topology, services: &[Svc], options: Options) -> Cluster {
         for node in &topo.nodes {
             prepare_node(&node.ns);
         }
@@ -78,7 +100,7 @@ impl Cluster {
                 let _ = stopped.await;
             },
         ));
-        let cluster = Cluster { dataplanes: Mutex::default(), rt, stop: Some(stop), url, topo, work };
+        let cluster = Cluster { dataplanes: Mutex::default(), rt, stop: Some(stop), url, options, topo, work };
         for node in 0..cluster.topo.nodes.len() {
             let dp = cluster.spawn_dataplane(node);
             cluster.dataplanes().push(Some(dp));
@@ -97,12 +119,15 @@ impl Cluster {
 
     fn spawn_dataplane(&self, node: usize) -> Dataplane {
         let n = &self.topo.nodes[node];
-        let log = self.work.path().join(format!("{}.log", n.name));
+        let log = self.log_path(node);
         let log_file = File::options().create(true).append(true).open(&log).unwrap();
+        let node_ip = if self.options.node_ip { vec!["--node-ip".to_string(), n.ip4.to_string()] } else { vec![] };
         let child = Command::new(env!("CARGO_BIN_EXE_kpx-dataplane"))
             .args(["--node", n.name, "--controlplane", &self.url, "--backend", "iptables"])
             .args(["--netns", n.ns.name(), "--cluster-cidr", "10.244.0.0/16", "--ip-families", "IPv4,IPv6"])
-            .args(["--node-ip", &n.ip4.to_string(), "--sync-period", SYNC_PERIOD])
+            .args(node_ip)
+            .args(&self.options.extra_args)
+            .args(["--sync-period", SYNC_PERIOD])
             .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -164,6 +189,11 @@ impl Cluster {
             let mut c = pb::inspect_client::InspectClient::connect(url).await.ok()?;
             Some(c.list_nodes(pb::ListNodesRequest {}).await.ok()?.into_inner().nodes)
         })
+    }
+
+    /// Where node NODE's dataplane logs.
+    pub fn log_path(&self, node: usize) -> PathBuf {
+        self.work.path().join(format!("{}.log", self.topo.nodes[node].name))
     }
 
     /// `iptables-save -t TABLE` (or ip6tables-save) in node NODE's namespace.

@@ -41,6 +41,8 @@ pub struct IptablesConfig {
     pub masquerade_all: bool,
     pub node_ips: Vec<IpAddr>,
     pub node_name: String,
+    /// kube-proxy's `localhostNodePorts` (default on): see `RenderConfig::localhost_node_ports`.
+    pub localhost_node_ports: bool,
     /// "iptables-restore", "ip6tables-restore" or a variant ("iptables-nft-restore", ...).
     /// The matching iptables command is this name without "-restore".
     pub restore_cmd: String,
@@ -73,6 +75,7 @@ impl IptablesConfig {
             masquerade_all: false,
             node_ips: Vec::new(),
             node_name: node_name.to_string(),
+            localhost_node_ports: true,
             restore_cmd: format!("{tool}-restore"),
             save_cmd: format!("{tool}-save"),
             full_resync_period: Duration::from_secs(3600),
@@ -89,13 +92,14 @@ impl IptablesConfig {
         self.restore_cmd.replacen("-restore", "", 1)
     }
 
-    fn render_config(&self) -> RenderConfig {
+    pub fn render_config(&self) -> RenderConfig {
         RenderConfig {
             family: self.family,
             cluster_cidr: self.cluster_cidr.clone(),
             masquerade_all: self.masquerade_all,
             node_ips: self.node_ips.clone(),
             node_name: self.node_name.clone(),
+            localhost_node_ports: self.localhost_node_ports,
         }
     }
 }
@@ -119,6 +123,31 @@ pub fn probe(cfg: &IptablesConfig) -> Result<String, ExecError> {
     let runner = Runner { netns: cfg.netns.clone() };
     let ran = runner.run_ok(&[&cfg.restore_cmd, "--version"], &[])?;
     Ok(ran.stdout.trim().to_string())
+}
+
+/// Where `route_localnet` lives under /proc/sys (and its `sysctl` name).
+const ROUTE_LOCALNET: (&str, &str) = ("net/ipv4/conf/all/route_localnet", "net.ipv4.conf.all.route_localnet");
+
+/// Sets `net.ipv4.conf.all.route_localnet=1` when the config serves node ports on 127.0.0.1
+/// (as kube-proxy does at startup; it stays set afterwards, as with kube-proxy). Returns
+/// whether it was needed. In a test namespace (`netns`) it runs `sysctl -w` there, since
+/// /proc/sys/net shows the namespace of the process that reads it.
+pub fn ensure_route_localnet(cfg: &IptablesConfig) -> Result<bool, ExecError> {
+    if !cfg.render_config().localnet_firewall() || cfg.dry_run {
+        return Ok(false);
+    }
+    let (path, name) = ROUTE_LOCALNET;
+    if cfg.netns.is_some() {
+        let runner = Runner { netns: cfg.netns.clone() };
+        runner.run_ok(&["sysctl", "-q", "-w", &format!("{name}=1")], &[])?;
+        return Ok(true);
+    }
+    let path = format!("/proc/sys/{path}");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+        return Ok(true);
+    }
+    std::fs::write(&path, "1").map_err(|source| ExecError::Spawn { cmd: format!("write 1 to {path}"), source })?;
+    Ok(true)
 }
 
 /// Rules per table.
@@ -359,7 +388,7 @@ impl IptablesBackend {
         let iptables = self.cfg.iptables_cmd();
         let mut text = String::new();
         let mut listed = Vec::new();
-        for chain in jumps::JUMPS.iter().filter(|j| j.table == table).map(|j| j.chain) {
+        for chain in jumps::jumps(self.render.localnet_firewall()).filter(|j| j.table == table).map(|j| j.chain) {
             if listed.contains(&chain) {
                 continue;
             }
@@ -509,7 +538,8 @@ impl IptablesBackend {
         let (f, n) = commits(&self.buf)?;
         self.filter_extra.clear();
         jumps::canary_lines(&mut self.filter_extra);
-        let added_filter = jumps::missing_jumps("filter", saved_filter, &mut self.filter_extra);
+        let added_filter =
+            jumps::missing_jumps("filter", self.render.localnet_firewall(), saved_filter, &mut self.filter_extra);
         self.nat_extra.clear();
         jumps::canary_lines(&mut self.nat_extra);
         // Declaring a stale chain flushes it; once KUBE-SERVICES (rewritten above) and the
@@ -517,7 +547,7 @@ impl IptablesBackend {
         for c in &stale {
             self.nat_extra.push_str(&format!(":{c} - [0:0]\n"));
         }
-        let added_nat = jumps::missing_jumps("nat", saved_nat, &mut self.nat_extra);
+        let added_nat = jumps::missing_jumps("nat", self.render.localnet_firewall(), saved_nat, &mut self.nat_extra);
         for c in &stale {
             self.nat_extra.push_str(&format!("-X {c}\n"));
         }

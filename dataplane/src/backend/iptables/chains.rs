@@ -12,6 +12,8 @@ pub const EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
 pub const FORWARD: &str = "KUBE-FORWARD";
 pub const PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
 pub const PROXY_CANARY: &str = "KUBE-PROXY-CANARY";
+/// Shared with kubelet: "block incoming localnet connections" (localhost node ports).
+pub const FIREWALL: &str = "KUBE-FIREWALL";
 
 /// The packet mark that KUBE-MARK-MASQ sets and KUBE-POSTROUTING masquerades on.
 pub const MASQ_MARK: &str = "0x4000";

@@ -23,6 +23,9 @@ impl Jump {
     /// The rule as iptables-save prints it, after `-A CHAIN `.
     pub fn rule(&self) -> String {
         let ct = if self.new_only { "-m conntrack --ctstate NEW " } else { "" };
+        if self.comment.is_empty() {
+            return format!("{ct}-j {}", self.target);
+        }
         format!("{ct}-m comment --comment \"{}\" -j {}", self.comment, self.target)
     }
 }
@@ -57,6 +60,18 @@ pub const JUMPS: [Jump; 12] = [
     jump("nat", "POSTROUTING", false, "kubernetes postrouting rules", chains::POSTROUTING),
 ];
 
+/// The jumps to KUBE-FIREWALL (kube-proxy's copy of kubelet's, without a comment) that go
+/// with localhost node ports, first in INPUT and OUTPUT (see [`jumps`]).
+pub const FIREWALL_JUMPS: [Jump; 2] =
+    [jump("filter", "INPUT", false, "", chains::FIREWALL), jump("filter", "OUTPUT", false, "", chains::FIREWALL)];
+
+/// Every jump kpx keeps, in the order they end up in each built-in chain: [`JUMPS`], after the
+/// KUBE-FIREWALL jumps when `firewall` (localhost node ports, IPv4: see
+/// `RenderConfig::localnet_firewall`).
+pub fn jumps(firewall: bool) -> impl Iterator<Item = &'static Jump> {
+    FIREWALL_JUMPS.iter().filter(move |_| firewall).chain(JUMPS.iter())
+}
+
 /// The canary's only rule. A flushed table loses it even when the (empty) chain survives,
 /// which is what `iptables -t nat -F` does.
 pub const CANARY_COMMENT: &str = "kpx canary: a full resync restores the rules when this is gone";
@@ -80,11 +95,12 @@ pub fn canary_check_args(table: &str) -> Vec<String> {
         .to_vec()
 }
 
-/// `-I` lines for the jumps of `table` that `saved` lacks, ordered so that prepending them
-/// one by one leaves them in [`JUMPS`] order.
-pub fn missing_jumps(table: &str, saved: &SavedTable, out: &mut String) -> usize {
+/// `-I` lines for the jumps of `table` (see [`jumps`]) that `saved` lacks, ordered so that
+/// prepending them one by one leaves them in [`jumps`] order.
+pub fn missing_jumps(table: &str, firewall: bool, saved: &SavedTable, out: &mut String) -> usize {
     let mut n = 0;
-    for j in JUMPS.iter().rev().filter(|j| j.table == table) {
+    let all: Vec<&Jump> = jumps(firewall).collect();
+    for j in all.into_iter().rev().filter(|j| j.table == table) {
         if !saved.has_jump(j.chain, j.comment, j.target) {
             out.push_str(&format!("-I {} {}\n", j.chain, j.rule()));
             n += 1;

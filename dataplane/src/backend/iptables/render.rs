@@ -58,6 +58,21 @@ pub struct RenderConfig {
     /// Addresses that accept NodePorts; empty means every local address.
     pub node_ips: Vec<IpAddr>,
     pub node_name: String,
+    /// Node ports also answer on 127.0.0.1 (kube-proxy's `localhostNodePorts`, IPv4 only):
+    /// with `route_localnet` set, KUBE-FIREWALL drops outside traffic to 127.0.0.0/8 that no
+    /// rule DNATed.
+    pub localhost_node_ports: bool,
+}
+
+impl RenderConfig {
+    /// Whether the KUBE-FIREWALL chain and its jumps are kpx's to keep: localhost node ports
+    /// on, IPv4, and node ports on every local address or on a loopback one (as kube-proxy
+    /// decides it from nodePortAddresses).
+    pub fn localnet_firewall(&self) -> bool {
+        self.localhost_node_ports
+            && self.family == IpFamily::V4
+            && (self.node_ips.is_empty() || self.node_ips.iter().any(|ip| ip.is_ipv4() && ip.is_loopback()))
+    }
 }
 
 /// The rules of one service (all its ports). Every line is a complete "-A CHAIN ..." rule.
@@ -139,10 +154,18 @@ fn with_op(out: &mut String, op: &str, line: &str) {
     out.push('\n');
 }
 
-const FORWARD_RULES: [&str; 2] = [
+/// KUBE-FORWARD as kube-proxy 1.28 writes it. The INVALID drop is its unconditional 1.28
+/// form (later versions leave it out when nf_conntrack_tcp_be_liberal is set, where the
+/// kernel no longer marks out-of-window TCP packets INVALID and the rule drops nothing).
+pub const FORWARD_RULES: [&str; 3] = [
+    "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
     "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT",
     "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
 ];
+
+/// With `route_localnet` on, the kernel accepts packets for 127.0.0.0/8 from any interface;
+/// only those DNATed by a node port rule (or replies) may pass (kubernetes#90259).
+pub const LOCALNET_RULE: &str = "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP";
 
 /// Full iptables-restore input for the filter and nat tables, written into `out` (cleared
 /// first). Returns the skip reasons of malformed entries.
@@ -175,7 +198,14 @@ pub fn render_full(cfg: &RenderConfig, state: &AppliedState, out: &mut String) -
     for c in [chains::SERVICES, chains::EXTERNAL_SERVICES, chains::FORWARD, chains::NODEPORTS, chains::PROXY_FIREWALL] {
         declare(h, c);
     }
+    let firewall = cfg.localnet_firewall();
+    if firewall {
+        declare(h, chains::FIREWALL);
+    }
     FORWARD_RULES.iter().for_each(|l| push(h, l));
+    if firewall {
+        push(h, LOCALNET_RULE);
+    }
     h.push_str(&filter);
     push(h, "COMMIT");
 

@@ -40,7 +40,11 @@ impl SavedTable {
 
     /// Whether `chain` has a rule that jumps to `target` carrying `comment`: how an ensured
     /// jump rule is recognised, whatever order the tool prints its matches in.
+    /// An empty `comment` means a rule that is nothing but the jump (`-j TARGET`).
     pub fn has_jump(&self, chain: &str, comment: &str, target: &str) -> bool {
+        if comment.is_empty() {
+            return self.rules.iter().any(|(c, rest)| c == chain && rest.trim() == format!("-j {target}"));
+        }
         let quoted = format!("--comment \"{comment}\"");
         let bare = format!("--comment {comment}");
         self.rules.iter().any(|(c, rest)| {

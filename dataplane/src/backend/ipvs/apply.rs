@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kpx_ipvs_netlink::{Family, IpvsClient, IpvsError};
 
 use super::companion;
-use super::host::{node_addresses, set_sysctls, working_restore_cmd};
+use super::host::{self, node_addresses, set_sysctls, working_restore_cmd};
 use super::plan::{self, Desired, Index, Key, Op, PlanConfig, Table, Update};
 use crate::backend::iptables::exec::Runner;
 use crate::state::{AppliedState, ChangeSet};
@@ -44,6 +44,12 @@ pub struct IpvsConfig {
     pub restore_cmd: String,
     /// Set the sysctls IPVS needs (vs.conntrack and friends); tests on a throwaway kernel only.
     pub sysctls: bool,
+    /// arp_ignore=1/arp_announce=2 (kube-proxy's ipvs.strictARP, off by default as there).
+    pub strict_arp: bool,
+    /// IPVS timeouts set at startup: TCP, TCP after FIN, UDP; zero leaves the kernel's.
+    pub timeouts: [Duration; 3],
+    /// Virtual servers in these CIDRs are never deleted (kube-proxy's ipvs.excludeCIDRs).
+    pub exclude_cidrs: Vec<String>,
 }
 
 impl IpvsConfig {
@@ -59,6 +65,9 @@ impl IpvsConfig {
             reconcile_period: Duration::from_secs(30),
             restore_cmd: "iptables-restore".into(),
             sysctls: true,
+            strict_arp: false,
+            timeouts: [Duration::ZERO; 3],
+            exclude_cidrs: Vec::new(),
         }
     }
 
@@ -141,7 +150,14 @@ impl IpvsBackend {
     /// Without configured node addresses, NodePorts go on every address the node has now
     /// (`ip -o addr`, less loopback, link-local and the VIP interface), read once here.
     pub fn new(mut cfg: IpvsConfig) -> Result<IpvsBackend, IpvsError> {
-        let client = IpvsClient::new()?;
+        let mut client = IpvsClient::new()?;
+        if cfg.timeouts.iter().any(|t| !t.is_zero()) {
+            // As kube-proxy at startup; 0 leaves that timeout as the kernel has it.
+            let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+            let [tcp, tcp_fin, udp] = cfg.timeouts.map(secs);
+            client.set_timeouts(&kpx_ipvs_netlink::Timeouts { tcp, tcp_fin, udp })?;
+            tracing::info!(tcp, tcp_fin, udp, "ipvs timeouts set (seconds; 0: unchanged)");
+        }
         if cfg.node_ips.is_empty() {
             let ran = Runner::default().run(&["ip", "-o", "addr", "show"], &[]);
             let out = ran.map(|r| r.stdout).unwrap_or_default();
@@ -296,8 +312,8 @@ impl IpvsBackend {
         self.addrs = Some(addrs);
 
         let keys: BTreeSet<Key> = up.touched.union(&self.draining).copied().collect();
-        let (owned, node_ips) = (&self.owned, &self.cfg.node_ips);
-        let mut ops = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, node_ips, k));
+        let (owned, cfg) = (&self.owned, &self.cfg);
+        let mut ops = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, cfg, k));
         self.execute(&ops)?;
         let draining = plan::draining_among(desired, &self.table, &keys);
         self.drain(desired, draining, &mut ops)?;
@@ -311,12 +327,21 @@ impl IpvsBackend {
         });
         self.addrs = Some(addrs);
 
-        for w in &mut self.companion {
+        for i in 0..self.companion.len() {
+            let w = &mut self.companion[i];
             let old = up.old.iter().map(|(k, s)| (k, s));
             let new = up.touched.iter().filter_map(|k| desired.services.get_key_value(k));
             let delta = companion::update_members(w.family, &mut w.members, old, new);
             if !delta.is_empty() {
                 self.runner.run_ok(&["ipset", "restore"], &[&delta])?;
+            }
+            // kube-proxy writes a set's rule only while the set has members: a set that filled
+            // or emptied changes the rules.
+            let nat = self.companion_rules(self.companion[i].family, &self.companion[i].members);
+            if nat != self.companion[i].nat {
+                self.runner
+                    .run_ok(&[&self.cfg.restore_cmd(self.companion[i].family), "--noflush", "-w", "5"], &[&nat])?;
+                self.companion[i].nat = nat;
             }
         }
         if !ops.is_empty() {
@@ -331,8 +356,8 @@ impl IpvsBackend {
         let keys: BTreeSet<Key> = draining.into_iter().collect();
         if !keys.is_empty() {
             self.refresh(&keys)?;
-            let (owned, node_ips) = (&self.owned, &self.cfg.node_ips);
-            let more: Vec<Op> = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, node_ips, k))
+            let (owned, cfg) = (&self.owned, &self.cfg);
+            let more: Vec<Op> = plan::plan_keys(desired, &self.table, &keys, |k: &Key| owns(owned, cfg, k))
                 .into_iter()
                 .filter(|op| matches!(op, Op::DeleteDest(..)))
                 .collect();
@@ -350,8 +375,8 @@ impl IpvsBackend {
     }
 
     fn plan(&self, desired: &Desired) -> Vec<Op> {
-        let (owned, node_ips) = (&self.owned, &self.cfg.node_ips);
-        plan::plan(desired, &self.table, |k: &Key| owns(owned, node_ips, k))
+        let (owned, cfg) = (&self.owned, &self.cfg);
+        plan::plan(desired, &self.table, |k: &Key| owns(owned, cfg, k))
     }
 
     fn execute(&mut self, ops: &[Op]) -> Result<(), SyncError> {
@@ -442,7 +467,7 @@ impl IpvsBackend {
         self.owned.extend(addrs.iter().copied());
         self.addrs = Some(addrs);
         if self.cfg.sysctls {
-            set_sysctls();
+            set_sysctls(self.cfg.strict_arp);
         }
         Ok(())
     }
@@ -466,15 +491,20 @@ impl IpvsBackend {
         Ok(())
     }
 
+    /// The companion rules of `family` for these set members.
+    fn companion_rules(&self, family: Family, members: &companion::Members) -> String {
+        let cidr = self.cfg.cluster_cidrs.iter().find(|c| {
+            c.split('/').next().and_then(|ip| ip.parse::<IpAddr>().ok()).is_some_and(|ip| Family::of(ip) == family)
+        });
+        companion::render_rules(family, cidr.map(String::as_str), self.cfg.masquerade_all, members)
+    }
+
     /// ipsets then rules, per family: the first time (and after a failure or reconcile) all of
     /// them with the jumps ensured, afterwards only the ipset members that changed.
     fn write_companion(&mut self, desired: &Desired) -> Result<(), SyncError> {
         for family in self.cfg.families.clone() {
             let members = companion::members(family, desired);
-            let cidr = self.cfg.cluster_cidrs.iter().find(|c| {
-                c.split('/').next().and_then(|ip| ip.parse::<IpAddr>().ok()).is_some_and(|ip| Family::of(ip) == family)
-            });
-            let nat = companion::render_rules(family, cidr.map(String::as_str), self.cfg.masquerade_all);
+            let nat = self.companion_rules(family, &members);
             let before = self.companion.iter().position(|c| c.family == family).map(|i| self.companion.remove(i));
             if let Some(before) = before.filter(|b| b.nat == nat) {
                 let delta = companion::render_ipset_delta(&before.members, &members);
@@ -488,7 +518,9 @@ impl IpvsBackend {
             let restore = self.cfg.restore_cmd(family);
             self.runner.run_ok(&[&restore, "--noflush", "-w", "5"], &[&nat])?;
             let iptables = restore.replacen("-restore", "", 1);
-            for (table, chain, comment, target) in companion::JUMPS {
+            // Each missing jump goes first in its chain: inserted last to first, they keep the
+            // list's order.
+            for (table, chain, comment, target) in companion::JUMPS.iter().rev().copied() {
                 let rule = ["-t", table, "-m", "comment", "--comment", comment, "-j", target];
                 let check: Vec<&str> = [iptables.as_str(), "-w", "5", "-C", chain].into_iter().chain(rule).collect();
                 if !self.runner.run(&check, &[])?.success {
@@ -504,9 +536,12 @@ impl IpvsBackend {
 }
 
 /// Virtual servers on a VIP kpx owns, or on a node address with a port in the NodePort range,
-/// are kpx's.
-fn owns(owned: &BTreeSet<IpAddr>, node_ips: &[IpAddr], k: &Key) -> bool {
-    owned.contains(&k.addr.ip()) || (node_ips.contains(&k.addr.ip()) && plan::NODE_PORT_RANGE.contains(&k.addr.port()))
+/// are kpx's, unless their address is in `exclude_cidrs` (kube-proxy's ipvs.excludeCIDRs:
+/// someone else's, never deleted).
+fn owns(owned: &BTreeSet<IpAddr>, cfg: &IpvsConfig, k: &Key) -> bool {
+    let ip = k.addr.ip();
+    let ours = owned.contains(&ip) || (cfg.node_ips.contains(&ip) && plan::NODE_PORT_RANGE.contains(&k.addr.port()));
+    ours && !host::in_cidrs(ip, &cfg.exclude_cidrs)
 }
 
 /// The companion rules of one family as last written.

@@ -42,18 +42,56 @@ pub fn node_addresses(ip_o_addr: &str, skip_dev: &str) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Whether `ip` lies in one of `cidrs` ("10.0.0.0/8"); an invalid CIDR matches nothing.
+pub fn in_cidrs(ip: IpAddr, cidrs: &[String]) -> bool {
+    let bits = |ip: IpAddr| match ip {
+        IpAddr::V4(v) => u128::from(u32::from(v)) << 96,
+        IpAddr::V6(v) => u128::from(v),
+    };
+    cidrs.iter().any(|c| {
+        let Some((net, len)) = c.split_once('/') else { return false };
+        let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>()) else { return false };
+        // IPv4 addresses sit in the top 32 bits, so a prefix length counts from the top for both.
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        if net.is_ipv4() != ip.is_ipv4() || len > max {
+            return false;
+        }
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        bits(ip) & mask == bits(net) & mask
+    })
+}
+
+/// The addresses in `ip -o addr show` output that lie in one of `cidrs` (loopback included:
+/// kube-proxy's nodePortAddresses may name 127.0.0.0/8 for localhost node ports).
+pub fn addresses_in(ip_o_addr: &str, cidrs: &[String]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = ip_o_addr
+        .lines()
+        .filter_map(|l| {
+            let mut rest = l.split_whitespace().skip_while(|w| *w != "inet" && *w != "inet6");
+            rest.next()?;
+            rest.next()?.split('/').next()?.parse().ok()
+        })
+        .filter(|ip| in_cidrs(*ip, cidrs))
+        .collect();
+    out.dedup();
+    out
+}
+
 /// What kube-proxy's ipvs mode sets: IPVS connections go through conntrack (for the
 /// masquerade rules), connections to deleted real servers and stale persistence templates
-/// expire, forwarding is on, and VIPs on the dummy interface are not answered for in ARP.
-pub fn set_sysctls() {
+/// expire, forwarding is on, and with `strict_arp` (its ipvs.strictARP) VIPs on the dummy
+/// interface are not answered for in ARP.
+pub fn set_sysctls(strict_arp: bool) {
+    let arp = [("net/ipv4/conf/all/arp_ignore", "1"), ("net/ipv4/conf/all/arp_announce", "2")];
     for (key, value) in [
         ("net/ipv4/vs/conntrack", "1"),
         ("net/ipv4/vs/expire_nodest_conn", "1"),
         ("net/ipv4/vs/expire_quiescent_template", "1"),
         ("net/ipv4/ip_forward", "1"),
-        ("net/ipv4/conf/all/arp_ignore", "1"),
-        ("net/ipv4/conf/all/arp_announce", "2"),
-    ] {
+    ]
+    .into_iter()
+    .chain(arp.into_iter().filter(|_| strict_arp))
+    {
         if let Err(error) = std::fs::write(format!("/proc/sys/{key}"), value) {
             tracing::warn!(%key, %error, "cannot set sysctl");
         }
@@ -72,5 +110,11 @@ mod tests {
 ";
         let ips: Vec<String> = super::node_addresses(out, "kube-ipvs0").iter().map(|i| i.to_string()).collect();
         assert_eq!(ips, ["192.168.0.10", "fd00:1::10"]);
+        let cidrs = ["192.168.0.0/16".to_string(), "127.0.0.0/8".into(), "fd00:1::/64".into()];
+        let ips: Vec<String> = super::addresses_in(out, &cidrs).iter().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["127.0.0.1", "192.168.0.10", "fd00:1::10"]);
+        assert!(super::addresses_in(out, &["172.16.0.0/12".into()]).is_empty());
+        assert!(super::in_cidrs("10.96.0.10".parse().unwrap(), &["10.0.0.0/8".into()]));
+        assert!(!super::in_cidrs("10.96.0.10".parse().unwrap(), &["fd00::/8".into(), "10.0.0.0/33".into()]));
     }
 }

@@ -40,8 +40,10 @@ impl Key {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VipKind {
     Cluster,
-    /// ExternalIP or LoadBalancer IP.
+    /// ExternalIP.
     External,
+    /// LoadBalancer ingress IP.
+    LoadBalancer,
     NodePort,
 }
 
@@ -55,6 +57,16 @@ pub struct DesiredService {
     /// LoadBalancer IPs with loadBalancerSourceRanges: the CIDRs (of this family) that may
     /// connect; `Some(empty)` when every range was invalid (fail closed). `None`: any source.
     pub source_ranges: Option<Vec<String>>,
+    /// A load-balancer IP whose source ranges admit a node address: the node may reach it from
+    /// that address (kube-proxy's allowFromNode, KUBE-LOAD-BALANCER-SOURCE-IP).
+    pub allow_from_node: bool,
+    /// ClusterIP virtual servers: the endpoints of the service port that run on this node, for
+    /// the hairpin masquerade (KUBE-LOOP-BACK). The node knows which endpoints are its own only
+    /// under a Local policy (`for_local`); otherwise every endpoint is listed (an entry of
+    /// another node's endpoint never matches here: its source would have to be that endpoint).
+    pub loop_back: Vec<SocketAddr>,
+    /// ClusterIP virtual servers of a service with a healthCheckNodePort.
+    pub health_check_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -295,13 +307,32 @@ fn add_service(cfg: &PlanConfig, entry: &ServiceEntry, d: &mut Desired) {
                 let ok = s.load_balancer_source_ranges.iter().filter(|r| cidr_family(r) == Some(family));
                 ok.cloned().collect::<Vec<String>>()
             });
+            let local_known = s.internal_policy_local || s.external_policy_local;
             let mut vip = |ip: IpAddr, number: u16, kind: VipKind, local: bool, source_ranges: Option<Vec<String>>| {
                 let mut service = Service::new(proto, SocketAddr::new(ip, number), &cfg.scheduler);
                 if affinity > 0 {
                     service = service.with_persistence(affinity);
                 }
                 let dests = real_servers(entry, &port.name, family, local);
-                let want = DesiredService { service, dests, kind, local, source_ranges };
+                let allow_from_node =
+                    source_ranges.as_ref().is_some_and(|r| node_ips.iter().any(|n| super::host::in_cidrs(*n, r)));
+                let (loop_back, health_check_port) = if kind == VipKind::Cluster {
+                    let eps = real_servers_of(entry, &port.name, family, local_known);
+                    let hc = port16(s.health_check_node_port).filter(|_| s.external_policy_local);
+                    (eps.into_keys().collect(), hc)
+                } else {
+                    (Vec::new(), None)
+                };
+                let want = DesiredService {
+                    service,
+                    dests,
+                    kind,
+                    local,
+                    source_ranges,
+                    allow_from_node,
+                    loop_back,
+                    health_check_port,
+                };
                 d.services.insert(Key::of(&want.service), want);
                 if kind != VipKind::NodePort {
                     d.vips.insert(ip);
@@ -312,7 +343,7 @@ fn add_service(cfg: &PlanConfig, entry: &ServiceEntry, d: &mut Desired) {
                 vip(ip, number, VipKind::External, s.external_policy_local, None);
             }
             for ip in lb.iter().copied().filter(|ip| Family::of(*ip) == family) {
-                vip(ip, number, VipKind::External, s.external_policy_local, ranges.clone());
+                vip(ip, number, VipKind::LoadBalancer, s.external_policy_local, ranges.clone());
             }
             if let Some(node_port) = port16(port.node_port) {
                 for ip in &node_ips {
@@ -333,8 +364,21 @@ fn cidr_family(cidr: &str) -> Option<Family> {
 }
 
 /// The endpoints for traffic under a Cluster (`for_cluster`) or Local (`for_local`) policy, on
-/// the target port of the service port named `port_name`.
+/// the target port of the service port named `port_name`. Like kube-proxy's ipvs mode (not its
+/// iptables mode), a Local policy without a local endpoint falls back to the cluster endpoints
+/// (kubernetes#97081): pods on this node still reach the service; external clients are not
+/// masqueraded, so their replies come back from a pod address and are discarded.
 fn real_servers(
+    entry: &ServiceEntry,
+    port_name: &str,
+    family: Family,
+    local: bool,
+) -> BTreeMap<SocketAddr, Destination> {
+    let out = real_servers_of(entry, port_name, family, local);
+    if local && out.is_empty() { real_servers_of(entry, port_name, family, false) } else { out }
+}
+
+fn real_servers_of(
     entry: &ServiceEntry,
     port_name: &str,
     family: Family,

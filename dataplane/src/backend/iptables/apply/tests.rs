@@ -55,10 +55,10 @@ fn parses_iptables_save() {
 fn missing_jumps_are_prepended_in_kube_proxy_order() {
     let t = saved::SavedTable::parse(SAVED_NAT);
     let mut out = String::new();
-    assert_eq!(missing_jumps("nat", &t, &mut out), 1);
+    assert_eq!(missing_jumps("nat", false, &t, &mut out), 1);
     assert_eq!(out, "-I POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
     let mut out = String::new();
-    assert_eq!(missing_jumps("filter", &saved::SavedTable::default(), &mut out), 9);
+    assert_eq!(missing_jumps("filter", false, &saved::SavedTable::default(), &mut out), 9);
     let forward: Vec<&str> = out.lines().filter(|l| l.starts_with("-I FORWARD")).collect();
     // Prepended one by one, the last line ends up on top: KUBE-PROXY-FIREWALL.
     assert!(forward.last().unwrap().ends_with("-j KUBE-PROXY-FIREWALL"));
@@ -67,7 +67,7 @@ fn missing_jumps_are_prepended_in_kube_proxy_order() {
     let saved: String =
         JUMPS.iter().filter(|j| j.table == "filter").map(|j| format!("-A {} {}\n", j.chain, j.rule())).collect();
     let mut out = String::new();
-    assert_eq!(missing_jumps("filter", &saved::SavedTable::parse(&saved), &mut out), 0, "{out}");
+    assert_eq!(missing_jumps("filter", false, &saved::SavedTable::parse(&saved), &mut out), 0, "{out}");
 }
 
 #[test]
@@ -190,7 +190,8 @@ fn dry_run_full_then_partial() {
     assert!(input.starts_with("*filter\n") && input.ends_with("COMMIT\n"), "{input}");
     assert!(!input.lines().any(|l| l.starts_with("-F")), "never a flush: {input}");
     assert_eq!(input.matches(":KUBE-PROXY-CANARY - [0:0]").count(), 2);
-    assert_eq!(input.lines().filter(|l| l.starts_with("-I ")).count(), 12, "every jump, none in the kernel");
+    // The 12 jumps and, with localhost node ports (default), the 2 to KUBE-FIREWALL.
+    assert_eq!(input.lines().filter(|l| l.starts_with("-I ")).count(), 14, "every jump, none in the kernel");
     assert_eq!(b.restore_argv()[1], "--noflush");
     let rules = b.stats().rules;
     // The rendered rules plus one canary rule per table.

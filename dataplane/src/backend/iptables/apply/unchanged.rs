@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::backend::iptables::ruleset::{stored_probability, tokenize};
 use crate::backend::iptables::saved::{SERVICE_CHAIN_PREFIXES, SavedTable};
 
 fn is_service_chain(chain: &str) -> bool {
@@ -106,44 +107,6 @@ fn same_but_probability(rendered: &str, saved: &str) -> Option<bool> {
         return None;
     }
     Some(stored_probability(rp)?.eq(&stored_probability(sp)?))
-}
-
-/// Splits a rule into arguments as iptables-restore does: on blanks, with double quotes
-/// grouping (and dropped). None for a backslash or an unbalanced quote.
-fn tokenize(rule: &str) -> Option<Vec<String>> {
-    let (mut out, mut cur, mut quoted, mut started) = (Vec::new(), String::new(), false, false);
-    for c in rule.chars() {
-        match c {
-            '\\' => return None,
-            '"' => {
-                quoted = !quoted;
-                started = true;
-            }
-            ' ' | '\t' if !quoted => {
-                if started {
-                    out.push(std::mem::take(&mut cur));
-                    started = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                started = true;
-            }
-        }
-    }
-    if quoted {
-        return None;
-    }
-    if started {
-        out.push(cur);
-    }
-    Some(out)
-}
-
-/// `--probability P` as the statistic match stores it: round(P * 2^31).
-fn stored_probability(p: &str) -> Option<u64> {
-    let p: f64 = p.parse().ok()?;
-    (0.0..=1.0).contains(&p).then(|| (p * 2_147_483_648.0).round() as u64)
 }
 
 const FULL_MASKS: [&str; 2] = ["255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"];

@@ -79,6 +79,7 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> ServiceRules 
     // Ports already rendered: a second port of the same name and protocol would share their
     // chains (Kubernetes port names are unique).
     let mut rendered = HashSet::new();
+    let mut ok_ports = Vec::new();
     for port in &s.ports {
         let result = if rendered.contains(&(port.name.as_str(), port.protocol())) {
             Err("duplicate port name".to_string())
@@ -88,6 +89,7 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> ServiceRules 
         match result {
             Ok(()) => {
                 rendered.insert((port.name.as_str(), port.protocol()));
+                ok_ports.push(port);
             }
             Err(e) => {
                 r.skipped.push(format!("{}: port {:?}: {e}", check::printable(&svc_name), check::printable(&port.name)))
@@ -102,12 +104,19 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> ServiceRules 
         ));
     }
     if s.external_policy_local && s.health_check_node_port != 0 {
+        // One ACCEPT per rendered port, as kube-proxy writes it (same port, one comment each).
         match check::port(s.health_check_node_port, "health check node port") {
-            Ok(hc) => r.filter_lines.push(format!(
-                "-A {} -p tcp {} -m tcp --dport {hc} -j ACCEPT",
-                chains::NODEPORTS,
-                check::comment(&format!("{svc_name} health check node port"))
-            )),
+            Ok(hc) => {
+                for port in ok_ports {
+                    let name =
+                        if port.name.is_empty() { svc_name.clone() } else { format!("{svc_name}:{}", port.name) };
+                    r.filter_lines.push(format!(
+                        "-A {} -p tcp {} -m tcp --dport {hc} -j ACCEPT",
+                        chains::NODEPORTS,
+                        check::comment(&format!("{name} health check node port"))
+                    ));
+                }
+            }
             Err(e) => r.skipped.push(format!("{}: {e}", check::printable(&svc_name))),
         }
     }
@@ -222,6 +231,12 @@ fn endpoints(
         let ep = Ep { addr, chain, comment, cluster: e.for_cluster, local: e.for_local };
         rewritten |= ep.ip_text() != e.ip;
         out.push(ep);
+    }
+    // kube-proxy orders a port's endpoints by "ip:port" text, which differs from the state's
+    // order by IP text when one address is a prefix of another ("10.0.0.1:80" sorts after
+    // "10.0.0.10:80"): the same order gives the same probabilities to the same endpoints.
+    if !out.is_sorted_by(|a, b| a.addr <= b.addr) {
+        out.sort_by(|a, b| a.addr.cmp(&b.addr));
     }
     if rewritten {
         // The same address written two ways ("fd00::1", "fd00:0::1") is two entries of the
@@ -340,7 +355,9 @@ fn render_port(
                 dport(p)
             ));
         }
-        if a.ranges.is_some() && what == "loadbalancer IP" {
+        // Like kube-proxy, only while the KUBE-FW chain is in use: without endpoints the
+        // filter rules above reject the traffic anyway.
+        if fw_used && what == "loadbalancer IP" {
             r.filter_lines.push(format!(
                 "-A {} {d} {} {} -j DROP",
                 chains::PROXY_FIREWALL,

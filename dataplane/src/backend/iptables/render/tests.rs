@@ -25,6 +25,7 @@ fn cfg() -> RenderConfig {
         masquerade_all: false,
         node_ips: vec![],
         node_name: "node1".into(),
+        localhost_node_ports: true,
     }
 }
 
@@ -283,7 +284,7 @@ fn nodeport_local_with_local_endpoint() {
         scenario("nodeport_local_with_local_endpoint"),
         r#"-A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
 -A KUBE-NODEPORTS -p tcp -m comment --comment "ns1/svc1:p80" -m tcp --dport 30080 -j KUBE-EXT-XPGD46QRK7WJZT7O
-filter -A KUBE-NODEPORTS -p tcp -m comment --comment "ns1/svc1 health check node port" -m tcp --dport 30000 -j ACCEPT
+filter -A KUBE-NODEPORTS -p tcp -m comment --comment "ns1/svc1:p80 health check node port" -m tcp --dport 30000 -j ACCEPT
 :KUBE-SVC-XPGD46QRK7WJZT7O
 -A KUBE-SVC-XPGD46QRK7WJZT7O ! -s 10.0.0.0/8 -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
 -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-SXIVWICOYRO3J4NJ
@@ -474,8 +475,11 @@ fn full_sync_of_hostnames() {
 :KUBE-FORWARD - [0:0]
 :KUBE-NODEPORTS - [0:0]
 :KUBE-PROXY-FIREWALL - [0:0]
+:KUBE-FIREWALL - [0:0]
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
 -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
 -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
 COMMIT
 *nat
 :KUBE-SERVICES - [0:0]
@@ -736,4 +740,64 @@ fn session_affinity_longer_than_kubernetes_allows_is_capped_and_reported() {
         let reported = r.skipped == [format!("ns1/svc1: session affinity timeout {timeout} capped at 86400 seconds")];
         assert_eq!(reported, timeout > 86400, "{timeout}: {:?}", r.skipped);
     }
+}
+
+#[test]
+fn endpoints_in_kube_proxy_order() {
+    // kube-proxy sorts by "ip:port" text: "10.0.0.10:80" before "10.0.0.1:80" (':' > '0').
+    let s = svc1(0);
+    let eps = ["10.0.0.1", "10.0.0.10", "10.0.0.2"].map(|ip| ep("ns1/svc1", ip, "p80", 80, false));
+    let text = with_eps(s, eps.to_vec());
+    let order: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SVC-") && l.contains(" -> "))
+        .map(|l| l.split(" -> ").nth(1).unwrap().split('"').next().unwrap())
+        .collect();
+    assert_eq!(order, ["10.0.0.10:80", "10.0.0.1:80", "10.0.0.2:80"], "{text}");
+}
+
+#[test]
+fn source_ranges_without_endpoints_are_rejected_not_firewalled() {
+    // Like kube-proxy: no KUBE-FW chain without endpoints, hence no KUBE-PROXY-FIREWALL drop
+    // either; the filter REJECT answers.
+    let mut s = svc("ns5", "svc5", "172.30.0.45", &[("p80", pb::Protocol::Tcp, 80, 30085)]);
+    s.r#type = pb::ServiceType::LoadBalancer as i32;
+    s.load_balancer_ips = vec!["5.6.7.8".into()];
+    s.load_balancer_source_ranges = vec!["203.0.113.0/25".into()];
+    let text = with_eps(s, vec![]);
+    assert!(!text.contains("KUBE-PROXY-FIREWALL") && !text.contains("KUBE-FW-"), "{text}");
+    assert!(text.contains("filter -A KUBE-EXTERNAL-SERVICES -d 5.6.7.8/32 -p tcp -m comment --comment \"ns5/svc5:p80 has no endpoints\" -m tcp --dport 80 -j REJECT"), "{text}");
+}
+
+#[test]
+fn health_check_node_port_is_accepted_once_per_port() {
+    let mut s =
+        svc("ns1", "svc1", "172.30.0.41", &[("a", pb::Protocol::Tcp, 80, 30080), ("b", pb::Protocol::Udp, 53, 30053)]);
+    s.r#type = pb::ServiceType::LoadBalancer as i32;
+    s.external_policy_local = true;
+    s.health_check_node_port = 30000;
+    let r = render_service(&cfg(), &entry(s, vec![]));
+    let hc: Vec<&String> = r.filter_lines.iter().filter(|l| l.contains("health check node port")).collect();
+    assert_eq!(hc.len(), 2, "{hc:?}");
+    assert!(hc[0].contains("\"ns1/svc1:a health check node port\" -m tcp --dport 30000 -j ACCEPT"), "{hc:?}");
+    assert!(hc[1].contains("\"ns1/svc1:b health check node port\" -m tcp --dport 30000 -j ACCEPT"), "{hc:?}");
+}
+
+#[test]
+fn localnet_firewall_follows_localhost_node_ports() {
+    let st = state(vec![svc1(30080)], svc1_eps([false, false]));
+    let has_firewall = |cfg: &RenderConfig| {
+        let mut out = String::new();
+        render_full(cfg, &st, &mut out);
+        out.contains(":KUBE-FIREWALL - [0:0]\n") && out.contains("\"block incoming localnet connections\"")
+    };
+    assert!(has_firewall(&cfg()), "on by default, node ports on every local address");
+    assert!(!has_firewall(&RenderConfig { localhost_node_ports: false, ..cfg() }));
+    // Node ports only on the node IP: 127.0.0.1 does not take them, as with kube-proxy's
+    // nodePortAddresses without a loopback range.
+    assert!(!has_firewall(&RenderConfig { node_ips: vec![NODE_IP.parse().unwrap()], ..cfg() }));
+    assert!(has_firewall(&RenderConfig { node_ips: vec!["127.0.0.1".parse().unwrap()], ..cfg() }));
+    // IPv6 has no route_localnet.
+    let v6 = RenderConfig { family: IpFamily::V6, cluster_cidr: None, ..cfg() };
+    assert!(!v6.localnet_firewall());
 }
