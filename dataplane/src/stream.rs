@@ -221,7 +221,7 @@ impl<A: Apply> Session<A> {
                 (wire_bytes, chunks) = (0, 0);
                 continue;
             }
-            let ack = self.apply(&update, std::mem::take(&mut wire_bytes), std::mem::take(&mut chunks));
+            let ack = self.apply(update, std::mem::take(&mut wire_bytes), std::mem::take(&mut chunks));
             tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Ack(ack)) })
                 .await
                 .map_err(|_| StreamError::Closed)?;
@@ -230,15 +230,23 @@ impl<A: Apply> Session<A> {
     }
 
     /// Applies one whole update and builds the answer.
-    pub fn apply(&mut self, update: &pb::Update, wire_bytes: usize, chunks: usize) -> pb::Ack {
+    pub fn apply(&mut self, mut update: pb::Update, wire_bytes: usize, chunks: usize) -> pb::Ack {
         let started = Instant::now();
         let entries = update.services_upserted.len()
             + update.services_removed.len()
             + update.upserted_endpoint_count()
             + update.endpoints_removed.len();
+        let counts = ChangeCounts::of(&update);
         let before = self.state.version();
-        let span = apply_span(&self.identity.node_name, update, entries);
-        let result = match self.state.apply(update) {
+        let span = apply_span(&self.identity.node_name, &update, entries);
+        let applied = self.state.apply(&update);
+        // The entries are in the state now: a snapshot's are tens of MiB, freed before the
+        // backend renders (the agent's peak memory is the state plus one rendering).
+        let causes = std::mem::take(&mut update.causes);
+        let head = header(&update);
+        drop(update);
+        let update = pb::Update { causes, ..head };
+        let result = match applied {
             Ok(changes) => {
                 let (backend, state) = (&mut self.backend, &self.state);
                 span.set(Attr::new("services_changed", changes.services.len() as i64));
@@ -272,7 +280,7 @@ impl<A: Apply> Session<A> {
                     version: update.version.clone(),
                     full: update.full,
                     entries,
-                    changes: ChangeCounts::of(update),
+                    changes: counts,
                     wire_bytes,
                     chunks,
                     apply,
@@ -299,7 +307,7 @@ impl<A: Apply> Session<A> {
                     nonce: update.nonce,
                     version: update.version.clone(),
                     error: error.clone(),
-                    changes: ChangeCounts::of(update),
+                    changes: counts,
                 });
                 // A refused delta leaves the state as it was; anything else leaves it unknown.
                 let still = if self.state.version().is_some() { self.state.version() } else { None };
@@ -315,6 +323,17 @@ impl<A: Apply> Session<A> {
                 }
             }
         }
+    }
+}
+
+/// An update's identity without its entries.
+fn header(u: &pb::Update) -> pb::Update {
+    pb::Update {
+        nonce: u.nonce,
+        version: u.version.clone(),
+        base_version: u.base_version.clone(),
+        full: u.full,
+        ..Default::default()
     }
 }
 

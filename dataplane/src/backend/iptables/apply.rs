@@ -520,8 +520,10 @@ impl IptablesBackend {
             let mut first = String::new();
             split::first_restore(&self.buf, saved_nat, &mut first);
             self.chunks.push(first);
-            split::service_chunks(&self.render, state, max, &unchanged.chains, &mut self.chunks);
+            // The whole rendering goes before the chunks are made: both are the size of the
+            // ruleset (45 MiB at 10k services), and the agent's peak should hold only one.
             self.buf = split::keep_top_level(&self.buf);
+            split::service_chunks(&self.render, state, max, &unchanged.chains, &mut self.chunks);
             tracing::debug!(family = ?self.cfg.family, restores = self.chunks.len() + 1, "full sync split");
         } else if !unchanged.chains.is_empty() {
             // Copied back to keep the buffer's capacity for the next render.
