@@ -363,7 +363,9 @@ async fn run(a: Args) {
     // every restore that changes anything rewrites the whole table, so that is the floor.
     let text = scrape(metrics_addr).await;
     let value = |series: &str| {
-        text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' '))).and_then(|v| v.parse::<f64>().ok())
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse::<f64>().ok())
     };
     let sum = value("kubeproxy_sync_partial_proxy_rules_duration_seconds_sum").unwrap_or(0.0);
     let count = value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count").unwrap_or(0.0);
