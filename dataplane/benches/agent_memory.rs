@@ -309,6 +309,12 @@ async fn run(a: Args) {
     let pid = agent.0.id();
     wait_current(&url, Duration::from_secs(600)).await;
     let cold = started.elapsed();
+    let first = scrape(metrics_addr).await;
+    let full_sync = first
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_full_proxy_rules_duration_seconds_sum "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
     let (rss, hwm) = memory(pid);
     println!(
         "after the snapshot: RSS {rss:.1} MiB, peak {hwm:.1} MiB   [target RSS <= {TARGET_RSS_MIB} MiB: {}]",
@@ -334,6 +340,7 @@ async fn run(a: Args) {
         bare.as_secs_f64(),
         verdict(ratio <= TARGET_COLD_START_RATIO)
     );
+    println!("   of which the agent's first full sync (render, restore): {full_sync:.2} s");
 
     // N endpoint changes, one at a time (each ACKed before the next, as a busy cluster's).
     let mut next = a.endpoints as u32 + 1;
