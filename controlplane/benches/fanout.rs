@@ -29,6 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+#[path = "fanout/light.rs"]
+mod light;
+
 /// Targets the design is held to (printed, never asserted).
 const TARGET_P99: Duration = Duration::from_millis(250);
 const TARGET_MEMORY: u64 = 1 << 30;
@@ -46,6 +49,8 @@ struct Args {
     smoke: bool,
     /// Measure the controlplane alone: N Node objects, no streams.
     controlplane_memory: bool,
+    /// Light simulated nodes (hashes only, shared views), one in 1,000 a full-state node.
+    light: bool,
 }
 
 fn parse_args() -> Args {
@@ -57,11 +62,12 @@ fn parse_args() -> Args {
             services: 20,
             endpoints: 200,
             changes: 5,
-            nodes_per_channel: 100,
+            nodes_per_channel: 50,
             max_rss_gib: 12.0,
             seed: 1,
             smoke,
             controlplane_memory: false,
+            light: false,
         }
     } else {
         Args {
@@ -69,11 +75,12 @@ fn parse_args() -> Args {
             services: 10_000,
             endpoints: 100_000,
             changes: 50,
-            nodes_per_channel: 100,
+            nodes_per_channel: 50,
             max_rss_gib: 12.0,
             seed: 1,
             smoke,
             controlplane_memory: false,
+            light: false,
         }
     };
     let mut it = argv.iter();
@@ -88,6 +95,7 @@ fn parse_args() -> Args {
             "--max-rss-gib" => a.max_rss_gib = value(flag).parse().expect("--max-rss-gib G"),
             "--seed" => a.seed = value(flag).parse().expect("--seed X"),
             "--controlplane-memory" => a.controlplane_memory = true,
+            "--light" => a.light = true,
             // cargo passes --bench; libtest-style filters and flags are ignored.
             _ => {}
         }
@@ -383,7 +391,17 @@ async fn run(a: Args) -> Result<(), String> {
     }
     let (node_tx, mut node_rx) = mpsc::unbounded_channel::<SyncEvent>();
     let mut sessions = Vec::with_capacity(a.nodes);
+    let shared = Arc::new(light::Shared::default());
     for i in 0..a.nodes {
+        if a.light && i % 1000 != 0 {
+            let (channel, shared, events) = (conns[i / a.nodes_per_channel].clone(), shared.clone(), node_tx.clone());
+            sessions.push(tokio::spawn(async move {
+                if let Err(e) = light::run(node_name(i), channel, shared, events).await {
+                    eprintln!("light node {i}: {e}");
+                }
+            }));
+            continue;
+        }
         let identity = NodeIdentity {
             node_name: node_name(i),
             backend: "bench".into(),
@@ -393,7 +411,9 @@ async fn run(a: Args) -> Result<(), String> {
         let mut session = Session::new(identity, NoBackend);
         session.events = Some(node_tx.clone());
         let channel = conns[i / a.nodes_per_channel].clone();
-        sessions.push(tokio::spawn(async move { session.run(channel).await }));
+        sessions.push(tokio::spawn(async move {
+            session.run(channel).await;
+        }));
     }
     drop(node_tx);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -540,8 +560,15 @@ async fn run(a: Args) -> Result<(), String> {
     println!("   RSS with the cluster model taken in, before any node connects: {}", mib(rss_model));
     println!("   RSS with every node subscribed, before Synced: {}", mib(rss_subscribed));
     println!(
-        "   RSS after the snapshots: {} (every node holds its own copy of its state); after the changes: {}",
+        "   RSS after the snapshots: {} ({}); after the changes: {}",
         mib(rss_snapshots),
+        match a.light {
+            true => format!(
+                "light nodes hold hashes only, {} distinct service views shared; one node in 1,000 holds its full state",
+                shared.views()
+            ),
+            false => "every node holds its own copy of its state".to_string(),
+        },
         mib(rss_end)
     );
     println!(
