@@ -26,7 +26,9 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
 /// HTTP/2 pings: a peer that does not answer within the timeout is dropped.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// 20 s as grpc-go: a process starved of CPU for a few seconds (a snapshot storm on a busy
+/// node) must not look like a dead peer.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {

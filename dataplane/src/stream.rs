@@ -130,7 +130,7 @@ pub async fn connect_with(
     let tune = |ep: tonic::transport::Endpoint| {
         ep.connect_timeout(timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
     };
     kpx_auth::client::connect(endpoint, creds, tune).await.map_err(|e| match e {
         ConnectError::Credentials(c) => StreamError::Credentials(c),
