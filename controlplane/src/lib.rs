@@ -184,7 +184,8 @@ pub async fn serve_with_metrics(
     let (reflection_v1, reflection_v1alpha) = kpx_proto::reflection::services(&["kpx.v1.Sync", "kpx.v1.Inspect"]);
 
     let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
-    let max = sync_config.max_chunk_bytes.max(kpx_proto::MAX_CHUNK_BYTES) * 2;
+    // Acks (a NACK carries the backend error text) and digests (sent in 64 KiB messages).
+    let max = 2 * 1024 * 1024;
     let router = kpx_auth::server_builder()
         .layer(security.layer())
         .add_service(health_service)

@@ -69,8 +69,8 @@ pub fn content_hash(services: &Services) -> ContentHash {
     hash
 }
 
-/// Digest messages stay near this size (the controlplane decodes up to 2 MiB).
-const DIGEST_CHUNK_BYTES: usize = 512 * 1024;
+/// Digest messages stay near this size, as update chunks do (see kpx_proto::MAX_CHUNK_BYTES).
+const DIGEST_CHUNK_BYTES: usize = 64 * 1024;
 
 fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
@@ -103,7 +103,7 @@ impl AppliedState {
     }
 
     /// The answer to a digest request: one sum per service, split into messages of about
-    /// 512 KiB. O(entries): the sums are computed here, not kept (a digest is asked for only
+    /// 64 KiB. O(entries): the sums are computed here, not kept (a digest is asked for only
     /// when a node reconnects to a controlplane that does not know its version).
     pub fn digest(&self, nonce: u64) -> Vec<pb::Digest> {
         let version = self.version.map(|v| v.to_version()).unwrap_or_default();

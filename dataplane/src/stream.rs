@@ -200,7 +200,7 @@ impl<A: Apply> Session<A> {
         tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Subscribe(subscribe)) })
             .await
             .map_err(|_| StreamError::Closed)?;
-        let mut client = SyncClient::new(channel).max_decoding_message_size(4 * kpx_proto::MAX_CHUNK_BYTES);
+        let mut client = SyncClient::new(channel).max_decoding_message_size(kpx_proto::MAX_MESSAGE_BYTES);
         let mut inbound = client.sync(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         self.emit(SyncEvent::Connected);
         let mut assembler = crate::state::ChunkAssembler::default();

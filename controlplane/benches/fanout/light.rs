@@ -1,49 +1,95 @@
 //! A light simulated node: the real Sync protocol (Subscribe, chunked updates, Ack/NACK), every
 //! version verified with the agent's content hash, but no endpoint kept beyond its 16-byte hash.
-//! Nodes that see a service the same way share one copy of its hashes (interned by content), so
-//! thousands of them fit in one process at 100k endpoints, where the agent's full state costs
-//! ~45 MiB per node.
+//!
+//! Three things make thousands of them fit in one process at 100k endpoints (the agent's full
+//! state is ~45 MiB per node): chunks are applied as they arrive, never merged into one update;
+//! nodes that see a service the same way share one copy of its hashes (interned by content);
+//! and a service entry or endpoint group whose wire bytes another node already hashed is not
+//! decoded and hashed again (the hash is a function of those bytes, so the result is the same).
+//! Updates are decoded with a wire-compatible message whose upserted services and endpoint
+//! groups stay raw bytes, to fingerprint them.
 
+use bytes::Bytes;
 use kpx_auth::client::AuthChannel;
-use kpx_dataplane::state::ChunkAssembler;
 use kpx_dataplane::stream::{ChangeCounts, SyncEvent};
 use kpx_proto::v1 as pb;
-use kpx_proto::version::{self, ContentHash};
+use kpx_proto::version::{self, ContentHash, EntryHash};
 use prost::Message;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
+use xxhash_rust::xxh3::xxh3_128;
 
-/// One service as a node sees it: its entry's hash and its endpoints' (by IP), and their sum.
+/// `kpx.v1.Update` as it is on the wire, with the two large repeated fields left as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawUpdate {
+    #[prost(uint64, tag = "1")]
+    nonce: u64,
+    #[prost(string, tag = "2")]
+    version: String,
+    #[prost(string, tag = "3")]
+    base_version: String,
+    #[prost(bool, tag = "4")]
+    full: bool,
+    #[prost(bool, tag = "5")]
+    more: bool,
+    #[prost(bytes = "bytes", repeated, tag = "6")]
+    services_upserted: Vec<Bytes>,
+    #[prost(message, repeated, tag = "7")]
+    services_removed: Vec<pb::ServiceRef>,
+    #[prost(message, repeated, tag = "8")]
+    endpoints_upserted: Vec<pb::Endpoint>,
+    #[prost(message, repeated, tag = "9")]
+    endpoints_removed: Vec<pb::EndpointRef>,
+    /// Kept only so that the message's size is the size on the wire.
+    #[prost(bytes = "bytes", repeated, tag = "10")]
+    causes: Vec<Bytes>,
+    #[prost(bytes = "bytes", repeated, tag = "11")]
+    endpoint_groups: Vec<Bytes>,
+    #[prost(bool, tag = "12")]
+    send_digest: bool,
+}
+
+/// One service as a node sees it: its entry's hash and its endpoints' (by IP).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ServiceHashes {
     service: u128,
     /// (IP as text, endpoint hash), sorted by IP.
-    endpoints: Vec<(Box<str>, u128)>,
+    endpoints: Vec<(Arc<str>, u128)>,
 }
 
 impl ServiceHashes {
     fn sum(&self) -> ContentHash {
         let mut sum = ContentHash(self.service);
-        self.endpoints.iter().for_each(|(_, h)| sum.add(version::EntryHash(*h)));
+        self.endpoints.iter().for_each(|(_, h)| sum.add(EntryHash(*h)));
         sum
     }
 }
 
-/// Service names and service views shared by every node of the process.
+/// An endpoint group, hashed: its service and its endpoints' hashes.
+type Group = Arc<(u32, Vec<(Arc<str>, u128)>)>;
+
+/// What every node of the process shares: service names, service views, and the hashes of
+/// service entries and endpoint groups by the fingerprint of their wire bytes.
 #[derive(Debug, Default)]
 pub struct Shared {
     names: Mutex<HashMap<Arc<str>, u32>>,
     views: Mutex<HashMap<ServiceHashes, Weak<ServiceHashes>>>,
+    services: Mutex<HashMap<u128, (u32, u128)>>,
+    groups: Mutex<HashMap<u128, Group>>,
 }
 
 impl Shared {
     fn id(&self, name: &str) -> u32 {
         let mut names = self.names.lock().unwrap();
-        let next = names.len() as u32;
-        *names.entry(Arc::from(name)).or_insert(next)
+        if let Some(id) = names.get(name) {
+            return *id;
+        }
+        let id = names.len() as u32;
+        names.insert(Arc::from(name), id);
+        id
     }
 
     fn intern(&self, view: ServiceHashes) -> Arc<ServiceHashes> {
@@ -56,6 +102,41 @@ impl Shared {
         v
     }
 
+    /// (service id, entry hash) of a service entry's wire bytes.
+    fn service(&self, raw: &Bytes) -> Result<(u32, u128), String> {
+        let key = xxh3_128(raw);
+        if let Some(hit) = self.services.lock().unwrap().get(&key) {
+            return Ok(*hit);
+        }
+        let s = pb::Service::decode(raw.as_ref()).map_err(|e| e.to_string())?;
+        let found = (self.id(&format!("{}/{}", s.namespace, s.name)), version::service_hash(&s).0);
+        self.services.lock().unwrap().insert(key, found);
+        Ok(found)
+    }
+
+    /// The hashes of an endpoint group's wire bytes, each endpoint hashed with its service
+    /// named (as the agent stores it).
+    fn group(&self, raw: &Bytes) -> Result<Group, String> {
+        let key = xxh3_128(raw);
+        if let Some(hit) = self.groups.lock().unwrap().get(&key) {
+            return Ok(hit.clone());
+        }
+        let g = pb::ServiceEndpoints::decode(raw.as_ref()).map_err(|e| e.to_string())?;
+        let hashes = g
+            .endpoints
+            .into_iter()
+            .map(|mut e| {
+                if e.service.is_empty() {
+                    e.service = g.service.clone();
+                }
+                (Arc::from(e.ip.as_str()), version::endpoint_hash(&e).0)
+            })
+            .collect();
+        let group: Group = Arc::new((self.id(&g.service), hashes));
+        self.groups.lock().unwrap().insert(key, group.clone());
+        Ok(group)
+    }
+
     /// Distinct service views held (for the report).
     pub fn views(&self) -> usize {
         let mut views = self.views.lock().unwrap();
@@ -64,93 +145,140 @@ impl Shared {
     }
 }
 
+/// An update being received: the services it touched so far, copied out of the shared views.
+struct Pending {
+    nonce: u64,
+    open: HashMap<u32, ServiceHashes>,
+    entries: usize,
+    wire_bytes: usize,
+    chunks: usize,
+    started: Instant,
+}
+
 /// What a light node holds: per service, a pointer to a shared view.
 #[derive(Default)]
 struct LightState {
     services: HashMap<u32, Arc<ServiceHashes>>,
     total: ContentHash,
     version: Option<String>,
-}
-
-fn ip_key(ip: &str) -> Box<str> {
-    ip.into()
+    pending: Option<Pending>,
 }
 
 impl LightState {
-    /// Applies an update as the agent does (removals, then upserts) and checks the version.
-    fn apply(&mut self, shared: &Shared, u: &pb::Update) -> Result<(), String> {
-        if u.full {
-            self.services.clear();
-            self.total = ContentHash::EMPTY;
-        } else if self.version.as_deref() != Some(u.base_version.as_str()) {
-            return Err(format!("delta on {} but this node runs {:?}", u.base_version, self.version));
+    /// Removes a service from the committed state, returning its hashes to edit.
+    fn take(&mut self, id: u32) -> Option<ServiceHashes> {
+        let v = self.services.remove(&id).map(|a| (*a).clone());
+        if let Some(v) = &v {
+            self.total.remove(EntryHash(v.sum().0));
         }
-        self.version = None;
-        // Services touched by this update, copied out of the shared views until the end.
-        let mut open: HashMap<u32, ServiceHashes> = HashMap::new();
-        let take = |services: &mut HashMap<u32, Arc<ServiceHashes>>, total: &mut ContentHash, id: u32| {
-            let v = services.remove(&id).map(|a| (*a).clone());
-            if let Some(v) = &v {
-                total.remove(version::EntryHash(v.sum().0));
+        v
+    }
+
+    /// The open copy of a service, taken from the state the first time.
+    fn open(&mut self, open: &mut HashMap<u32, ServiceHashes>, id: u32, create: bool) -> Result<(), String> {
+        if let Entry::Vacant(slot) = open.entry(id) {
+            match self.services.contains_key(&id) {
+                true => {
+                    let v = self.take(id).expect("present");
+                    slot.insert(v);
+                }
+                false if create => {
+                    slot.insert(ServiceHashes { service: 0, endpoints: Vec::new() });
+                }
+                false => return Err(format!("an endpoint of service #{id}, which this node does not have")),
             }
-            v
-        };
-        for r in &u.services_removed {
+        }
+        Ok(())
+    }
+
+    /// Applies one chunk (the agent's order: removals, then upserts); the last one checks the
+    /// version. Some(result) once the update is complete.
+    fn chunk(&mut self, shared: &Shared, c: &RawUpdate, size: usize) -> Option<Result<Pending, String>> {
+        if self.pending.as_ref().is_none_or(|p| p.nonce != c.nonce) {
+            if c.full {
+                self.services.clear();
+                self.total = ContentHash::EMPTY;
+            } else if self.version.as_deref() != Some(c.base_version.as_str()) {
+                return Some(Err(format!("delta on {} but this node runs {:?}", c.base_version, self.version)));
+            }
+            self.version = None;
+            self.pending = Some(Pending {
+                nonce: c.nonce,
+                open: HashMap::new(),
+                entries: 0,
+                wire_bytes: 0,
+                chunks: 0,
+                started: Instant::now(),
+            });
+        }
+        let mut p = self.pending.take().expect("started");
+        let result = self.entries(shared, c, &mut p);
+        p.wire_bytes += size;
+        p.chunks += 1;
+        match result {
+            Err(e) => Some(Err(e)),
+            Ok(()) if c.more => {
+                self.pending = Some(p);
+                None
+            }
+            Ok(()) => Some(self.finish(shared, p, &c.version)),
+        }
+    }
+
+    fn entries(&mut self, shared: &Shared, c: &RawUpdate, p: &mut Pending) -> Result<(), String> {
+        p.entries += c.services_upserted.len()
+            + c.services_removed.len()
+            + c.endpoints_upserted.len()
+            + c.endpoints_removed.len();
+        for r in &c.services_removed {
             let id = shared.id(&format!("{}/{}", r.namespace, r.name));
-            take(&mut self.services, &mut self.total, id);
-            open.remove(&id);
+            self.take(id);
+            p.open.remove(&id);
         }
-        for r in &u.endpoints_removed {
+        for r in &c.endpoints_removed {
             let id = shared.id(&r.service);
-            if !open.contains_key(&id)
-                && let Some(v) = take(&mut self.services, &mut self.total, id)
+            if self.open(&mut p.open, id, false).is_ok()
+                && let Some(v) = p.open.get_mut(&id)
             {
-                open.insert(id, v);
-            }
-            if let Some(v) = open.get_mut(&id) {
                 v.endpoints.retain(|(ip, _)| **ip != *r.ip);
             }
         }
-        for s in &u.services_upserted {
-            let id = shared.id(&format!("{}/{}", s.namespace, s.name));
-            let v = match open.entry(id) {
-                Entry::Occupied(o) => o.into_mut(),
-                Entry::Vacant(slot) => slot.insert(
-                    take(&mut self.services, &mut self.total, id)
-                        .unwrap_or(ServiceHashes { service: 0, endpoints: Vec::new() }),
-                ),
-            };
-            v.service = version::service_hash(s).0;
+        for raw in &c.services_upserted {
+            let (id, hash) = shared.service(raw)?;
+            self.open(&mut p.open, id, true)?;
+            p.open.get_mut(&id).expect("opened").service = hash;
         }
-        for (service, e) in u.upserted_endpoints() {
-            let id = shared.id(service);
-            if let Entry::Vacant(slot) = open.entry(id) {
-                let v = take(&mut self.services, &mut self.total, id)
-                    .ok_or_else(|| format!("endpoint {} of unknown service {service}", e.ip))?;
-                slot.insert(v);
-            }
-            // Hashed with its service named, as the agent stores it.
-            let hash = if e.service.is_empty() {
-                version::endpoint_hash(&pb::Endpoint { service: service.to_string(), ..e.clone() }).0
-            } else {
-                version::endpoint_hash(e).0
-            };
-            let v = open.get_mut(&id).expect("opened");
-            match v.endpoints.binary_search_by(|(ip, _)| (**ip).cmp(e.ip.as_str())) {
+        let listed = c.endpoints_upserted.iter().map(|e| {
+            let hash = version::endpoint_hash(e).0;
+            (shared.id(&e.service), Arc::<str>::from(e.ip.as_str()), hash)
+        });
+        let mut upserts: Vec<(u32, Arc<str>, u128)> = listed.collect();
+        for raw in &c.endpoint_groups {
+            let g = shared.group(raw)?;
+            p.entries += g.1.len();
+            upserts.extend(g.1.iter().map(|(ip, h)| (g.0, ip.clone(), *h)));
+        }
+        for (id, ip, hash) in upserts {
+            self.open(&mut p.open, id, false)?;
+            let v = p.open.get_mut(&id).expect("opened");
+            match v.endpoints.binary_search_by(|(e, _)| (**e).cmp(&*ip)) {
                 Ok(i) => v.endpoints[i].1 = hash,
-                Err(i) => v.endpoints.insert(i, (ip_key(&e.ip), hash)),
+                Err(i) => v.endpoints.insert(i, (ip, hash)),
             }
         }
-        for (id, mut v) in open {
-            v.endpoints.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            self.total.add(version::EntryHash(v.sum().0));
+        Ok(())
+    }
+
+    fn finish(&mut self, shared: &Shared, mut p: Pending, version: &str) -> Result<Pending, String> {
+        for (id, v) in p.open.drain() {
+            self.total.add(EntryHash(v.sum().0));
             self.services.insert(id, shared.intern(v));
         }
-        if self.total.to_version() != u.version {
-            return Err(format!("state hashes to {} instead of {}", self.total.to_version(), u.version));
+        if self.total.to_version() != version {
+            return Err(format!("state hashes to {} instead of {version}", self.total.to_version()));
         }
-        self.version = Some(u.version.clone());
-        Ok(())
+        self.version = Some(version.to_string());
+        Ok(p)
     }
 }
 
@@ -171,47 +299,46 @@ pub async fn run(
     tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Subscribe(subscribe)) })
         .await
         .map_err(|e| e.to_string())?;
-    let mut client =
-        pb::sync_client::SyncClient::new(channel).max_decoding_message_size(4 * kpx_proto::MAX_CHUNK_BYTES);
-    let mut inbound =
-        client.sync(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(kpx_proto::MAX_MESSAGE_BYTES);
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    let codec = tonic_prost::ProstCodec::<pb::NodeMessage, RawUpdate>::default();
+    let path = http::uri::PathAndQuery::from_static("/kpx.v1.Sync/Sync");
+    let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut inbound = grpc.streaming(request, path, codec).await.map_err(|e| e.to_string())?.into_inner();
     let _ = events.send(SyncEvent::Connected);
-    let (mut state, mut assembler) = (LightState::default(), ChunkAssembler::default());
-    let (mut wire_bytes, mut chunks) = (0usize, 0usize);
+    let mut state = LightState::default();
     while let Some(chunk) = inbound.message().await.map_err(|e| e.to_string())? {
-        wire_bytes += chunk.encoded_len();
-        chunks += 1;
-        let Some(update) = assembler.push(chunk) else { continue };
-        let started = Instant::now();
-        let result = state.apply(&shared, &update);
-        let entries = update.services_upserted.len()
-            + update.services_removed.len()
-            + update.upserted_endpoint_count()
-            + update.endpoints_removed.len();
-        let ack = match &result {
-            Ok(()) => {
+        if chunk.send_digest {
+            return Err("asked for a digest: light nodes never reconnect".into());
+        }
+        let size = chunk.encoded_len();
+        let Some(result) = state.chunk(&shared, &chunk, size) else { continue };
+        let ack = match result {
+            Ok(p) => {
                 let _ = events.send(SyncEvent::Applied {
-                    nonce: update.nonce,
-                    version: update.version.clone(),
-                    full: update.full,
-                    entries,
-                    changes: ChangeCounts::of(&update),
-                    wire_bytes: std::mem::take(&mut wire_bytes),
-                    chunks: std::mem::take(&mut chunks),
-                    apply: started.elapsed(),
+                    nonce: chunk.nonce,
+                    version: chunk.version.clone(),
+                    full: chunk.full,
+                    entries: p.entries,
+                    // Not counted per service here (the benchmark does not read them).
+                    changes: ChangeCounts::default(),
+                    wire_bytes: p.wire_bytes,
+                    chunks: p.chunks,
+                    apply: p.started.elapsed(),
                     change_times_unix_ms: Vec::new(),
                     programmed_at: SystemTime::now(),
                 });
-                pb::Ack { nonce: update.nonce, version: update.version.clone(), ..Default::default() }
+                pb::Ack { nonce: chunk.nonce, version: chunk.version.clone(), ..Default::default() }
             }
             Err(error) => {
+                state.pending = None;
                 let _ = events.send(SyncEvent::Rejected {
-                    nonce: update.nonce,
-                    version: update.version.clone(),
+                    nonce: chunk.nonce,
+                    version: chunk.version.clone(),
                     error: error.clone(),
-                    changes: ChangeCounts::of(&update),
+                    changes: ChangeCounts::default(),
                 });
-                pb::Ack { nonce: update.nonce, error: error.clone(), need_snapshot: true, ..Default::default() }
+                pb::Ack { nonce: chunk.nonce, error, need_snapshot: true, ..Default::default() }
             }
         };
         tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Ack(ack)) }).await.map_err(|e| e.to_string())?;

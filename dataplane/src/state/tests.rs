@@ -157,7 +157,7 @@ fn a_digest_lists_every_service_sum_in_messages_of_bounded_size() {
     let st = AppliedState::with(services, endpoints).unwrap();
     let digest = st.digest(42);
     assert!(digest.len() > 1, "20,000 services need more than one message");
-    assert!(digest.iter().all(|d| d.nonce == 42 && d.encoded_len() <= 600 * 1024));
+    assert!(digest.iter().all(|d| d.nonce == 42 && d.encoded_len() <= 80 * 1024));
     assert!(digest[..digest.len() - 1].iter().all(|d| d.more) && !digest.last().unwrap().more);
     let mut total = ContentHash::EMPTY;
     let mut listed = 0;
