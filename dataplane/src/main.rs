@@ -4,6 +4,7 @@ use clap::Parser;
 use kpx_auth::flags::{ClientFlags, ServerFlags};
 use kpx_dataplane::agent::{self, AgentConfig, BackendKind};
 use kpx_dataplane::backend::iptables::render::IpFamily;
+use kpx_dataplane::backend::userspace::Settings;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,9 +20,27 @@ struct Flags {
     /// The controlplane's gRPC address.
     #[arg(long, env = "KPX_CONTROLPLANE", value_name = "URL")]
     controlplane: String,
-    /// How the rules reach the kernel; dry-run prints iptables-restore input instead.
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run"])]
+    /// How the rules reach the kernel; dry-run prints iptables-restore input instead; userspace
+    /// proxies connections in this process (iptables rules send service traffic to it).
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run", "userspace"])]
     backend: String,
+    /// With --backend userspace: how long established connections to a removed endpoint may go
+    /// on (0s closes them at once); unlimited when omitted.
+    #[arg(long, value_name = "DURATION", value_parser = kpx_telemetry::flags::parse_duration)]
+    userspace_drain_timeout: Option<Duration>,
+    /// With --backend userspace: close a TCP connection idle this long in both directions (0s: never).
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = kpx_telemetry::flags::parse_duration)]
+    userspace_tcp_idle_timeout: Duration,
+    /// With --backend userspace: close a UDP flow without a datagram either way for this long.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = kpx_telemetry::flags::parse_duration)]
+    userspace_udp_timeout: Duration,
+    /// With --backend userspace: UDP flows per service port at most (datagrams of new clients
+    /// beyond it are dropped and counted).
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    userspace_max_udp_flows: usize,
+    /// With --backend userspace: proxy threads (0: one per CPU).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    userspace_threads: usize,
     /// The IPVS scheduler (with --backend ipvs).
     #[arg(long, default_value = "rr", value_parser = kpx_dataplane::backend::ipvs::plan::SCHEDULERS)]
     ipvs_scheduler: String,
@@ -108,6 +127,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         backend: match flags.backend.as_str() {
             "dry-run" => BackendKind::DryRun,
             "ipvs" => BackendKind::Ipvs,
+            "userspace" => BackendKind::Userspace,
             _ => BackendKind::Iptables,
         },
         cluster_cidr: flags.cluster_cidr,
@@ -125,6 +145,14 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         admin_security: flags.admin_security,
         kubeconfig: flags.kubeconfig,
         credentials: flags.client.credentials(),
+        userspace: Settings {
+            drain_timeout: flags.userspace_drain_timeout,
+            tcp_idle_timeout: Some(flags.userspace_tcp_idle_timeout).filter(|d| !d.is_zero()),
+            udp_timeout: flags.userspace_udp_timeout,
+            max_udp_flows: flags.userspace_max_udp_flows,
+            ..Settings::default()
+        },
+        userspace_threads: flags.userspace_threads,
     };
     agent::run(config, kpx_telemetry::signal::shutdown()).await?;
     Ok(())

@@ -8,6 +8,9 @@
 //!                                                     one request; prints "answered NAME PEER LOCAL",
 //!                                                     "refused", "unreachable", "reset" or "timeout"
 //! kpx-testpod sysctl KEY VALUE [KEY VALUE]...        writes /proc/sys/KEY (dots as slashes)
+//! kpx-testpod echo-serve NAME ADDR:PORT...            TCP echo with a trailer (see bulk.rs)
+//! kpx-testpod transfer ADDR:PORT --bytes N [--pause-after M]
+//!                                                     a checksummed bulk transfer (see bulk.rs)
 //! ```
 //!
 //! `serve` prints `ready` once every socket is bound and exits 0 on SIGTERM. The peer address
@@ -24,8 +27,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 
+#[path = "kpx-testpod/bulk.rs"]
+mod bulk;
+
 const USAGE: &str = "usage: kpx-testpod serve NAME ADDR:PORT... | get tcp|udp ADDR:PORT [--from IP] [--timeout-ms N] \
-                     | sysctl KEY VALUE [KEY VALUE]...";
+                     | sysctl KEY VALUE [KEY VALUE]... | echo-serve NAME ADDR:PORT... \
+                     | transfer ADDR:PORT --bytes N [--pause-after M]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +41,8 @@ fn main() -> ExitCode {
         Some("serve") => runtime.block_on(serve(&args[1..])),
         Some("get") => runtime.block_on(get(&args[1..])),
         Some("sysctl") => sysctl(&args[1..]),
+        Some("echo-serve") => runtime.block_on(bulk::echo_serve(&args[1..])),
+        Some("transfer") => runtime.block_on(bulk::transfer(&args[1..])),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -86,13 +95,19 @@ async fn serve(args: &[String]) -> Result<(), String> {
         });
     }
     println!("ready");
+    until_signalled().await?;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Returns on SIGTERM or SIGINT.
+async fn until_signalled() -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tasks.abort_all();
     Ok(())
 }
 

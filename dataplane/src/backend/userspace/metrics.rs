@@ -98,7 +98,11 @@ impl ProxyMetrics {
     /// (to the endpoint, to the client)
     pub fn bytes(&self, p: Proto) -> (Counter, Counter) {
         let label = |direction: &str| BytesLabel { protocol: p.as_str().into(), direction: direction.into() };
-        (self.bytes.get_or_create(&label("to_endpoint")).clone(), self.bytes.get_or_create(&label("to_client")).clone())
+        // One at a time: get_or_create holds the family's read lock until its guard drops, and
+        // creating the second series needs the write lock.
+        let to_endpoint = self.bytes.get_or_create(&label("to_endpoint")).clone();
+        let to_client = self.bytes.get_or_create(&label("to_client")).clone();
+        (to_endpoint, to_client)
     }
 
     /// The dial-error counter of service port `name` (created on first use, within the bound).

@@ -206,3 +206,6 @@ fn bind_udp(family: IpFamily) -> io::Result<(tokio::net::UdpSocket, u16)> {
     let port = s.local_addr()?.port();
     Ok((s, port))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,3 @@
+//! Bulk transfers through a service with `kpx-testpod transfer`, against `echo-serve` pods.
+
+#![allow(dead_code)]
