@@ -117,7 +117,7 @@ impl Cluster {
             .args(["--netns", n.ns.name(), "--cluster-cidr", "10.244.0.0/16", "--ip-families", "IPv4,IPv6"])
             .args(["--node-ip", &n.ip4.to_string(), "--sync-period", SYNC_PERIOD])
             .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
-            .env("RUST_LOG", "info,kpx_dataplane::backend::userspace=debug")
+            .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

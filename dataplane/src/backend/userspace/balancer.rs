@@ -2,7 +2,11 @@
 //! ClientIP session affinity (kube-proxy's userspace `LoadBalancerRR`): a client that came
 //! within the timeout goes back to its endpoint while that endpoint is still there. A dial that
 //! fails asks again with the failed endpoints excluded, and the affinity follows the endpoint
-//! that answered. Pure apart from the clock, which callers pass in.
+//! that answered.
+//!
+//! An endpoint whose dial just failed is skipped by new connections for [`FAILURE_BACKOFF`]
+//! (unless every endpoint failed), so that until the controlplane removes it, one client pays
+//! for the refusal instead of one in N. Pure apart from the clock, which callers pass in.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +23,9 @@ const MAX_AFFINITY_ENTRIES: usize = 65536;
 /// Expired entries are swept every this many picks (and when the table is full).
 const SWEEP_EVERY: u32 = 4096;
 
+/// How long new connections avoid an endpoint after a dial to it failed.
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Default)]
 pub struct Balancer {
     endpoints: Vec<Arc<Endpoint>>,
@@ -26,6 +33,8 @@ pub struct Balancer {
     affinity: Option<Duration>,
     clients: HashMap<IpAddr, (SocketAddr, Instant)>,
     picks: u32,
+    /// Endpoints whose last dial failed, and when.
+    failed: HashMap<SocketAddr, Instant>,
 }
 
 impl Balancer {
@@ -44,17 +53,44 @@ impl Balancer {
     pub fn update(&mut self, endpoints: Vec<Arc<Endpoint>>, affinity: Option<Duration>) {
         self.endpoints = endpoints;
         self.affinity = affinity;
+        let live: Vec<SocketAddr> = self.endpoints.iter().map(|e| e.addr).collect();
+        self.failed.retain(|a, _| live.contains(a));
         if affinity.is_none() {
             self.clients.clear();
         } else {
-            let live: Vec<SocketAddr> = self.endpoints.iter().map(|e| e.addr).collect();
             self.clients.retain(|_, (ep, _)| live.contains(ep));
         }
     }
 
     /// The endpoint for a new connection from `client`, none of `exclude` (endpoints that just
     /// failed for this connection). `None` when no endpoint is left.
+    /// A dial to `addr` failed at `now`.
+    pub fn failed(&mut self, addr: SocketAddr, now: Instant) {
+        if self.endpoints.iter().any(|e| e.addr == addr) {
+            self.failed.insert(addr, now);
+        }
+    }
+
+    /// A dial to `addr` worked: it is in good standing again.
+    pub fn answered(&mut self, addr: SocketAddr) {
+        if !self.failed.is_empty() {
+            self.failed.remove(&addr);
+        }
+    }
+
     pub fn pick(&mut self, client: IpAddr, exclude: &[SocketAddr], now: Instant) -> Option<Arc<Endpoint>> {
+        self.failed.retain(|_, at| now.saturating_duration_since(*at) < FAILURE_BACKOFF);
+        if !self.failed.is_empty() {
+            let mut avoid: Vec<SocketAddr> = exclude.to_vec();
+            avoid.extend(self.failed.keys());
+            if let Some(ep) = self.pick_among(client, &avoid, now) {
+                return Some(ep);
+            }
+        }
+        self.pick_among(client, exclude, now)
+    }
+
+    fn pick_among(&mut self, client: IpAddr, exclude: &[SocketAddr], now: Instant) -> Option<Arc<Endpoint>> {
         self.picks = self.picks.wrapping_add(1);
         if let Some(ttl) = self.affinity {
             if self.picks.is_multiple_of(SWEEP_EVERY) || self.clients.len() >= MAX_AFFINITY_ENTRIES {
@@ -140,6 +176,29 @@ mod tests {
         // Idle for the whole timeout: balanced again (the next endpoint in turn).
         let later = picks(&mut b, "10.1.0.1", 1, t0 + Duration::from_secs(28));
         assert_ne!(later, [first[0].clone()]);
+    }
+
+    #[test]
+    fn a_failed_endpoint_is_avoided_for_the_backoff_unless_nothing_else_is_left() {
+        let mut b = Balancer::new(0);
+        b.update(eps(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]), None);
+        let t0 = Instant::now();
+        let bad: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        b.failed(bad, t0);
+        let during = picks(&mut b, "10.1.0.1", 6, t0 + Duration::from_secs(1));
+        assert!(!during.contains(&bad.to_string()), "{during:?}");
+        assert_eq!(during.iter().filter(|a| *a == "10.0.0.1:80").count(), 3, "the others share evenly: {during:?}");
+        // Every endpoint failed: they are all tried again rather than none.
+        b.failed("10.0.0.1:80".parse().unwrap(), t0);
+        b.failed("10.0.0.3:80".parse().unwrap(), t0);
+        assert!(b.pick(ip("10.1.0.1"), &[], t0).is_some());
+        // After the backoff, or once it answered, it is back in the rotation.
+        let after = picks(&mut b, "10.1.0.1", 3, t0 + FAILURE_BACKOFF);
+        assert!(after.contains(&bad.to_string()), "{after:?}");
+        b.failed(bad, t0 + FAILURE_BACKOFF);
+        b.answered(bad);
+        let answered = picks(&mut b, "10.1.0.1", 3, t0 + FAILURE_BACKOFF);
+        assert!(answered.contains(&bad.to_string()), "{answered:?}");
     }
 
     #[test]

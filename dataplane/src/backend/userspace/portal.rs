@@ -114,6 +114,18 @@ impl Portal {
         lock(&self.balancer).pick(client, exclude, Instant::now())
     }
 
+    /// A dial to `addr` failed (refused, unreachable, timed out): counted, and new connections
+    /// avoid it for a while.
+    pub fn dial_failed(&self, addr: SocketAddr) {
+        self.dial_errors.inc();
+        lock(&self.balancer).failed(addr, Instant::now());
+    }
+
+    /// A dial to `addr` worked.
+    pub fn dial_answered(&self, addr: SocketAddr) {
+        lock(&self.balancer).answered(addr);
+    }
+
     pub fn endpoint_count(&self) -> usize {
         lock(&self.balancer).endpoints().len()
     }

@@ -60,9 +60,12 @@ async fn connect(portal: &Portal, client: SocketAddr) -> Option<(TcpStream, Arc<
     for timeout in DIAL_TIMEOUTS {
         let ep = portal.pick(client.ip(), &failed)?;
         match dial(ep.addr, timeout).await {
-            Ok(s) => return Some((s, ep)),
+            Ok(s) => {
+                portal.dial_answered(ep.addr);
+                return Some((s, ep));
+            }
             Err(error) => {
-                portal.dial_errors.inc();
+                portal.dial_failed(ep.addr);
                 tracing::debug!(portal = %portal.name, endpoint = %ep.addr, %error, "dial failed; trying the next endpoint");
                 failed.push(ep.addr);
             }

@@ -55,7 +55,7 @@ thread_local! {
 }
 
 /// Receives one datagram: (length, client, local address it was sent to).
-fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<(usize, SocketAddr, IpAddr)> {
+fn recv_with_dst(sock: &UdpSocket, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<(usize, SocketAddr, IpAddr)> {
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<SockaddrStorage>(sock.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::MSG_DONTWAIT)?;
     let mut local = None;
@@ -204,7 +204,7 @@ impl Flow {
             let upstream = match connect(ep.addr).await {
                 Ok(s) => s,
                 Err(_) => {
-                    self.portal.dial_errors.inc();
+                    self.portal.dial_failed(ep.addr);
                     failed.push(ep.addr);
                     continue;
                 }
@@ -229,12 +229,26 @@ impl Flow {
                             unanswered = Some(d);
                         }
                     }
-                    r = upstream.readable() => {
-                        if r.is_err() {
-                            break Next::End;
+                    r = upstream.ready(Interest::READABLE | Interest::ERROR) => {
+                        let Ok(ready) = r else { break Next::End };
+                        // An ICMP error (port unreachable: refused) is only an error event.
+                        if ready.is_error() {
+                            match upstream.take_error() {
+                                Ok(Some(e)) if e.kind() == io::ErrorKind::ConnectionRefused && !replied => break Next::Refused,
+                                Ok(Some(_)) | Err(_) => break Next::End,
+                                Ok(None) => {
+                                    let _ = upstream.try_io(Interest::ERROR, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                                }
+                            }
+                        }
+                        if !ready.is_readable() {
+                            continue;
                         }
                         match self.relay(&upstream).await {
                             Ok(Some(n)) => {
+                                if !replied {
+                                    self.portal.dial_answered(ep.addr);
+                                }
                                 replied = true;
                                 unanswered = None;
                                 activity.touch();
@@ -252,7 +266,7 @@ impl Flow {
             };
             match next {
                 Next::Refused => {
-                    self.portal.dial_errors.inc();
+                    self.portal.dial_failed(ep.addr);
                     failed.push(ep.addr);
                     continue 'endpoints;
                 }

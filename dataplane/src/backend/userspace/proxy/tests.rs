@@ -61,3 +61,107 @@ fn tcp_is_forwarded_with_half_close_and_balanced() {
     let (up, _) = metrics.bytes(Proto::Tcp);
     assert_eq!(up.get(), 20);
 }
+
+/// A port nothing listens on (bound, then closed).
+fn dead_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[test]
+fn a_refused_endpoint_is_retried_on_the_next_within_the_connection() {
+    let (mut p, metrics) = proxy();
+    let live = server("live");
+    let port = p.open(&key(Proto::Tcp), &spec(vec![dead_port(), live])).unwrap();
+    for _ in 0..6 {
+        assert_eq!(ask(port, b""), "live 0");
+    }
+    // One connection met the refusing endpoint; the next ones avoid it (see the balancer).
+    assert_eq!(metrics.dial_errors("ns/svc:p").get(), 1);
+}
+
+#[test]
+fn no_endpoint_resets_the_client() {
+    let (mut p, metrics) = proxy();
+    let port = p.open(&key(Proto::Tcp), &spec(vec![dead_port()])).unwrap();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let err = c.read(&mut [0u8; 16]).expect_err("reset, not a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(metrics.no_endpoint(Proto::Tcp).get(), 1);
+}
+
+/// A connection through the proxy that stays open: a server that holds it and echoes.
+fn held_connection(port: u16) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
+    c
+}
+
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn removed_endpoints_drain_or_are_cut_at_the_drain_timeout() {
+    for (drain, cut) in [(None, false), (Some(Duration::ZERO), true)] {
+        let metrics = Arc::new(ProxyMetrics::default());
+        let settings = Settings { drain_timeout: drain, ..Settings::default() };
+        let mut p = Proxy::new(1, None, Arc::new(settings), metrics).unwrap();
+        let (old, new) = (echo_server(), server("new"));
+        let port = p.open(&key(Proto::Tcp), &spec(vec![old])).unwrap();
+        let mut held = held_connection(port);
+        p.open(&key(Proto::Tcp), &spec(vec![new])).unwrap();
+        // New connections go to the remaining endpoint either way.
+        assert_eq!(ask(port, b""), "new 0");
+        let still = held.write_all(b"y").and_then(|()| held.read_exact(&mut [0u8; 1]));
+        assert_eq!(still.is_err(), cut, "drain {drain:?}: {still:?}");
+    }
+}
+
+#[test]
+fn udp_replies_come_from_the_address_the_client_sent_to() {
+    let (mut p, metrics) = proxy();
+    let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while let Ok((n, from)) = backend.recv_from(&mut b) {
+            let _ = backend.send_to(&[b"pong:".as_slice(), &b[..n]].concat(), from);
+        }
+    });
+    let port = p.open(&key(Proto::Udp), &spec(vec![dead_udp(), backend_addr])).unwrap();
+    for target in ["127.0.0.1", "127.0.0.2"] {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Connected: a reply from any other address than the one sent to is not delivered.
+        c.connect((target, port)).unwrap();
+        for i in 0..3 {
+            c.send(format!("{i}").as_bytes()).unwrap();
+            let mut b = [0u8; 64];
+            let n = c.recv(&mut b).unwrap();
+            assert_eq!(&b[..n], format!("pong:{i}").as_bytes(), "to {target}");
+        }
+    }
+    // The refusing endpoint was tried by one flow, which resent its datagram to the other.
+    assert_eq!(metrics.dial_errors("ns/svc:p").get(), 1);
+    assert_eq!(metrics.opened(Proto::Udp).get(), 2);
+}
+
+/// A UDP port nothing listens on: datagrams there get ICMP port unreachable.
+fn dead_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
