@@ -127,6 +127,11 @@ impl Cluster {
         Dataplane { child, log }
     }
 
+    /// The process id of node NODE's dataplane, if it runs.
+    pub fn dataplane_pid(&self, node: usize) -> Option<u32> {
+        self.dataplanes()[node].as_ref().map(|d| d.child.id())
+    }
+
     /// Kills node NODE's dataplane (SIGKILL: no chance to clean up; the rules stay).
     pub fn kill_dataplane(&self, node: usize) {
         self.dataplanes()[node] = None;

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::balancer::Balancer;
 use super::endpoint::Endpoint;
 use super::metrics::ProxyMetrics;
-use super::plan::{PortalKey, PortalSpec};
+use super::plan::{PortalKey, PortalSpec, Proto};
 
 /// How the proxy treats connections; from the agent's flags.
 #[derive(Debug, Clone)]
@@ -55,7 +56,32 @@ pub struct Portal {
     balancer: Mutex<Balancer>,
     pub settings: Arc<Settings>,
     pub metrics: Arc<ProxyMetrics>,
+    pub counters: Counters,
+}
+
+/// The portal's series, looked up once rather than on every connection.
+#[derive(Debug)]
+pub struct Counters {
+    pub opened: Counter,
+    pub active: Gauge,
+    pub no_endpoint: Counter,
+    pub to_endpoint: Counter,
+    pub to_client: Counter,
     pub dial_errors: Counter,
+}
+
+impl Counters {
+    fn new(m: &ProxyMetrics, proto: Proto, name: &str) -> Counters {
+        let (to_endpoint, to_client) = m.bytes(proto);
+        Counters {
+            opened: m.opened(proto),
+            active: m.active(proto),
+            no_endpoint: m.no_endpoint(proto),
+            to_endpoint,
+            to_client,
+            dial_errors: m.dial_errors(name),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -67,7 +93,7 @@ impl Portal {
         // Each node starts its rotation somewhere else.
         let start = rand::random::<u32>() as usize;
         let portal = Portal {
-            dial_errors: metrics.dial_errors(&spec.name),
+            counters: Counters::new(&metrics, key.proto, &spec.name),
             name: spec.name.clone(),
             key,
             balancer: Mutex::new(Balancer::new(start)),
@@ -117,7 +143,7 @@ impl Portal {
     /// A dial to `addr` failed (refused, unreachable, timed out): counted, and new connections
     /// avoid it for a while.
     pub fn dial_failed(&self, addr: SocketAddr) {
-        self.dial_errors.inc();
+        self.counters.dial_errors.inc();
         lock(&self.balancer).failed(addr, Instant::now());
     }
 

@@ -25,7 +25,35 @@ pub struct Pipe {
     write: OwnedFd,
 }
 
+/// Empty pipes kept per thread for the next connections: a connection needs two, and making
+/// one is three system calls (pipe2, F_SETPIPE_SZ, and a close for each end later).
+const POOL: usize = 64;
+
+thread_local! {
+    static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Pipe {
+    /// A pipe from this thread's pool, or a new one.
+    pub fn take(size: usize) -> io::Result<Pipe> {
+        match PIPES.with(|p| p.borrow_mut().pop()) {
+            Some(p) => Ok(p),
+            None => Pipe::new(size),
+        }
+    }
+
+    /// Returns a pipe known to be empty to this thread's pool (closed when the pool is full).
+    /// Only for pipes whose every byte was spliced out: a leftover byte would reach the next
+    /// connection.
+    pub fn give_back(self) {
+        PIPES.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL {
+                p.push(self);
+            }
+        });
+    }
+
     /// A non-blocking pipe of (at least) `size` bytes; a size the kernel refuses (above
     /// /proc/sys/fs/pipe-max-size for an unprivileged process) leaves its default 64 KiB.
     pub fn new(size: usize) -> io::Result<Pipe> {

@@ -15,7 +15,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use super::plan::Proto;
 use super::portal::{DIAL_TIMEOUTS, Portal};
 use super::splice::{Activity, Pipe, pump};
 
@@ -75,16 +74,15 @@ async fn connect(portal: &Portal, client: SocketAddr) -> Option<(TcpStream, Arc<
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, portal: Arc<Portal>) {
-    let m = &portal.metrics;
-    m.opened(Proto::Tcp).inc();
+    let c = &portal.counters;
+    c.opened.inc();
     let Some((upstream, ep)) = connect(&portal, peer).await else {
-        m.no_endpoint(Proto::Tcp).inc();
+        c.no_endpoint.inc();
         tracing::debug!(portal = %portal.name, client = %peer, "no endpoint answered");
         abort(&client);
         return;
     };
-    let active = m.active(Proto::Tcp);
-    active.inc();
+    c.active.inc();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     if let Err(error) = forward(&client, &upstream, &portal, &ep).await {
@@ -92,7 +90,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, portal: Arc<Portal>) {
         abort(&client);
         abort(&upstream);
     }
-    active.dec();
+    c.active.dec();
 }
 
 /// Forwards until both directions ended; an error means the connection must be reset.
@@ -103,14 +101,14 @@ async fn forward(
     ep: &super::endpoint::Endpoint,
 ) -> io::Result<()> {
     let settings = &portal.settings;
-    let (pipe_up, pipe_down) = (Pipe::new(settings.pipe_size)?, Pipe::new(settings.pipe_size)?);
-    let (to_endpoint, to_client) = portal.metrics.bytes(Proto::Tcp);
+    let (pipe_up, pipe_down) = (Pipe::take(settings.pipe_size)?, Pipe::take(settings.pipe_size)?);
+    let c = &portal.counters;
     let activity = Activity::default();
     let chunk = settings.pipe_size;
     let both = async {
         tokio::try_join!(
-            pump(client, upstream, &pipe_up, chunk, &to_endpoint, &activity),
-            pump(upstream, client, &pipe_down, chunk, &to_client, &activity),
+            pump(client, upstream, &pipe_up, chunk, &c.to_endpoint, &activity),
+            pump(upstream, client, &pipe_down, chunk, &c.to_client, &activity),
         )
         .map(|_| ())
     };
@@ -121,7 +119,15 @@ async fn forward(
         }
     };
     tokio::select! {
-        r = both => r,
+        r = both => {
+            // Both directions reached their end: each pipe was emptied, so both can serve
+            // another connection.
+            if r.is_ok() {
+                pipe_up.give_back();
+                pipe_down.give_back();
+            }
+            r
+        }
         _ = idle => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
         _ = ep.closing() => Err(io::Error::other("endpoint removed and drain timeout passed")),
     }

@@ -31,7 +31,6 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use super::plan::Proto;
 use super::portal::{DIAL_TIMEOUTS, Portal};
 use super::splice::Activity;
 
@@ -187,18 +186,17 @@ enum Next {
 
 impl Flow {
     async fn run(self, mut rx: mpsc::Receiver<Vec<u8>>, mut closed: watch::Receiver<bool>) {
-        let m = &self.portal.metrics;
-        m.opened(Proto::Udp).inc();
-        let active = m.active(Proto::Udp);
-        active.inc();
-        let (to_endpoint, to_client) = m.bytes(Proto::Udp);
+        let c = &self.portal.counters;
+        c.opened.inc();
+        c.active.inc();
+        let (to_endpoint, to_client) = (&c.to_endpoint, &c.to_client);
         let activity = Activity::default();
         let mut failed = Vec::new();
         // The last datagram sent before the endpoint replied, to resend if it refuses.
         let mut unanswered: Option<Vec<u8>> = None;
         'endpoints: while failed.len() < DIAL_TIMEOUTS.len() {
             let Some(ep) = self.portal.pick(self.key.0.ip(), &failed) else {
-                m.no_endpoint(Proto::Udp).inc();
+                c.no_endpoint.inc();
                 break;
             };
             let upstream = match connect(ep.addr).await {
@@ -273,7 +271,7 @@ impl Flow {
                 Next::End => break,
             }
         }
-        active.dec();
+        c.active.dec();
         let mut table = lock(&self.flows);
         if table.by_client.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
             table.by_client.remove(&self.key);
