@@ -75,7 +75,8 @@ struct Flags {
     /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
     #[arg(long, default_value = "30s", value_parser = kpx_telemetry::flags::parse_duration)]
     sync_period: Duration,
-    /// Testing: program the named network namespace instead of this process's.
+    /// Testing: program the named network namespace instead of this process's (with
+    /// --backend userspace, the proxy's sockets live there too).
     #[arg(long, value_name = "NAME", hide = true)]
     netns: Option<String>,
     /// Log format.

@@ -20,7 +20,7 @@ mod transfer;
 
 use cluster::Cluster;
 use manifest::{Svc, TARGET_PORT};
-use netns::{Outcome, Proto, Topology};
+use netns::{Outcome, Proto, Topology, eventually};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -331,4 +331,48 @@ fn a_removed_service_closes_its_listeners() {
     assert_eq!(listeners(), 1, "the TCP portal is closed");
     let nat = c.save(0, false, "nat");
     assert!(!nat.contains("demo/web:p") && nat.contains("demo/dns:p"), "{nat}");
+}
+
+#[test]
+fn a_restarted_proxy_serves_udp_clients_that_keep_their_port() {
+    if !netns::require_root_and_netns() {
+        return;
+    }
+    let topo = three_webs();
+    let dns = svc("dns", "10.96.0.20", &topo, &["web-1"]).udp(53);
+    let c = Cluster::start_with(topo, &[dns], &USERSPACE);
+    let sender = c.topo.pod("sender");
+    let (addr, from) = (at(ip("10.96.0.20"), 53), SocketAddr::new(IpAddr::from(sender.ip4), 40053));
+    assert_eq!(sender.ns.request_from_port(Proto::Udp, addr, from, WAIT).expect_answer("before").pod, "web-1");
+    // The new process listens on another port; the client's conntrack entry still redirects
+    // to the old one until the agent deletes it.
+    c.kill_dataplane(0);
+    c.restart_dataplane(0);
+    assert_eq!(sender.ns.request_from_port(Proto::Udp, addr, from, WAIT).expect_answer("after").pod, "web-1");
+}
+
+#[test]
+fn flushed_nat_table_comes_back() {
+    if !netns::require_root_and_netns() {
+        return;
+    }
+    let topo = three_webs();
+    let web = svc("web", "10.96.0.10", &topo, &["web-1", "web-2"]);
+    let c = Cluster::start_with(topo, &[web], &USERSPACE);
+    let (sender, addr) = (&c.topo.pod("sender").ns, at(ip("10.96.0.10"), 80));
+    sender.tcp_request(addr, WAIT).expect_answer("before the flush");
+    // Frozen while the table is flushed, so that the agent sees it only afterwards.
+    c.signal_dataplane(0, "-STOP");
+    c.topo.nodes[0].ns.run(&["iptables", "-t", "nat", "-F"]);
+    c.signal_dataplane(0, "-CONT");
+    // Without its REDIRECT, traffic to the cluster IP would go nowhere.
+    eventually("answers after the flush", Duration::from_secs(15), || {
+        sender.tcp_request(addr, WAIT).pod().map(str::to_string)
+    });
+    let nat = c.save(0, false, "nat");
+    assert!(
+        nat.contains("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-PORTALS-CONTAINER"),
+        "{nat}"
+    );
+    assert!(nat.contains("-A KUBE-PROXY-CANARY"), "{nat}");
 }

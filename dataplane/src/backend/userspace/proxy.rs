@@ -51,7 +51,8 @@ struct Open {
 }
 
 pub struct Proxy {
-    rt: tokio::runtime::Runtime,
+    /// Always Some; taken by Drop.
+    rt: Option<tokio::runtime::Runtime>,
     portals: BTreeMap<PortalKey, Open>,
     settings: Arc<Settings>,
     metrics: Arc<ProxyMetrics>,
@@ -88,7 +89,7 @@ impl Proxy {
             });
         }
         let rt = b.build().map_err(ProxyError::Runtime)?;
-        Ok(Proxy { rt, portals: BTreeMap::new(), settings, metrics })
+        Ok(Proxy { rt: Some(rt), portals: BTreeMap::new(), settings, metrics })
     }
 
     /// The port of every open portal.
@@ -114,8 +115,9 @@ impl Proxy {
         let (stop, stopped) = watch::channel(false);
         let (tx, rx) = std::sync::mpsc::channel();
         let (proto, family, p) = (key.proto, key.family, portal.clone());
+        let rt = self.rt.as_ref().expect("the runtime lives as long as the proxy");
         // Bound on a runtime thread (in the proxy's namespace), and served right there.
-        self.rt.spawn(async move {
+        rt.spawn(async move {
             match proto {
                 Proto::Tcp => match listen_tcp(family) {
                     Ok((l, port)) => {
@@ -159,6 +161,16 @@ impl Proxy {
     /// Endpoints of an open portal (tests).
     pub fn endpoint_count(&self, key: &PortalKey) -> Option<usize> {
         self.portals.get(key).map(|o| o.portal.endpoint_count())
+    }
+}
+
+impl Drop for Proxy {
+    /// Without waiting for the tasks: the agent drops its backend from async code, where a
+    /// runtime may not block. Connections end with the process.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
