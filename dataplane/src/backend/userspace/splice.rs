@@ -27,7 +27,7 @@ pub struct Pipe {
 
 /// Empty pipes kept per thread for the next connections: a connection needs two, and making
 /// one is three system calls (pipe2, F_SETPIPE_SZ, and a close for each end later).
-const POOL: usize = 64;
+const POOL: usize = 256;
 
 thread_local! {
     static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
