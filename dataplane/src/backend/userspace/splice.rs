@@ -5,6 +5,10 @@
 //! reader holds its writer back through TCP's own flow control, and each direction buffers at
 //! most one pipe's worth.
 //!
+//! A direction holds a pipe only while bytes are on their way: it takes one from its thread's
+//! pool when the source has data and gives it back once empty, so an idle connection holds
+//! none (two descriptors instead of six, and no pipe in the kernel).
+//!
 //! The sockets are tokio's (non-blocking, registered with the reactor): each splice runs inside
 //! `try_io`, which clears the socket's readiness when the kernel says EAGAIN.
 
@@ -25,8 +29,8 @@ pub struct Pipe {
     write: OwnedFd,
 }
 
-/// Empty pipes kept per thread for the next connections: a connection needs two, and making
-/// one is three system calls (pipe2, F_SETPIPE_SZ, and a close for each end later).
+/// Empty pipes kept per thread for the next transfers: making one is three system calls
+/// (pipe2, F_SETPIPE_SZ, and a close for each end later).
 const POOL: usize = 256;
 
 thread_local! {
@@ -102,26 +106,31 @@ impl Activity {
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
 
-/// Forwards `src` to `dst` through `pipe` until `src` ends, then shuts down `dst`'s write side
-/// (half-close: the other direction goes on). Errors (a reset) end it early.
+/// Forwards `src` to `dst` through pipes of `pipe_size` until `src` ends, then shuts down
+/// `dst`'s write side (half-close: the other direction goes on). Errors (a reset) end it early;
+/// a pipe that may still hold bytes is then closed, never pooled.
 pub async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    pipe: &Pipe,
-    chunk: usize,
+    pipe_size: usize,
     bytes: &Counter,
     activity: &Activity,
 ) -> io::Result<()> {
     loop {
-        let n = loop {
+        let (n, pipe) = loop {
             src.readable().await?;
-            match src.try_io(Interest::READABLE, || Ok(splice(src, None, &pipe.write, None, chunk, FLAGS)?)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            let pipe = Pipe::take(pipe_size)?;
+            match src.try_io(Interest::READABLE, || Ok(splice(src, None, &pipe.write, None, pipe_size, FLAGS)?)) {
+                Ok(n) => break (n, pipe),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => pipe.give_back(),
+                Err(e) => {
+                    pipe.give_back();
+                    return Err(e);
+                }
             }
         };
         if n == 0 {
+            pipe.give_back();
             // ENOTCONN: the peer already reset; the other direction reports it.
             return match shutdown(dst.as_raw_fd(), Shutdown::Write) {
                 Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
@@ -137,6 +146,7 @@ pub async fn pump(
                 Err(e) => return Err(e),
             }
         }
+        pipe.give_back();
         bytes.inc_by(n as u64);
         activity.touch();
     }

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use super::portal::{DIAL_TIMEOUTS, Portal};
-use super::splice::{Activity, Pipe, pump};
+use super::splice::{Activity, pump};
 
 /// Accepts until `stop` turns true; established connections are left to their own end.
 pub async fn serve(listener: TcpListener, portal: Arc<Portal>, mut stop: watch::Receiver<bool>) {
@@ -101,14 +101,13 @@ async fn forward(
     ep: &super::endpoint::Endpoint,
 ) -> io::Result<()> {
     let settings = &portal.settings;
-    let (pipe_up, pipe_down) = (Pipe::take(settings.pipe_size)?, Pipe::take(settings.pipe_size)?);
     let c = &portal.counters;
     let activity = Activity::default();
-    let chunk = settings.pipe_size;
+    let size = settings.pipe_size;
     let both = async {
         tokio::try_join!(
-            pump(client, upstream, &pipe_up, chunk, &c.to_endpoint, &activity),
-            pump(upstream, client, &pipe_down, chunk, &c.to_client, &activity),
+            pump(client, upstream, size, &c.to_endpoint, &activity),
+            pump(upstream, client, size, &c.to_client, &activity),
         )
         .map(|_| ())
     };
@@ -119,15 +118,7 @@ async fn forward(
         }
     };
     tokio::select! {
-        r = both => {
-            // Both directions reached their end: each pipe was emptied, so both can serve
-            // another connection.
-            if r.is_ok() {
-                pipe_up.give_back();
-                pipe_down.give_back();
-            }
-            r
-        }
+        r = both => r,
         _ = idle => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
         _ = ep.closing() => Err(io::Error::other("endpoint removed and drain timeout passed")),
     }
