@@ -165,3 +165,98 @@ fn udp_replies_come_from_the_address_the_client_sent_to() {
 fn dead_udp() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
+
+fn proxy_with(settings: Settings) -> (Proxy, Arc<ProxyMetrics>) {
+    let metrics = Arc::new(ProxyMetrics::default());
+    (Proxy::new(1, None, Arc::new(settings), metrics.clone()).unwrap(), metrics)
+}
+
+/// Polls F until true (or panics after 10 s naming WHAT): waits for an effect, asserts no time.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn idle_tcp_connections_are_reset_and_udp_flows_end() {
+    let idle = Duration::from_millis(200);
+    let settings = Settings { tcp_idle_timeout: Some(idle), udp_timeout: idle, ..Settings::default() };
+    let (mut p, metrics) = proxy_with(settings);
+    let port = p.open(&key(Proto::Tcp), &spec(vec![echo_server()])).unwrap();
+    let mut held = held_connection(port);
+    // Nothing moves: the proxy resets both sides (the read fails rather than ending cleanly).
+    let err = held.read(&mut [0u8; 1]).expect_err("reset after the idle timeout");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(metrics.active(Proto::Tcp).get(), 0);
+
+    let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 64];
+        while let Ok((n, from)) = backend.recv_from(&mut b) {
+            let _ = backend.send_to(&b[..n], from);
+        }
+    });
+    let port = p.open(&key(Proto::Udp), &spec(vec![backend_addr])).unwrap();
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.connect(("127.0.0.1", port)).unwrap();
+    c.send(b"x").unwrap();
+    c.recv(&mut [0u8; 8]).unwrap();
+    assert_eq!(metrics.active(Proto::Udp).get(), 1);
+    until("the idle flow to end", || metrics.active(Proto::Udp).get() == 0);
+    // The client's next datagram opens a new flow.
+    c.send(b"y").unwrap();
+    c.recv(&mut [0u8; 8]).unwrap();
+    assert_eq!(metrics.opened(Proto::Udp).get(), 2);
+}
+
+#[test]
+fn a_closed_portal_stops_accepting_and_its_connections_drain() {
+    let (mut p, metrics) = proxy();
+    let port = p.open(&key(Proto::Tcp), &spec(vec![echo_server()])).unwrap();
+    let mut held = held_connection(port);
+    p.close(&key(Proto::Tcp));
+    until("the listener to close", || TcpStream::connect(("127.0.0.1", port)).is_err());
+    // Established: still forwarded (no drain timeout by default).
+    held.write_all(b"z").unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"z");
+    assert_eq!(metrics.active(Proto::Tcp).get(), 1);
+}
+
+#[test]
+fn a_reader_that_does_not_read_stops_the_writer() {
+    // The endpoint accepts and never reads.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let held = std::thread::spawn(move || l.accept().map(|(c, _)| c));
+    let (mut p, _) = proxy();
+    let port = p.open(&key(Proto::Tcp), &spec(vec![addr])).unwrap();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _server_side = held.join().unwrap().unwrap();
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let (mut written, mut stalls) = (0usize, 0);
+    // Until the writes have stopped for a while: every buffer on the way is full.
+    while stalls < 20 {
+        match c.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalls = 0;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                stalls += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+        // Socket buffers (a few MiB each way) and one pipe, not a buffer that grows.
+        assert!(written < 64 << 20, "the proxy took {written} bytes from a client whose reader does not read");
+    }
+    assert!(written > 0);
+}
