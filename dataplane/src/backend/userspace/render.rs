@@ -180,9 +180,11 @@ fn render_port(p: &PortPlan, port_of: &dyn Fn(Class) -> Option<u16>, out: &mut S
     }
 
     // The portals' own ports: only through the rules above (they DNAT or REDIRECT).
+    // Only to this node's addresses: elsewhere the same port number is someone else's (a pod
+    // may well listen on it).
     for port in [Class::Cluster, Class::Local].into_iter().filter_map(port_of) {
         out.filter.push(format!(
-            "-A {PORTALS_FILTER} -p {proto} {} -m {proto} --dport {port} -m conntrack ! --ctstate DNAT -j DROP",
+            "-A {PORTALS_FILTER} -p {proto} {} -m addrtype --dst-type LOCAL -m {proto} --dport {port} -m conntrack ! --ctstate DNAT -j DROP",
             c("proxy port")
         ));
     }

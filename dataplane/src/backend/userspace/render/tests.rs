@@ -42,7 +42,7 @@ fn cluster_ip_redirects_pods_and_dnats_the_node_to_the_loopback() {
         text(&lines),
         r#"-A KUBE-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment "ns/web:p" -m tcp --dport 80 -j REDIRECT --to-ports 41000
 -A KUBE-PORTALS-HOST -d 10.96.0.10/32 -p tcp -m comment --comment "ns/web:p" -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:41000
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
 "#
     );
 }
@@ -54,7 +54,7 @@ fn no_endpoints_rejects_and_ipv6_dnats_to_the_ipv6_loopback() {
     assert_eq!(
         text(&lines),
         r#"-A KUBE-PORTALS-FILTER -d fd00:96::20/128 -p udp -m comment --comment "ns/dns:p has no endpoints" -m udp --dport 80 -j REJECT
--A KUBE-PORTALS-FILTER -p udp -m comment --comment "ns/dns:p proxy port" -m udp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p udp -m comment --comment "ns/dns:p proxy port" -m addrtype --dst-type LOCAL -m udp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
 "#
     );
     let e = entry(service("dns", "fd00:96::20", pb::Protocol::Udp), vec![endpoint("fd00:244:1::2", true, false)]);
@@ -80,7 +80,7 @@ fn node_port_and_external_ip_with_cluster_policy() {
 -A KUBE-PORTALS-HOST -d 198.51.100.10/32 -p tcp -m comment --comment "ns/web:p" -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:41000
 -A KUBE-NODEPORT-CONTAINER -p tcp -m comment --comment "ns/web:p" -m tcp --dport 30080 -j REDIRECT --to-ports 41000
 -A KUBE-NODEPORT-HOST -p tcp -m comment --comment "ns/web:p" -m tcp --dport 30080 -j DNAT --to-destination 127.0.0.1:41000
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
 "#
     );
 }
@@ -103,8 +103,8 @@ fn external_local_policy_sends_pods_and_the_node_cluster_wide_and_drops_without_
 -A KUBE-NODEPORT-CONTAINER -s 10.244.0.0/16 -p tcp -m comment --comment "ns/web:p" -m tcp --dport 30081 -j REDIRECT --to-ports 41000
 -A KUBE-NODEPORT-CONTAINER -p tcp -m comment --comment "ns/web:p" -m tcp --dport 30081 -j REDIRECT --to-ports 41001
 -A KUBE-NODEPORT-HOST -p tcp -m comment --comment "ns/web:p" -m tcp --dport 30081 -j DNAT --to-destination 127.0.0.1:41000
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41001 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41001 -m conntrack ! --ctstate DNAT -j DROP
 "#
     );
     // Another node, without a local endpoint: outside clients are dropped, pods and the node
@@ -157,7 +157,7 @@ fn full_restore_declares_every_chain_and_ends_with_the_node_port_jumps() {
         r#"*filter
 :KUBE-PORTALS-FILTER - [0:0]
 # filter extra
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
 COMMIT
 *nat
 :KUBE-PORTALS-CONTAINER - [0:0]
@@ -194,10 +194,10 @@ fn partial_restore_replaces_only_changed_services_keeping_their_order() {
         r#"*filter
 -D KUBE-PORTALS-FILTER -d 10.96.0.12/32 -p tcp -m comment --comment "ns/web:p has no endpoints" -m tcp --dport 80 -j REJECT
 -D KUBE-PORTALS-FILTER -d 198.51.100.12/32 -p tcp -m comment --comment "ns/web:p has no endpoints" -m tcp --dport 80 -j REJECT
--D KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
--D KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41001 -m conntrack ! --ctstate DNAT -j DROP
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
--A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m tcp --dport 41001 -m conntrack ! --ctstate DNAT -j DROP
+-D KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-D KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41001 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41000 -m conntrack ! --ctstate DNAT -j DROP
+-A KUBE-PORTALS-FILTER -p tcp -m comment --comment "ns/web:p proxy port" -m addrtype --dst-type LOCAL -m tcp --dport 41001 -m conntrack ! --ctstate DNAT -j DROP
 COMMIT
 *nat
 -I KUBE-PORTALS-HOST -d 198.51.100.12/32 -p tcp -m comment --comment "ns/web:p" -m tcp --dport 80 -j DNAT --to-destination 127.0.0.1:41000
