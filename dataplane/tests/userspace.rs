@@ -195,6 +195,15 @@ fn external_ip_and_load_balancer_source_ranges() {
     assert_eq!(client.ns.tcp_request(at(lb_ip, 80), WAIT).expect_answer("allowed").pod, "web-3");
     let alt = Some(IpAddr::from(client.alt_ip4));
     assert_eq!(client.ns.request(Proto::Tcp, at(lb_ip, 80), alt, Duration::from_millis(700)), Outcome::TimedOut);
+    // Nor can the refused client go around the ranges to the portal's own port on the node.
+    let nat = c.save(0, false, "nat");
+    let port: u16 = nat
+        .lines()
+        .find(|l| l.contains("-d 203.0.113.10/32") && l.contains("REDIRECT"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the LB portal's REDIRECT in\n{nat}"));
+    let direct = at(c.topo.nodes[0].ip4, port);
+    assert_eq!(client.ns.request(Proto::Tcp, direct, alt, Duration::from_millis(700)), Outcome::TimedOut, "{direct}");
 }
 
 #[test]
