@@ -39,6 +39,15 @@ pub struct CoreView {
     pub ipvs: Option<IpvsConfig>,
     /// `--backend shadow`: the last comparison with the kernel's rules.
     pub shadow: Option<ShadowResult>,
+    /// The userspace backend: its namespace (tests) and per-family rule stats.
+    pub userspace: Option<UserspaceView>,
+}
+
+/// What the admin API shows of the userspace backend.
+#[derive(Debug, Clone, Default)]
+pub struct UserspaceView {
+    pub netns: Option<String>,
+    pub stats: Vec<(IpFamily, BackendStats)>,
 }
 
 /// Produces a [`CoreView`]; blocking (it takes the agent's core mutex).
@@ -178,6 +187,19 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
             rules_nat: st.rules.nat as u64,
         })
         .chain(view.ipvs.as_ref().map(|_| pb::BackendStatus { name: "ipvs".into(), ..Default::default() }))
+        .chain(view.userspace.iter().flat_map(|u| &u.stats).map(|(family, st)| pb::BackendStatus {
+            name: format!("userspace {}", family_name(*family)),
+            last_sync_full: st.last_sync_full,
+            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
+            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+            last_error: st.last_error.clone().unwrap_or_default(),
+            full_syncs: st.full_syncs,
+            partial_syncs: st.partial_syncs,
+            restore_failures: st.restore_failures,
+            rules_filter: st.rules.filter as u64,
+            rules_nat: st.rules.nat as u64,
+        }))
         .collect();
     pb::DataplaneStatus {
         node_name: node.to_string(),
@@ -259,6 +281,10 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
             "shadow: kpx programs nothing; GetStatus.shadow_differences compares its rules with the kernel's".into();
         return out;
     }
+    if let Some(u) = &view.userspace {
+        userspace_kernel_rules(&mut out, u);
+        return out;
+    }
     if view.iptables.iter().all(|(cfg, _)| cfg.dry_run) {
         out.note = "dry-run: nothing is programmed into the kernel".into();
         return out;
@@ -287,6 +313,27 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
     }
     out.note = errors.join("; ");
     out
+}
+
+/// The userspace backend's part of `GetKernelRules`: its chains (KUBE-PORTALS-*,
+/// KUBE-NODEPORT-*) per family and table. It has no per-service chains to expect.
+fn userspace_kernel_rules(out: &mut pb::KernelRules, u: &UserspaceView) {
+    out.supported = true;
+    let runner = Runner { netns: u.netns.clone() };
+    let mut errors = Vec::new();
+    for (family, _) in &u.stats {
+        let save = if *family == IpFamily::V4 { "iptables-save" } else { "ip6tables-save" };
+        for table in jumps::TABLES {
+            match runner.run_ok(&[save, "-t", table], &[]) {
+                Ok(ran) => out.tables.push(pb::KernelTable {
+                    name: format!("userspace {} {table}", family_name(*family)),
+                    lines: kube_lines(&ran.stdout),
+                }),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    }
+    out.note = errors.join("; ");
 }
 
 /// The `kpx.v1.Admin` service.

@@ -1,5 +1,5 @@
 //! The node agent: a Sync session with the controlplane, the backend(s) it drives (one iptables
-//! backend per IP family), and the small HTTP servers around them (health, metrics,
+//! backend per IP family, the IPVS backend, or the userspace proxy), and the small HTTP servers around them (health, metrics,
 //! healthCheckNodePorts).
 //!
 //! The backends sit behind a mutex shared by the session (which applies updates) and a
@@ -23,6 +23,7 @@ use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
 use crate::backend::shadow::{ShadowBackend, ShadowFamily};
+use crate::backend::userspace::{self, UserspaceBackend, UserspaceConfig};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
 use crate::metrics::{Metrics, NoLocalTracker};
@@ -42,6 +43,8 @@ pub enum BackendKind {
     /// Beside a live kube-proxy: renders, compares with the kernel's rules, reports; writes
     /// nothing (see `backend::shadow`).
     Shadow,
+    /// kpx proxies the connections itself; iptables rules send service traffic to its ports.
+    Userspace,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,10 @@ pub struct AgentConfig {
     /// How this node proves who it is to the controlplane, and checks the controlplane's
     /// certificate.
     pub credentials: ClientCredentials,
+    /// Timeouts and limits of `--backend userspace`.
+    pub userspace: userspace::Settings,
+    /// Threads of the userspace proxy (0: one per CPU).
+    pub userspace_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +104,8 @@ pub enum AgentError {
     BackendUnavailable { backend: String, reason: String },
     #[error("backend ipvs is not usable on this node and --no-ipvs-fallback is set: {0}")]
     IpvsUnavailable(#[source] kpx_ipvs_netlink::IpvsError),
+    #[error("backend userspace cannot start: {0}")]
+    Userspace(#[from] userspace::UserspaceError),
     #[error("admin API: {0}")]
     AdminSecurity(#[from] kpx_auth::server::SecurityError),
     #[error("controlplane credentials: {0}")]
@@ -201,11 +210,34 @@ pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentErro
     }
 }
 
+/// `--backend userspace`: the proxy and its rules, probed like the iptables backend.
+pub fn build_userspace(config: &AgentConfig) -> Result<UserspaceBackend, AgentError> {
+    let mut cfg = UserspaceConfig::new(&config.node_name);
+    cfg.families = config.ip_families.clone();
+    cfg.cluster_cidr = config.cluster_cidr.clone();
+    cfg.node_ips = config.node_ips.clone();
+    cfg.settings = config.userspace.clone();
+    if config.userspace_threads > 0 {
+        cfg.threads = config.userspace_threads;
+    }
+    cfg.full_resync_period = config.full_resync_period;
+    cfg.netns = config.netns.clone();
+    for family in &cfg.families {
+        let version = userspace::apply::probe(&cfg, *family).map_err(|e| AgentError::BackendUnavailable {
+            backend: format!("userspace ({})", family_name(*family)),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(family = family_name(*family), %version, "userspace backend");
+    }
+    Ok(UserspaceBackend::new(cfg)?)
+}
+
 /// The backends and what the housekeeping task needs to resync them.
 struct Core {
     backends: Vec<IptablesBackend>,
     ipvs: Option<IpvsBackend>,
     shadow: Option<ShadowBackend>,
+    userspace: Option<UserspaceBackend>,
     /// The applied services, kept in step with the session's state after each apply.
     mirror: Services,
     has_state: bool,
@@ -213,7 +245,9 @@ struct Core {
 
 impl Core {
     fn stats(&self) -> Vec<BackendStats> {
-        self.backends.iter().map(|b| b.stats().clone()).collect()
+        let mut stats: Vec<BackendStats> = self.backends.iter().map(|b| b.stats().clone()).collect();
+        stats.extend(self.userspace.iter().flat_map(|u| u.stats()));
+        stats
     }
 
     /// The mirror as an AppliedState (only for resyncs without an update: O(state)).
@@ -241,6 +275,7 @@ impl Apply for NodeBackend {
         let before = core.stats();
         let mut errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
         errors.extend(core.ipvs.as_mut().and_then(|b| b.apply(state, changes).err()));
+        errors.extend(core.userspace.as_mut().and_then(|b| b.apply(state, changes).err()));
         if let Some(shadow) = core.shadow.as_mut() {
             shadow.compare(state);
             self.metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
@@ -305,6 +340,11 @@ async fn housekeeping(
                     }
                 }
             }
+            if let Some(u) = core.userspace.as_mut()
+                && !u.check_canary()
+            {
+                drift.push("userspace: canary gone (table flushed?)".to_string());
+            }
             status.checked(drift.join("; "));
             if core.shadow.is_some() {
                 // kube-proxy changes its rules on its own schedule: compare again.
@@ -314,7 +354,8 @@ async fn housekeeping(
                     metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
                 }
             }
-            if !core.backends.iter().any(|b| b.wants_full_sync()) {
+            let userspace_wants = core.userspace.as_ref().is_some_and(|u| u.wants_full_sync());
+            if !core.backends.iter().any(|b| b.wants_full_sync()) && !userspace_wants {
                 return;
             }
             let state = core.rebuild_state();
@@ -326,6 +367,12 @@ async fn housekeeping(
                     tracing::warn!(%error, "periodic full resync failed");
                     ok = false;
                 }
+            }
+            if let Some(u) = core.userspace.as_mut().filter(|_| userspace_wants)
+                && let Err(error) = u.apply(&state, &changes)
+            {
+                tracing::warn!(%error, "periodic full resync failed");
+                ok = false;
             }
             metrics.record_sync(&before, &core.stats());
             if ok { health.succeeded() } else { health.failed() }
@@ -427,7 +474,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
     // Credentials that cannot work are a configuration error, said once at startup; later
     // failures to read them (a rotation in progress) are retried with the connection.
     config.credentials.check(&config.controlplane)?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
     let admin_security = match config.admin_listen {
         Some(addr) => Some(admin_security(&config, addr, metrics.auth.clone()).await?),
         None => None,
@@ -435,7 +482,12 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
     prepare_host(&mut config)?;
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
     let shadow = (config.backend == BackendKind::Shadow).then(|| build_shadow(&config));
-    let backends = if config.backend == BackendKind::Shadow {
+    let userspace = if config.backend == BackendKind::Userspace { Some(build_userspace(&config)?) } else { None };
+    if let Some(u) = &userspace {
+        metrics.register_userspace(u.metrics());
+    }
+    let metrics = Arc::new(metrics);
+    let backends = if matches!(config.backend, BackendKind::Shadow | BackendKind::Userspace) {
         Vec::new()
     } else if config.backend == BackendKind::Ipvs {
         if ipvs.is_some() {
@@ -462,8 +514,10 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
         BackendKind::Iptables | BackendKind::Ipvs => "iptables",
         BackendKind::DryRun => "dry-run",
         BackendKind::Shadow => "shadow",
+        BackendKind::Userspace => "userspace",
     };
-    let core = Arc::new(Mutex::new(Core { backends, ipvs, shadow, mirror: BTreeMap::new(), has_state: false }));
+    let core =
+        Arc::new(Mutex::new(Core { backends, ipvs, shadow, userspace, mirror: BTreeMap::new(), has_state: false }));
     let backend = NodeBackend {
         core: core.clone(),
         metrics: metrics.clone(),
@@ -497,6 +551,10 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
                 iptables: c.backends.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
                 ipvs: c.ipvs.as_ref().map(|b| b.config().clone()),
                 shadow: c.shadow.as_ref().map(|b| b.result().lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                userspace: c.userspace.as_ref().map(|u| crate::admin::UserspaceView {
+                    netns: u.config().netns.clone(),
+                    stats: u.config().families.iter().copied().zip(u.stats()).collect(),
+                }),
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);

@@ -1,7 +1,8 @@
 //! Backends turn the node's desired state into kernel configuration. Each one is split into a
 //! pure part (rendering or diffing, tested with golden data) and a thin part that talks to the
-//! kernel; iptables is the first one.
+//! kernel; iptables is the first one. The userspace backend also proxies the connections itself.
 
 pub mod iptables;
 pub mod ipvs;
 pub mod shadow;
+pub mod userspace;

@@ -5,6 +5,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, parser::ValueSour
 use kpx_auth::flags::{ClientFlags, ServerFlags};
 use kpx_dataplane::agent::{self, AgentConfig, BackendKind};
 use kpx_dataplane::backend::iptables::render::IpFamily;
+use kpx_dataplane::backend::userspace::Settings as UserspaceSettings;
 use kpx_dataplane::config::{self, Mode, Settings};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -39,9 +40,27 @@ struct Flags {
     controlplane: Option<String>,
     /// How the rules reach the kernel; dry-run prints iptables-restore input instead; shadow
     /// runs beside a live kube-proxy, compares the rules it would write with the kernel's and
-    /// reports the differences, writing nothing.
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run", "shadow"])]
+    /// reports the differences, writing nothing; userspace proxies connections in this process
+    /// (iptables rules send service traffic to it).
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run", "shadow", "userspace"])]
     backend: String,
+    /// With --backend userspace: how long established connections to a removed endpoint may go
+    /// on (0s closes them at once); unlimited when omitted.
+    #[arg(long, value_name = "DURATION", value_parser = kpx_telemetry::flags::parse_duration)]
+    userspace_drain_timeout: Option<Duration>,
+    /// With --backend userspace: close a TCP connection idle this long in both directions (0s: never).
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = kpx_telemetry::flags::parse_duration)]
+    userspace_tcp_idle_timeout: Duration,
+    /// With --backend userspace: close a UDP flow without a datagram either way for this long.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = kpx_telemetry::flags::parse_duration)]
+    userspace_udp_timeout: Duration,
+    /// With --backend userspace: UDP flows per service port at most (datagrams of new clients
+    /// beyond it are dropped and counted).
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    userspace_max_udp_flows: usize,
+    /// With --backend userspace: proxy threads (0: one per CPU).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    userspace_threads: usize,
     /// The IPVS scheduler (with --backend ipvs).
     #[arg(long, default_value = "rr", value_parser = kpx_dataplane::backend::ipvs::plan::SCHEDULERS)]
     ipvs_scheduler: String,
@@ -112,7 +131,8 @@ struct Flags {
     /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     sync_period: Duration,
-    /// Testing: program the named network namespace instead of this process's.
+    /// Testing: program the named network namespace instead of this process's (with
+    /// --backend userspace, the proxy's sockets live there too).
     #[arg(long, value_name = "NAME", hide = true)]
     netns: Option<String>,
     /// Log format.
@@ -251,6 +271,7 @@ async fn run(mut flags: Flags, matches: ArgMatches) -> anyhow::Result<()> {
             "dry-run" => BackendKind::DryRun,
             "shadow" => BackendKind::Shadow,
             "ipvs" => BackendKind::Ipvs,
+            "userspace" => BackendKind::Userspace,
             _ => BackendKind::Iptables,
         },
         cluster_cidr: flags.cluster_cidr,
@@ -281,6 +302,14 @@ async fn run(mut flags: Flags, matches: ArgMatches) -> anyhow::Result<()> {
         admin_security: flags.admin_security,
         kubeconfig: flags.kubeconfig,
         credentials: flags.client.credentials(),
+        userspace: UserspaceSettings {
+            drain_timeout: flags.userspace_drain_timeout,
+            tcp_idle_timeout: Some(flags.userspace_tcp_idle_timeout).filter(|d| !d.is_zero()),
+            udp_timeout: flags.userspace_udp_timeout,
+            max_udp_flows: flags.userspace_max_udp_flows,
+            ..UserspaceSettings::default()
+        },
+        userspace_threads: flags.userspace_threads,
     };
     agent::run(config, kpx_telemetry::signal::shutdown()).await?;
     Ok(())

@@ -201,6 +201,11 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Adds the userspace proxy's metrics (`--backend userspace`) to the scrape.
+    pub fn register_userspace(&mut self, proxy: &crate::backend::userspace::metrics::ProxyMetrics) {
+        proxy.register(&mut self.registry);
+    }
+
     /// Records the backends' last syncs: `before` is what the stats said before them.
     pub fn record_sync(&self, before: &[BackendStats], after: &[BackendStats]) {
         for (b, a) in before.iter().zip(after) {

@@ -4,12 +4,10 @@
 //! modes, with its ipsets) and what kpx writes into a namespace, next to another component's
 //! rules, and check that only kube-proxy's and kpx's are gone.
 
-// The traffic tests' cluster harness; this file uses only part of it.
-#[allow(dead_code)]
+// The traffic tests' cluster harness (each file allows the parts this test does not use).
 #[path = "traffic/cluster.rs"]
 mod cluster;
 mod conformance;
-#[allow(dead_code)]
 #[path = "traffic/manifest.rs"]
 mod manifest;
 mod netns;

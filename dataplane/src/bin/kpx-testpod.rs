@@ -4,10 +4,13 @@
 //! kpx-testpod serve NAME ADDR:PORT...                 TCP and UDP on every address; each reply is
 //!                                                     "NAME PEER LOCAL" (who answered, the source
 //!                                                     address it saw, the address it was reached on)
-//! kpx-testpod get tcp|udp ADDR:PORT [--from IP] [--timeout-ms N]
+//! kpx-testpod get tcp|udp ADDR:PORT [--from IP|IP:PORT] [--timeout-ms N]
 //!                                                     one request; prints "answered NAME PEER LOCAL",
 //!                                                     "refused", "unreachable", "reset" or "timeout"
 //! kpx-testpod sysctl KEY VALUE [KEY VALUE]...        writes /proc/sys/KEY (dots as slashes)
+//! kpx-testpod echo-serve NAME ADDR:PORT...            TCP echo with a trailer (see bulk.rs)
+//! kpx-testpod transfer ADDR:PORT --bytes N [--pause-after M]
+//!                                                     a checksummed bulk transfer (see bulk.rs)
 //! ```
 //!
 //! `serve` prints `ready` once every socket is bound and exits 0 on SIGTERM. The peer address
@@ -24,8 +27,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 
+#[path = "kpx-testpod/bulk.rs"]
+mod bulk;
+
 const USAGE: &str = "usage: kpx-testpod serve NAME ADDR:PORT... | get tcp|udp ADDR:PORT [--from IP] [--timeout-ms N] \
-                     | sysctl KEY VALUE [KEY VALUE]...";
+                     | sysctl KEY VALUE [KEY VALUE]... | echo-serve NAME ADDR:PORT... \
+                     | transfer ADDR:PORT --bytes N [--pause-after M]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +41,8 @@ fn main() -> ExitCode {
         Some("serve") => runtime.block_on(serve(&args[1..])),
         Some("get") => runtime.block_on(get(&args[1..])),
         Some("sysctl") => sysctl(&args[1..]),
+        Some("echo-serve") => runtime.block_on(bulk::echo_serve(&args[1..])),
+        Some("transfer") => runtime.block_on(bulk::transfer(&args[1..])),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -47,6 +56,14 @@ fn main() -> ExitCode {
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|e| format!("bad address {s:?}: {e}"))
+}
+
+/// `--from IP` (any port) or `--from IP:PORT` (a fixed source port, as a long-lived client).
+fn parse_from(value: &str) -> Result<SocketAddr, String> {
+    match value.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, 0)),
+        Err(_) => value.parse().map_err(|e| format!("bad --from {value:?}: {e}")),
+    }
 }
 
 fn reply(name: &str, peer: SocketAddr, local: SocketAddr) -> String {
@@ -86,13 +103,19 @@ async fn serve(args: &[String]) -> Result<(), String> {
         });
     }
     println!("ready");
+    until_signalled().await?;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Returns on SIGTERM or SIGINT.
+async fn until_signalled() -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tasks.abort_all();
     Ok(())
 }
 
@@ -120,20 +143,21 @@ impl Outcome {
 async fn get(args: &[String]) -> Result<(), String> {
     let [proto, addr, rest @ ..] = args else { return Err(USAGE.to_string()) };
     let addr = parse_addr(addr)?;
-    let mut from: Option<IpAddr> = None;
+    let mut from: Option<SocketAddr> = None;
     let mut timeout = Duration::from_secs(2);
     let mut rest = rest.iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--from" => from = Some(value.parse().map_err(|e| format!("bad --from {value:?}: {e}"))?),
+            "--from" => from = Some(parse_from(value)?),
             "--timeout-ms" => {
                 timeout = Duration::from_millis(value.parse().map_err(|e| format!("bad --timeout-ms: {e}"))?)
             }
             _ => return Err(USAGE.to_string()),
         }
     }
-    let source = SocketAddr::new(from.unwrap_or(if addr.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() }), 0);
+    let any: IpAddr = if addr.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() };
+    let source = from.unwrap_or(SocketAddr::new(any, 0));
     let attempt = async {
         match proto.as_str() {
             "tcp" => tcp_get(source, addr).await,

@@ -91,9 +91,18 @@ impl NetNs {
     /// One request from this namespace to ADDR, from FROM (one of this namespace's addresses)
     /// or the routing's choice. Panics only when the helper itself fails.
     pub fn request(&self, proto: Proto, addr: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> Outcome {
+        self.request_with(proto, addr, from.map(|f| f.to_string()), timeout)
+    }
+
+    /// Like [`NetNs::request`], from a fixed source address and port (a client that keeps its
+    /// port, as UDP clients of one flow do).
+    pub fn request_from_port(&self, proto: Proto, addr: SocketAddr, from: SocketAddr, timeout: Duration) -> Outcome {
+        self.request_with(proto, addr, Some(from.to_string()), timeout)
+    }
+
+    fn request_with(&self, proto: Proto, addr: SocketAddr, from: Option<String>, timeout: Duration) -> Outcome {
         let addr = addr.to_string();
         let ms = timeout.as_millis().to_string();
-        let from = from.map(|f| f.to_string());
         let mut argv = vec![TESTPOD, "get", proto.as_str(), &addr, "--timeout-ms", &ms];
         if let Some(f) = &from {
             argv.extend(["--from", f]);

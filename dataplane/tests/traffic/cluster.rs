@@ -1,7 +1,11 @@
 //! One scenario's cluster: a [`Topology`], the controlplane (in process, file source on a
 //! temporary manifest directory, on its own loopback port) and the real `kpx-dataplane`
-//! binary per node, programming that node's namespace with the iptables backend. Torn down
-//! in reverse: dataplanes, controlplane, namespaces.
+//! binary per node, programming that node's namespace with the iptables backend (or the
+//! backend arguments given to [`Cluster::start_with`]). Torn down in reverse: dataplanes,
+//! controlplane, namespaces.
+
+// Each test file uses a different part of it.
+#![allow(dead_code)]
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -46,6 +50,8 @@ pub struct Cluster {
     url: String,
     /// Extra flags of every dataplane; `--node-ip` unless `node_ip` is off.
     options: Options,
+    /// `--backend ...` and its options.
+    backend: Vec<String>,
     pub topo: Topology,
     work: tempfile::TempDir,
 }
@@ -69,11 +75,20 @@ impl Cluster {
     /// Writes SERVICES, starts the controlplane and a dataplane per node of TOPO, and waits
     /// until every node acked its desired state.
     pub fn start(topo: Topology, services: &[Svc]) -> Cluster {
-        Cluster::start_with(topo, services, Options::default())
+        Cluster::start_full(topo, services, &["--backend", "iptables"], Options::default())
     }
 
     /// [`Cluster::start`] with dataplane OPTIONS.
     pub fn start_with(topo: Topology, services: &[Svc], options: Options) -> Cluster {
+        Cluster::start_full(topo, services, &["--backend", "iptables"], options)
+    }
+
+    /// Like [`Cluster::start`], with BACKEND (`--backend NAME` and its flags) on every node.
+    pub fn start_with_backend(topo: Topology, services: &[Svc], backend: &[&str]) -> Cluster {
+        Cluster::start_full(topo, services, backend, Options::default())
+    }
+
+    fn start_full(topo: Topology, services: &[Svc], backend: &[&str], options: Options) -> Cluster {
         for node in &topo.nodes {
             prepare_node(&node.ns);
         }
@@ -100,7 +115,8 @@ impl Cluster {
                 let _ = stopped.await;
             },
         ));
-        let cluster = Cluster { dataplanes: Mutex::default(), rt, stop: Some(stop), url, options, topo, work };
+        let backend = backend.iter().map(|a| a.to_string()).collect();
+        let cluster = Cluster { dataplanes: Mutex::default(), rt, stop: Some(stop), url, options, backend, topo, work };
         for node in 0..cluster.topo.nodes.len() {
             let dp = cluster.spawn_dataplane(node);
             cluster.dataplanes().push(Some(dp));
@@ -123,7 +139,8 @@ impl Cluster {
         let log_file = File::options().create(true).append(true).open(&log).unwrap();
         let node_ip = if self.options.node_ip { vec!["--node-ip".to_string(), n.ip4.to_string()] } else { vec![] };
         let child = Command::new(env!("CARGO_BIN_EXE_kpx-dataplane"))
-            .args(["--node", n.name, "--controlplane", &self.url, "--backend", "iptables"])
+            .args(["--node", n.name, "--controlplane", &self.url])
+            .args(&self.backend)
             .args(["--netns", n.ns.name(), "--cluster-cidr", "10.244.0.0/16", "--ip-families", "IPv4,IPv6"])
             .args(node_ip)
             .args(&self.options.extra_args)
@@ -137,6 +154,11 @@ impl Cluster {
             .spawn()
             .expect("start kpx-dataplane");
         Dataplane { child, log }
+    }
+
+    /// The process id of node NODE's dataplane, if it runs.
+    pub fn dataplane_pid(&self, node: usize) -> Option<u32> {
+        self.dataplanes()[node].as_ref().map(|d| d.child.id())
     }
 
     /// Kills node NODE's dataplane (SIGKILL: no chance to clean up; the rules stay).
@@ -157,6 +179,30 @@ impl Cluster {
         let pid = self.dataplanes()[node].as_ref().expect("dataplane running").child.id();
         let status = Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
         assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Removes SVC's manifest (the service goes away).
+    pub fn remove(&self, svc: &Svc) {
+        std::fs::remove_file(self.work.path().join("manifests").join(svc.file_name())).unwrap();
+    }
+
+    /// The controlplane's desired version for NODE now (waits until it has one).
+    pub fn desired_version(&self, node: usize) -> String {
+        let name = self.topo.nodes[node].name;
+        eventually("a desired version", ACK_WAIT, || {
+            self.list_nodes()?.into_iter().find(|n| n.name == name).map(|n| n.desired_version)
+        })
+    }
+
+    /// Waits until NODE acked a version other than OLD_DESIRED, i.e. took in the change that
+    /// replaced it (polls the controlplane).
+    pub fn wait_changed(&self, node: usize, old_desired: &str) {
+        let name = self.topo.nodes[node].name;
+        eventually("the node acked the change", ACK_WAIT, || {
+            let nodes = self.list_nodes()?;
+            let n = nodes.into_iter().find(|n| n.name == name)?;
+            (n.desired_version != old_desired && n.acked_version == n.desired_version).then_some(())
+        });
     }
 
     /// Waits until every running dataplane's node is connected and has acked its desired

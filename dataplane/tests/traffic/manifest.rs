@@ -2,6 +2,9 @@
 //! topology's addresses so that the rules and the pods agree. Every service lives in namespace
 //! `demo`, has one port named `p` and targets the pods' port [`TARGET_PORT`].
 
+// Each test file uses a different part of it.
+#![allow(dead_code)]
+
 use std::fmt::Write;
 use std::net::IpAddr;
 

@@ -7,7 +7,7 @@
 //! for a one-endpoint change is what makes kube-proxy's syncs slow.
 //! Endpoint-only changes therefore never touch the top-level chains.
 
-mod check;
+pub mod check;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -19,7 +19,7 @@ use super::chains::{self, MASQ_MARK};
 use crate::state::{AppliedState, ChangeSet, Services};
 pub use service::render_service;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IpFamily {
     V4,
     V6,
@@ -41,7 +41,7 @@ impl IpFamily {
         }
     }
 
-    fn host_suffix(self) -> &'static str {
+    pub(crate) fn host_suffix(self) -> &'static str {
         match self {
             IpFamily::V4 => "/32",
             IpFamily::V6 => "/128",
