@@ -22,6 +22,7 @@ use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesConfig, jumps};
 use crate::backend::ipvs::{IpvsConfig, dump, plan};
+use crate::backend::nftables::{NftConfig, NftStats};
 use crate::state::{AppliedState, Services};
 use crate::stream::SyncEvent;
 
@@ -35,6 +36,8 @@ pub struct CoreView {
     /// The IPVS backend's configuration (node addresses resolved) when it drives this node: what
     /// its desired virtual servers are computed with.
     pub ipvs: Option<IpvsConfig>,
+    /// One nftables backend per family, with its stats.
+    pub nftables: Vec<(NftConfig, NftStats)>,
 }
 
 /// Produces a [`CoreView`]; blocking (it takes the agent's core mutex).
@@ -174,6 +177,19 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
             rules_nat: st.rules.nat as u64,
         })
         .chain(view.ipvs.as_ref().map(|_| pb::BackendStatus { name: "ipvs".into(), ..Default::default() }))
+        .chain(view.nftables.iter().map(|(cfg, st)| pb::BackendStatus {
+            name: format!("nftables {}", family_name(cfg.family)),
+            last_sync_full: st.last_sync_full,
+            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
+            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+            last_error: st.last_error.clone().unwrap_or_default(),
+            full_syncs: st.full_syncs,
+            partial_syncs: st.partial_syncs,
+            restore_failures: st.failures,
+            rules_filter: 0,
+            rules_nat: st.rules as u64,
+        }))
         .collect();
     pb::DataplaneStatus {
         node_name: node.to_string(),
@@ -247,6 +263,10 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
         }
         return out;
     }
+    if !view.nftables.is_empty() {
+        nft_kernel_rules(&mut out, view);
+        return out;
+    }
     if view.iptables.iter().all(|(cfg, _)| cfg.dry_run) {
         out.note = "dry-run: nothing is programmed into the kernel".into();
         return out;
@@ -275,6 +295,35 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
     }
     out.note = errors.join("; ");
     out
+}
+
+/// The nftables part of `GetKernelRules`: each family's table dumped through a socket of its
+/// own, listed in nft syntax, and the service-/local- chains kpx wants with their presence.
+fn nft_kernel_rules(out: &mut pb::KernelRules, view: &CoreView) {
+    use crate::backend::nftables::{apply::desired_objects, layout, view as nview};
+    out.supported = true;
+    let state = AppliedState::from_services(&view.services);
+    let mut errors = Vec::new();
+    for (cfg, _) in &view.nftables {
+        let family = family_name(cfg.family);
+        let desired = desired_objects(&cfg.render_config(), &state).0;
+        let dump = cfg.client().and_then(|mut c| c.dump_table(cfg.nfproto(), layout::TABLE));
+        let dump = match dump {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(format!("{family}: {e}"));
+                continue;
+            }
+        };
+        if let Some(d) = &dump {
+            let name = format!("nftables {} {}", layout::family_word(cfg.family), layout::TABLE);
+            out.tables.push(pb::KernelTable { name, lines: nview::kernel_lines(cfg.family, &desired, d) });
+        }
+        out.chains.extend(nview::expected_chains(&desired, dump.as_ref()).into_iter().map(|(port, chain, present)| {
+            pb::ExpectedChain { service_port: port, chain, present, family: family.into() }
+        }));
+    }
+    out.note = errors.join("; ");
 }
 
 /// The `kpx.v1.Admin` service.

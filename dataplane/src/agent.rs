@@ -22,6 +22,7 @@ use crate::admin::{AdminService, AdminStatus, CoreView, ViewFn};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
+use crate::backend::nftables::{NftBackend, NftConfig};
 use crate::hcnp::HcnpServers;
 use crate::health::Health;
 use crate::metrics::{Metrics, NoLocalTracker};
@@ -33,6 +34,8 @@ pub enum BackendKind {
     Iptables,
     /// IPVS virtual servers (kube-proxy's ipvs mode); falls back to iptables without IPVS.
     Ipvs,
+    /// nftables through netlink (kube-proxy's nftables layout); see `nftables_fallback`.
+    Nftables,
     /// Renders iptables rules and prints them instead of applying them.
     DryRun,
 }
@@ -57,6 +60,8 @@ pub struct AgentConfig {
     pub ipvs_scheduler: String,
     /// Use iptables when the kernel has no IPVS (else startup fails).
     pub ipvs_fallback: bool,
+    /// With `--backend nftables`: use iptables when nf_tables is unusable (else startup fails).
+    pub nftables_fallback: bool,
     /// The admin gRPC API (`kpx.v1.Admin`); None: not served.
     pub admin_listen: Option<SocketAddr>,
 }
@@ -69,6 +74,8 @@ pub enum AgentError {
     BackendUnavailable { backend: String, reason: String },
     #[error("backend ipvs is not usable on this node and --no-ipvs-fallback is set: {0}")]
     IpvsUnavailable(#[source] kpx_ipvs_netlink::IpvsError),
+    #[error("backend nftables is not usable on this node (and --nftables-fallback is not set): {0}")]
+    NftablesUnavailable(#[source] kpx_nft_netlink::NftError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -138,10 +145,35 @@ pub fn build_ipvs(config: &AgentConfig) -> Result<Option<IpvsBackend>, AgentErro
     }
 }
 
+/// `--backend nftables`: one backend per family, or `None` after falling back to iptables
+/// (logged) when nf_tables is unusable and `nftables_fallback` is set; an error otherwise.
+pub fn build_nftables(config: &AgentConfig) -> Result<Option<Vec<NftBackend>>, AgentError> {
+    let mut out = Vec::new();
+    for family in &config.ip_families {
+        let mut cfg = NftConfig::new(*family, &config.node_name);
+        cfg.cluster_cidr = config.cluster_cidr.clone();
+        cfg.masquerade_all = config.masquerade_all;
+        cfg.node_ips = config.node_ips.clone();
+        cfg.full_resync_period = config.full_resync_period;
+        cfg.netns = config.netns.clone();
+        match NftBackend::new(cfg) {
+            Ok(b) => out.push(b),
+            Err(e) if !config.nftables_fallback => return Err(AgentError::NftablesUnavailable(e)),
+            Err(error) => {
+                tracing::warn!(%error, "nftables backend unavailable: falling back to the iptables backend");
+                return Ok(None);
+            }
+        }
+        tracing::info!(family = family_name(*family), "nftables backend");
+    }
+    Ok(Some(out))
+}
+
 /// The backends and what the housekeeping task needs to resync them.
 struct Core {
     backends: Vec<IptablesBackend>,
     ipvs: Option<IpvsBackend>,
+    nft: Vec<NftBackend>,
     /// The applied services, kept in step with the session's state after each apply.
     mirror: Services,
     has_state: bool,
@@ -149,7 +181,7 @@ struct Core {
 
 impl Core {
     fn stats(&self) -> Vec<BackendStats> {
-        self.backends.iter().map(|b| b.stats().clone()).collect()
+        self.backends.iter().map(|b| b.stats().clone()).chain(self.nft.iter().map(NftBackend::backend_stats)).collect()
     }
 
     /// The mirror as an AppliedState (only for resyncs without an update: O(state)).
@@ -177,6 +209,7 @@ impl Apply for NodeBackend {
         let before = core.stats();
         let mut errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
         errors.extend(core.ipvs.as_mut().and_then(|b| b.apply(state, changes).err()));
+        errors.extend(core.nft.iter_mut().filter_map(|b| b.apply(state, changes).err()));
         self.metrics.record_sync(&before, &core.stats());
         if changes.full {
             core.mirror = state.services().clone();
@@ -233,8 +266,13 @@ async fn housekeeping(
                     }
                 }
             }
+            for b in core.nft.iter_mut() {
+                if !b.check() {
+                    drift.push(format!("nftables {}: ruleset changed by someone else", family_name(b.config().family)));
+                }
+            }
             status.checked(drift.join("; "));
-            if !core.backends.iter().any(|b| b.wants_full_sync()) {
+            if !core.backends.iter().any(|b| b.wants_full_sync()) && !core.nft.iter().any(|b| b.wants_full_sync()) {
                 return;
             }
             let state = core.rebuild_state();
@@ -244,6 +282,12 @@ async fn housekeeping(
             for b in core.backends.iter_mut().filter(|b| b.wants_full_sync()) {
                 if let Err(error) = b.apply(&state, &changes) {
                     tracing::warn!(%error, "periodic full resync failed");
+                    ok = false;
+                }
+            }
+            for b in core.nft.iter_mut().filter(|b| b.wants_full_sync()) {
+                if let Err(error) = b.apply(&state, &changes) {
+                    tracing::warn!(%error, "nftables resync failed");
                     ok = false;
                 }
             }
@@ -298,15 +342,16 @@ async fn listen(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpL
 /// taken); afterwards problems are retried and reported through health and metrics.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let ipvs = if config.backend == BackendKind::Ipvs { build_ipvs(&config)? } else { None };
-    let backends = if config.backend == BackendKind::Ipvs {
-        if ipvs.is_some() {
-            Vec::new()
-        } else {
-            build_backends(&AgentConfig { backend: BackendKind::Iptables, ..config.clone() })?
-        }
-    } else {
-        build_backends(&config)?
+    let nft = if config.backend == BackendKind::Nftables { build_nftables(&config)? } else { None };
+    let iptables = AgentConfig { backend: BackendKind::Iptables, ..config.clone() };
+    let backends = match config.backend {
+        BackendKind::Ipvs if ipvs.is_some() => Vec::new(),
+        BackendKind::Nftables if nft.is_some() => Vec::new(),
+        BackendKind::Ipvs | BackendKind::Nftables => build_backends(&iptables)?,
+        _ => build_backends(&config)?,
     };
+    let nft_used = nft.is_some();
+    let nft = nft.unwrap_or_default();
     let health = Arc::new(Health::new(&config.node_name, config.sync_period * 2));
     let metrics = Arc::new(Metrics::new());
     let healthz = listen("/healthz", config.healthz_bind_address).await?;
@@ -321,10 +366,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let backend_name = match config.backend {
         BackendKind::Ipvs if ipvs.is_some() => "ipvs",
-        BackendKind::Iptables | BackendKind::Ipvs => "iptables",
+        BackendKind::Nftables if nft_used => "nftables",
+        BackendKind::Iptables | BackendKind::Ipvs | BackendKind::Nftables => "iptables",
         BackendKind::DryRun => "dry-run",
     };
-    let core = Arc::new(Mutex::new(Core { backends, ipvs, mirror: BTreeMap::new(), has_state: false }));
+    let core = Arc::new(Mutex::new(Core { backends, ipvs, nft, mirror: BTreeMap::new(), has_state: false }));
     let backend = NodeBackend {
         core: core.clone(),
         metrics: metrics.clone(),
@@ -355,6 +401,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 services: c.mirror.clone(),
                 iptables: c.backends.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
                 ipvs: c.ipvs.as_ref().map(|b| b.config().clone()),
+                nftables: c.nft.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);

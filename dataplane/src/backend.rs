@@ -4,3 +4,4 @@
 
 pub mod iptables;
 pub mod ipvs;
+pub mod nftables;

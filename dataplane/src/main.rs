@@ -18,7 +18,7 @@ struct Flags {
     #[arg(long, env = "KPX_CONTROLPLANE", value_name = "URL")]
     controlplane: String,
     /// How the rules reach the kernel; dry-run prints iptables-restore input instead.
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run"])]
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "nftables", "dry-run"])]
     backend: String,
     /// The IPVS scheduler (with --backend ipvs).
     #[arg(long, default_value = "rr", value_parser = kpx_dataplane::backend::ipvs::plan::SCHEDULERS)]
@@ -26,6 +26,9 @@ struct Flags {
     /// With --backend ipvs: exit if the kernel has no IPVS instead of falling back to iptables.
     #[arg(long)]
     no_ipvs_fallback: bool,
+    /// With --backend nftables: fall back to iptables when nf_tables is unusable (else exit).
+    #[arg(long)]
+    nftables_fallback: bool,
     /// The pod CIDR: traffic to a service from outside it is masqueraded.
     #[arg(long, value_name = "CIDR")]
     cluster_cidr: Option<String>,
@@ -92,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         backend: match flags.backend.as_str() {
             "dry-run" => BackendKind::DryRun,
             "ipvs" => BackendKind::Ipvs,
+            "nftables" => BackendKind::Nftables,
             _ => BackendKind::Iptables,
         },
         cluster_cidr: flags.cluster_cidr,
@@ -105,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         netns: flags.netns,
         ipvs_scheduler: flags.ipvs_scheduler,
         ipvs_fallback: !flags.no_ipvs_fallback,
+        nftables_fallback: flags.nftables_fallback,
         admin_listen: flags.admin_listen.0,
     };
     agent::run(config, kpx_telemetry::signal::shutdown()).await?;

@@ -80,7 +80,7 @@ impl fmt::Display for Verdict {
 
 /// The set a lookup reads: a named set of the table, or an anonymous constant map that lives
 /// and dies with its rule (`numgen random mod N vmap { 0 : goto a, 1 : goto b }`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SetRef {
     Named(String),
     /// Integer keys (4 bytes, host order as numgen writes them) to verdicts.
@@ -90,7 +90,7 @@ pub enum SetRef {
 }
 
 /// One expression.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Expr {
     Payload { base: u32, offset: u32, len: u32, dreg: u32 },
     Meta { key: u32, dreg: u32 },

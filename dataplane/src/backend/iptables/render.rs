@@ -7,7 +7,7 @@
 //! for a one-endpoint change is what makes kube-proxy's syncs slow.
 //! Endpoint-only changes therefore never touch the top-level chains.
 
-mod check;
+pub mod check;
 mod service;
 #[cfg(test)]
 mod tests;

@@ -10,14 +10,14 @@ use super::IpFamily;
 const MAX_COMMENT: usize = 255;
 
 /// Parses an address of any family; `Err` carries the skip reason.
-pub(super) fn ip(s: &str) -> Result<IpAddr, String> {
+pub(crate) fn ip(s: &str) -> Result<IpAddr, String> {
     s.parse().map_err(|_| format!("invalid IP {:?}", printable(s)))
 }
 
 /// A CIDR, returned canonical ("10.0.0.0/8"): its network address (host bits cleared) and
 /// prefix length.
-#[derive(Debug, Clone)]
-pub(super) struct Cidr {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cidr {
     pub addr: IpAddr,
     pub prefix: u8,
 }
@@ -71,7 +71,7 @@ impl std::fmt::Display for Cidr {
 }
 
 /// A port: 1..=65535.
-pub(super) fn port(p: u32, what: &str) -> Result<u16, String> {
+pub(crate) fn port(p: u32, what: &str) -> Result<u16, String> {
     match u16::try_from(p) {
         Ok(v) if v != 0 => Ok(v),
         _ => Err(format!("invalid {what} {p}")),
@@ -81,7 +81,7 @@ pub(super) fn port(p: u32, what: &str) -> Result<u16, String> {
 /// ` -m comment --comment "..."` with the text made safe for iptables-restore: no quotes,
 /// backslashes or control characters (a newline would end the rule and start another), and
 /// short enough for the kernel.
-pub(super) fn comment(text: &str) -> String {
+pub(crate) fn comment(text: &str) -> String {
     // Fast path for the usual, already clean text: one allocation instead of three.
     if text.len() <= MAX_COMMENT && text.chars().all(is_printable) {
         return format!("-m comment --comment \"{text}\"");
@@ -98,7 +98,7 @@ pub(super) fn comment(text: &str) -> String {
 }
 
 /// Keeps printable characters only, minus those iptables-restore's tokenizer treats specially.
-pub(super) fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars().filter(|c| is_printable(*c)).collect()
 }
 

@@ -1,0 +1,494 @@
+//! The nftables backend's I/O: one netlink transaction per update, holding only what changed.
+//!
+//! - A **delta** renders the changed services, diffs each against what the last sync installed
+//!   for it and commits one transaction (for a one-endpoint change: its endpoint chain, the
+//!   service chain's numgen rule, nothing else). No dump, no process.
+//! - A **full sync** (first sync, snapshot, after a failure, after foreign changes, every
+//!   `full_resync_period`) dumps the table once and commits the difference between it and
+//!   everything kpx wants: a restarted agent adopts the table it finds, and a table kpx would
+//!   write identically is left alone.
+//! - **Foreign changes** are noticed cheaply: the ruleset generation id moves by exactly one per
+//!   committed transaction, so after each of ours it must be the one before plus one; the agent's
+//!   housekeeping calls [`NftBackend::check`] each sync period, which compares the generation
+//!   and, only when it moved, dumps and repairs exactly what differs.
+//! - A refused transaction changes nothing (nf_tables commits all or nothing): the update is
+//!   retried once as a full sync, then NACKed, and the old rules keep working.
+//! - After a change, stale UDP conntrack entries are deleted as the iptables backend does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use kpx_nft_netlink::consts::{NFPROTO_IPV4, NFPROTO_IPV6};
+use kpx_nft_netlink::{NftClient, NftError};
+
+use super::layout::{self, Lowered, Objects, TABLE, TABLE_COMMENT};
+use super::plan::{self, PlanStats};
+use super::render::render_service;
+use crate::backend::iptables::apply::{BackendStats, FullReason, RuleCounts};
+use crate::backend::iptables::conntrack::{self, UdpPort};
+use crate::backend::iptables::exec::Runner;
+use crate::backend::iptables::render::{IpFamily, RenderConfig};
+use crate::state::{AppliedState, ChangeSet};
+use crate::stream::Apply;
+use kpx_telemetry::span::{Attr, DistSpan};
+
+#[derive(Debug, Clone)]
+pub struct NftConfig {
+    pub family: IpFamily,
+    pub cluster_cidr: Option<String>,
+    pub masquerade_all: bool,
+    pub node_ips: Vec<IpAddr>,
+    pub node_name: String,
+    pub full_resync_period: Duration,
+    /// Tests only: program this network namespace (`ip netns` name).
+    pub netns: Option<String>,
+}
+
+impl NftConfig {
+    pub fn new(family: IpFamily, node_name: &str) -> NftConfig {
+        NftConfig {
+            family,
+            cluster_cidr: None,
+            masquerade_all: false,
+            node_ips: Vec::new(),
+            node_name: node_name.into(),
+            full_resync_period: Duration::from_secs(3600),
+            netns: None,
+        }
+    }
+
+    pub fn render_config(&self) -> RenderConfig {
+        RenderConfig {
+            family: self.family,
+            cluster_cidr: self.cluster_cidr.clone(),
+            masquerade_all: self.masquerade_all,
+            node_ips: self.node_ips.clone(),
+            node_name: self.node_name.clone(),
+        }
+    }
+
+    pub fn nfproto(&self) -> u8 {
+        match self.family {
+            IpFamily::V4 => NFPROTO_IPV4,
+            IpFamily::V6 => NFPROTO_IPV6,
+        }
+    }
+
+    /// A socket of its own (in the configured namespace).
+    pub fn client(&self) -> Result<NftClient, NftError> {
+        match &self.netns {
+            Some(ns) => NftClient::in_netns(ns),
+            None => NftClient::new(),
+        }
+    }
+}
+
+/// What the backend did.
+#[derive(Debug, Clone, Default)]
+pub struct NftStats {
+    pub last_sync_duration: Option<Duration>,
+    pub last_sync_full: bool,
+    pub last_success: Option<SystemTime>,
+    pub last_full_reason: Option<FullReason>,
+    pub full_syncs: u64,
+    pub partial_syncs: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// The last transaction: operations and bytes on the wire (0 when nothing differed).
+    pub last_ops: usize,
+    pub last_bytes: usize,
+    pub last_plan: PlanStats,
+    /// Objects kpx keeps in its table after the last successful sync.
+    pub chains: usize,
+    pub rules: usize,
+    pub elements: usize,
+    /// Checks that found the generation moved by someone else, and repairs they made.
+    pub foreign_changes: u64,
+    pub repairs: u64,
+    pub conntrack_deletes: u64,
+}
+
+pub struct NftBackend {
+    cfg: NftConfig,
+    render: RenderConfig,
+    client: NftClient,
+    /// What the last successful sync installed, per service.
+    services: BTreeMap<String, Lowered>,
+    /// Which service a shared-map element belongs to (two services claiming one key: the
+    /// first keeps it).
+    owners: HashMap<(String, Vec<u8>), String>,
+    /// The generation our last transaction left; None: unknown (next sync is full).
+    gen_id: Option<u32>,
+    synced_once: bool,
+    failed: bool,
+    foreign: bool,
+    last_full: Option<Instant>,
+    udp: BTreeMap<String, Vec<UdpPort>>,
+    runner: Runner,
+    stats: NftStats,
+}
+
+impl std::fmt::Debug for NftBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NftBackend").field("cfg", &self.cfg).field("stats", &self.stats).finish()
+    }
+}
+
+impl NftBackend {
+    /// Opens the netlink socket: [`NftError::Unavailable`] without nf_tables or permission.
+    pub fn new(cfg: NftConfig) -> Result<NftBackend, NftError> {
+        let client = cfg.client()?;
+        let render = cfg.render_config();
+        Ok(NftBackend {
+            runner: Runner { netns: cfg.netns.clone() },
+            cfg,
+            render,
+            client,
+            services: BTreeMap::new(),
+            owners: HashMap::new(),
+            gen_id: None,
+            synced_once: false,
+            failed: false,
+            foreign: false,
+            last_full: None,
+            udp: BTreeMap::new(),
+            stats: NftStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &NftConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &NftStats {
+        &self.stats
+    }
+
+    /// The stats in the iptables backend's shape, for the agent's metrics.
+    pub fn backend_stats(&self) -> BackendStats {
+        let s = &self.stats;
+        BackendStats {
+            last_sync_duration: s.last_sync_duration,
+            last_sync_full: s.last_sync_full,
+            last_success: s.last_success,
+            full_syncs: s.full_syncs,
+            partial_syncs: s.partial_syncs,
+            restore_failures: s.failures,
+            last_error: s.last_error.clone(),
+            last_rules_written: s.last_plan.rules_written,
+            last_bytes_written: s.last_bytes,
+            last_restores: usize::from(s.last_ops > 0),
+            rules: RuleCounts { filter: 0, nat: s.rules },
+            conntrack_deletes: s.conntrack_deletes,
+            last_full_reason: s.last_full_reason,
+            ..Default::default()
+        }
+    }
+
+    /// Everything kpx wants for `state`, as objects (for the admin API and tests).
+    pub fn desired(&self, state: &AppliedState) -> Objects {
+        desired_objects(&self.render, state).0
+    }
+
+    fn full_reason(&self, snapshot: bool) -> Option<FullReason> {
+        if !self.synced_once {
+            Some(FullReason::FirstSync)
+        } else if self.failed {
+            Some(FullReason::AfterFailure)
+        } else if self.foreign {
+            Some(FullReason::CanaryLost)
+        } else if snapshot {
+            Some(FullReason::Snapshot)
+        } else if self.last_full.is_none_or(|t| t.elapsed() >= self.cfg.full_resync_period) {
+            Some(FullReason::Periodic)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the next sync will be full (for the agent's periodic resync).
+    pub fn wants_full_sync(&self) -> bool {
+        self.synced_once && self.full_reason(false).is_some()
+    }
+
+    /// The cheap foreign-change check: the generation id. When someone else committed since our
+    /// last transaction, the next sync (the agent runs it at once) dumps and repairs. Returns
+    /// whether the table is as kpx left it, as far as the generation tells.
+    pub fn check(&mut self) -> bool {
+        if !self.synced_once {
+            return true;
+        }
+        match self.client.gen_id() {
+            Ok(g) if Some(g) == self.gen_id => true,
+            Ok(g) => {
+                tracing::debug!(family = ?self.cfg.family, was = ?self.gen_id, now = g, "nftables ruleset changed by someone else; checking kpx's table");
+                self.stats.foreign_changes += 1;
+                self.foreign = true;
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the nftables generation; next sync is full");
+                self.foreign = true;
+                false
+            }
+        }
+    }
+
+    /// After our commit: the generation must have moved by exactly one.
+    fn record_gen(&mut self, before: Option<u32>, committed: bool) {
+        match self.client.gen_id() {
+            Ok(g) => {
+                let expected = before.map(|b| if committed { b.wrapping_add(1) } else { b });
+                if self.synced_once && expected.is_some_and(|e| e != g) {
+                    self.foreign = true;
+                }
+                self.gen_id = Some(g);
+            }
+            Err(_) => self.gen_id = None,
+        }
+    }
+
+    fn full_sync(&mut self, state: &AppliedState) -> Result<PlanStats, NftError> {
+        let (objects, skipped, services, owners) = {
+            let (objects, skipped) = desired_objects(&self.render, state);
+            let (services, owners) = per_service(&self.render, state);
+            (objects, skipped, services, owners)
+        };
+        log_skipped(&skipped);
+        let before = self.client.gen_id().ok();
+        let kernel = self.client.dump_table(self.cfg.nfproto(), TABLE)?;
+        let desired = objects.lower(self.cfg.family);
+        let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
+        let old = match &kernel {
+            Some(d) => plan::from_dump(d),
+            None => {
+                batch.add_table(TABLE_COMMENT);
+                Lowered::default()
+            }
+        };
+        let st = plan::plan(&old, &desired, &mut batch);
+        if kernel.is_some() && self.synced_once && !st.is_empty() {
+            self.stats.repairs += 1;
+            tracing::warn!(family = ?self.cfg.family, repaired = %st.describe(), "nftables: kpx's table differed from what kpx wants; repaired");
+        }
+        let committed = !batch.is_empty();
+        self.commit(batch)?;
+        self.services = services;
+        self.owners = owners;
+        self.record_gen(before, committed);
+        self.foreign = false;
+        self.count(&desired);
+        Ok(st)
+    }
+
+    fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<PlanStats, NftError> {
+        let before = self.gen_id;
+        let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
+        let mut st = PlanStats::default();
+        let mut next: Vec<(String, Option<Lowered>)> = Vec::new();
+        let empty = Lowered::default();
+        for key in &changes.services {
+            let old = self.services.get(key).unwrap_or(&empty);
+            // Its elements are free again, then claimed anew (a failure makes the next sync
+            // full, which rebuilds the owners).
+            for (set, elems) in &old.elements {
+                for k in elems.keys() {
+                    let id = (set.clone(), k.clone());
+                    if self.owners.get(&id).is_some_and(|o| o == key) {
+                        self.owners.remove(&id);
+                    }
+                }
+            }
+            let new = state.services().get(key).map(|e| {
+                let (o, skipped) = render_service(&self.render, e);
+                log_skipped(&skipped);
+                let mut l = o.lower(self.cfg.family);
+                claim(key, &mut l, &mut self.owners);
+                l
+            });
+            st = add(st, plan::plan(old, new.as_ref().unwrap_or(&empty), &mut batch));
+            next.push((key.clone(), new));
+        }
+        let committed = !batch.is_empty();
+        self.commit(batch)?;
+        for (key, new) in next {
+            let (old, new_counts) =
+                (self.services.get(&key).map(counts).unwrap_or_default(), new.as_ref().map(counts).unwrap_or_default());
+            self.stats.chains = (self.stats.chains + new_counts.0).saturating_sub(old.0);
+            self.stats.rules = (self.stats.rules + new_counts.1).saturating_sub(old.1);
+            self.stats.elements = (self.stats.elements + new_counts.2).saturating_sub(old.2);
+            match new {
+                Some(l) => self.services.insert(key, l),
+                None => self.services.remove(&key),
+            };
+        }
+        self.record_gen(before, committed);
+        Ok(st)
+    }
+
+    fn commit(&mut self, batch: kpx_nft_netlink::Batch) -> Result<(), NftError> {
+        let ops = batch.ops;
+        let span = DistSpan::child("dp.nftables.transaction", vec![Attr::new("ops", ops as i64)]);
+        let result = self.client.commit(batch);
+        self.stats.last_ops = ops;
+        self.stats.last_bytes = if ops == 0 { 0 } else { self.client.stats.last_bytes };
+        span.set(Attr::new("bytes", self.stats.last_bytes as i64));
+        if let Err(e) = &result {
+            span.error(e.to_string());
+        }
+        result
+    }
+
+    fn count(&mut self, desired: &Lowered) {
+        self.stats.chains = desired.chains.len();
+        self.stats.rules = desired.chains.values().map(|c| c.rules.len()).sum();
+        self.stats.elements = desired.elements.values().map(|e| e.len()).sum();
+    }
+
+    fn sync(&mut self, state: &AppliedState, changes: &ChangeSet, full: Option<FullReason>) -> Result<(), NftError> {
+        let started = Instant::now();
+        let mut attrs = vec![Attr::new("family", format!("{:?}", self.cfg.family)), Attr::new("full", full.is_some())];
+        attrs.extend(full.map(|r| Attr::new("full_reason", format!("{r:?}"))));
+        let span = DistSpan::child("dp.nftables.sync", attrs);
+        let entered = span.enter();
+        let result = match full {
+            Some(_) => self.full_sync(state),
+            None => self.partial_sync(state, changes),
+        };
+        drop(entered);
+        self.stats.last_sync_duration = Some(started.elapsed());
+        self.stats.last_sync_full = full.is_some();
+        match result {
+            Ok(st) => {
+                self.stats.last_plan = st;
+                if full.is_some() {
+                    self.stats.full_syncs += 1;
+                    self.stats.last_full_reason = full;
+                    self.last_full = Some(started);
+                } else {
+                    self.stats.partial_syncs += 1;
+                }
+                self.failed = false;
+                self.stats.last_success = Some(SystemTime::now());
+                self.stats.last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                span.error(e.to_string());
+                self.failed = true;
+                self.stats.failures += 1;
+                self.stats.last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn clean_conntrack(&mut self, state: &AppliedState, changes: &ChangeSet, full: bool) {
+        let known_old = self.synced_once;
+        let keys: Vec<String> = if full {
+            self.udp.keys().chain(state.services().keys()).cloned().collect()
+        } else {
+            changes.services.iter().cloned().collect()
+        };
+        let mut deletes = Vec::new();
+        for k in keys {
+            let new = state.services().get(&k).map(|e| conntrack::udp_ports(self.cfg.family, e)).unwrap_or_default();
+            let old = self.udp.get(&k).map(Vec::as_slice).unwrap_or_default();
+            deletes.extend(conntrack::cleanups(self.cfg.family, old, &new, known_old));
+            if new.is_empty() {
+                self.udp.remove(&k);
+            } else {
+                self.udp.insert(k, new);
+            }
+        }
+        for args in deletes {
+            let mut argv = vec!["conntrack"];
+            argv.extend(args.iter().map(String::as_str));
+            match self.runner.run(&argv, &[]) {
+                Ok(r) if r.success || conntrack::nothing_matched(&r.stderr) => self.stats.conntrack_deletes += 1,
+                Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
+                Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
+            }
+        }
+    }
+}
+
+impl Apply for NftBackend {
+    fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        let full = self.full_reason(changes.full);
+        let full = match self.sync(state, changes, full) {
+            Ok(()) => full.is_some(),
+            Err(error) => {
+                tracing::warn!(family = ?self.cfg.family, %error, "nftables transaction refused; retrying as a full sync");
+                self.sync(state, changes, Some(FullReason::AfterFailure)).map_err(|e| e.to_string())?;
+                true
+            }
+        };
+        self.clean_conntrack(state, changes, full);
+        self.synced_once = true;
+        tracing::debug!(family = ?self.cfg.family, full, ops = self.stats.last_ops, bytes = self.stats.last_bytes, "nftables synced");
+        Ok(())
+    }
+}
+
+/// Base objects plus every service, the first of two services claiming one element keeping it.
+pub fn desired_objects(cfg: &RenderConfig, state: &AppliedState) -> (Objects, Vec<String>) {
+    let mut all = layout::base(cfg);
+    let mut skipped = Vec::new();
+    for e in state.services().values() {
+        let (o, s) = render_service(cfg, e);
+        skipped.extend(s);
+        all.merge(o, &mut skipped);
+    }
+    (all, skipped)
+}
+
+/// Each service's lowered objects as a full sync installs them (clashing elements left to
+/// their first owner), and the owners.
+type Owners = HashMap<(String, Vec<u8>), String>;
+
+fn per_service(cfg: &RenderConfig, state: &AppliedState) -> (BTreeMap<String, Lowered>, Owners) {
+    let mut owners = HashMap::new();
+    let mut out = BTreeMap::new();
+    for (k, e) in state.services() {
+        let mut l = render_service(cfg, e).0.lower(cfg.family);
+        claim(k, &mut l, &mut owners);
+        out.insert(k.clone(), l);
+    }
+    (out, owners)
+}
+
+/// Records `key` as the owner of its elements; drops those another service owns.
+fn claim(key: &str, l: &mut Lowered, owners: &mut Owners) {
+    for (set, elems) in &mut l.elements {
+        elems.retain(|k, _| {
+            let owner = owners.entry((set.clone(), k.clone())).or_insert_with(|| key.to_string());
+            owner == key
+        });
+    }
+}
+
+/// (chains, rules, elements) of one service's objects.
+fn counts(l: &Lowered) -> (usize, usize, usize) {
+    (l.chains.len(), l.chains.values().map(|c| c.rules.len()).sum(), l.elements.values().map(|e| e.len()).sum())
+}
+
+fn add(a: PlanStats, b: PlanStats) -> PlanStats {
+    PlanStats {
+        chains_added: a.chains_added + b.chains_added,
+        chains_rewritten: a.chains_rewritten + b.chains_rewritten,
+        chains_deleted: a.chains_deleted + b.chains_deleted,
+        rules_written: a.rules_written + b.rules_written,
+        sets_added: a.sets_added + b.sets_added,
+        sets_deleted: a.sets_deleted + b.sets_deleted,
+        elements_added: a.elements_added + b.elements_added,
+        elements_deleted: a.elements_deleted + b.elements_deleted,
+    }
+}
+
+fn log_skipped(skipped: &[String]) {
+    if !skipped.is_empty() {
+        tracing::warn!(count = skipped.len(), first = ?&skipped[..skipped.len().min(5)], "parts of services left out of the nftables rules");
+    }
+}

@@ -1,0 +1,346 @@
+//! kube-proxy's nftables layout: the table's fixed objects (base chains, helper chains, the
+//! shared sets and verdict maps) and the [`Objects`] type every service adds to. [`Objects`]
+//! is what kpx wants; [`Lowered`] is the same in the kernel's terms (expressions, key bytes),
+//! the form that is diffed and compared with a dump.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kpx_nft_netlink::consts::{NFT_DATA_VERDICT, NFT_SET_EVAL, NFT_SET_MAP, NFT_SET_TIMEOUT};
+use kpx_nft_netlink::{Expr, Hook, Set, Verdict};
+
+use super::stmt::{RuleSpec, Stmt, proto_name};
+use crate::backend::iptables::render::{IpFamily, RenderConfig};
+
+pub const TABLE: &str = "kube-proxy";
+pub const TABLE_COMMENT: &str = "rules for kube-proxy";
+
+pub const CLUSTER_IPS: &str = "cluster-ips";
+pub const NODEPORT_IPS: &str = "nodeport-ips";
+pub const SERVICE_IPS: &str = "service-ips";
+pub const SERVICE_NODEPORTS: &str = "service-nodeports";
+pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+pub const FIREWALL_IPS: &str = "firewall-ips";
+
+pub const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+pub const REJECT_CHAIN: &str = "reject-chain";
+
+/// A set key: an address, an address . protocol . port, or a protocol . port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Addr(IpAddr),
+    AddrProtoPort(IpAddr, u8, u16),
+    ProtoPort(u8, u16),
+}
+
+fn push_addr(out: &mut Vec<u8>, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(v) => out.extend_from_slice(&v.octets()),
+        IpAddr::V6(v) => out.extend_from_slice(&v.octets()),
+    }
+}
+
+impl Key {
+    /// The key as the kernel stores it: each part of a concatenation in its own 4-byte words.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24);
+        match self {
+            Key::Addr(ip) => push_addr(&mut out, ip),
+            Key::AddrProtoPort(ip, proto, port) => {
+                push_addr(&mut out, ip);
+                out.extend_from_slice(&[*proto, 0, 0, 0]);
+                out.extend_from_slice(&port.to_be_bytes());
+                out.extend_from_slice(&[0, 0]);
+            }
+            Key::ProtoPort(proto, port) => {
+                out.extend_from_slice(&[*proto, 0, 0, 0]);
+                out.extend_from_slice(&port.to_be_bytes());
+                out.extend_from_slice(&[0, 0]);
+            }
+        }
+        out
+    }
+
+    pub fn text(&self) -> String {
+        match self {
+            Key::Addr(ip) => ip.to_string(),
+            Key::AddrProtoPort(ip, proto, port) => format!("{ip} . {} . {port}", proto_name(*proto)),
+            Key::ProtoPort(proto, port) => format!("{} . {port}", proto_name(*proto)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChainSpec {
+    pub hook: Option<Hook>,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// What kpx wants in its table (all of it, or one service's part).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Objects {
+    pub chains: BTreeMap<String, ChainSpec>,
+    pub sets: BTreeMap<String, Set>,
+    pub elements: BTreeMap<String, BTreeMap<Key, Option<Verdict>>>,
+}
+
+/// [`Objects`] in the kernel's terms.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Lowered {
+    pub chains: BTreeMap<String, LChain>,
+    pub sets: BTreeMap<String, Set>,
+    pub elements: BTreeMap<String, BTreeMap<Vec<u8>, Option<Verdict>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LChain {
+    pub hook: Option<Hook>,
+    pub rules: Vec<(Vec<Expr>, Option<String>)>,
+}
+
+impl Objects {
+    pub fn chain(&mut self, name: &str, rules: Vec<RuleSpec>) {
+        self.chains.insert(name.to_string(), ChainSpec { hook: None, rules });
+    }
+
+    pub fn element(&mut self, set: &str, key: Key, verdict: Option<Verdict>) {
+        self.elements.entry(set.to_string()).or_default().insert(key, verdict);
+    }
+
+    /// Adds `other`'s objects; on a name or key both have, the one already here wins (and the
+    /// clash is reported).
+    pub fn merge(&mut self, other: Objects, clashes: &mut Vec<String>) {
+        for (name, c) in other.chains {
+            if self.chains.contains_key(&name) {
+                clashes.push(format!("chain {name} already exists"));
+            } else {
+                self.chains.insert(name, c);
+            }
+        }
+        for (name, s) in other.sets {
+            self.sets.entry(name).or_insert(s);
+        }
+        for (set, elems) in other.elements {
+            let mine = self.elements.entry(set.clone()).or_default();
+            for (k, v) in elems {
+                if mine.contains_key(&k) {
+                    clashes.push(format!("{set} element {} already belongs to another service", k.text()));
+                } else {
+                    mine.insert(k, v);
+                }
+            }
+        }
+    }
+
+    pub fn lower(&self, f: IpFamily) -> Lowered {
+        Lowered {
+            chains: self
+                .chains
+                .iter()
+                .map(|(n, c)| {
+                    let rules = c.rules.iter().map(|r| (r.lower(f), r.comment.clone())).collect();
+                    (n.clone(), LChain { hook: c.hook.clone(), rules })
+                })
+                .collect(),
+            sets: self.sets.clone(),
+            elements: self
+                .elements
+                .iter()
+                .map(|(s, e)| (s.clone(), e.iter().map(|(k, v)| (k.bytes(), v.clone())).collect()))
+                .collect(),
+        }
+    }
+
+    /// The objects as `nft -f` input (`add chain ip kube-proxy ...`), in a stable order: for
+    /// golden tests, dry runs and `kpxctl`.
+    pub fn text(&self, f: IpFamily) -> String {
+        let fam = family_word(f);
+        let mut out = String::new();
+        for (name, s) in &self.sets {
+            let kind = if s.flags & NFT_SET_MAP != 0 { "map" } else { "set" };
+            out.push_str(&format!("add {kind} {fam} {TABLE} {name} {{ {} }}\n", set_body(f, s)));
+        }
+        for (name, c) in &self.chains {
+            match &c.hook {
+                Some(h) => out.push_str(&format!(
+                    "add chain {fam} {TABLE} {name} {{ type {} hook {} priority {} ; }}\n",
+                    h.kind,
+                    hook_name(h.hooknum),
+                    h.priority
+                )),
+                None => out.push_str(&format!("add chain {fam} {TABLE} {name}\n")),
+            }
+            for r in &c.rules {
+                out.push_str(&format!("add rule {fam} {TABLE} {name} {}\n", r.text(f)));
+            }
+        }
+        for (set, elems) in &self.elements {
+            for (k, v) in elems {
+                let v = v.as_ref().map(|v| format!(" : {v}")).unwrap_or_default();
+                out.push_str(&format!("add element {fam} {TABLE} {set} {{ {}{v} }}\n", k.text()));
+            }
+        }
+        out
+    }
+}
+
+pub fn family_word(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+pub fn hook_name(n: u32) -> &'static str {
+    ["prerouting", "input", "forward", "output", "postrouting"].get(n as usize).copied().unwrap_or("?")
+}
+
+fn set_body(f: IpFamily, s: &Set) -> String {
+    let addr = match f {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    };
+    let key = match s.key_type & 0x3f {
+        13 if s.key_type >> 12 != 0 => format!("{addr} . inet_proto . inet_service"),
+        13 => "inet_proto . inet_service".into(),
+        _ => addr.into(),
+    };
+    let data = if s.data_type.is_some() { " : verdict" } else { "" };
+    let mut body = format!("type {key}{data} ;");
+    if s.flags & NFT_SET_TIMEOUT != 0 {
+        body.push_str(" flags dynamic,timeout ;");
+    }
+    if let Some(t) = s.timeout_ms {
+        body.push_str(&format!(" timeout {}s ;", t / 1000));
+    }
+    body
+}
+
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+
+fn addr_type(f: IpFamily) -> (u32, u32) {
+    match f {
+        IpFamily::V4 => (TYPE_IPADDR, 4),
+        IpFamily::V6 => (TYPE_IP6ADDR, 16),
+    }
+}
+
+/// A set of addresses.
+pub fn addr_set(f: IpFamily, name: &str) -> Set {
+    let (t, len) = addr_type(f);
+    Set { name: name.into(), flags: 0, key_type: t, key_len: len, data_type: None, timeout_ms: None }
+}
+
+/// A verdict map keyed by address . protocol . port (or protocol . port without `addr`).
+pub fn vmap(f: IpFamily, name: &str, addr: bool) -> Set {
+    let (t, len) = addr_type(f);
+    let proto_port = (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE;
+    let (key_type, key_len) = if addr { ((t << 12) | proto_port, len + 8) } else { (proto_port, 8) };
+    Set {
+        name: name.into(),
+        flags: NFT_SET_MAP,
+        key_type,
+        key_len,
+        data_type: Some(NFT_DATA_VERDICT),
+        timeout_ms: None,
+    }
+}
+
+/// A session-affinity set: source addresses, each forgotten `seconds` after it was last seen.
+pub fn affinity_set(f: IpFamily, name: &str, seconds: u32) -> Set {
+    let (t, len) = addr_type(f);
+    Set {
+        name: name.into(),
+        flags: NFT_SET_TIMEOUT | NFT_SET_EVAL,
+        key_type: t,
+        key_len: len,
+        data_type: None,
+        timeout_ms: Some(u64::from(seconds) * 1000),
+    }
+}
+
+fn base_chain(o: &mut Objects, name: &str, kind: &str, hooknum: u32, priority: i32, rules: Vec<RuleSpec>) {
+    let hook = Some(Hook { kind: kind.into(), hooknum, priority });
+    o.chains.insert(name.into(), ChainSpec { hook, rules });
+}
+
+fn jump(c: &str) -> Stmt {
+    Stmt::Verdict(Verdict::Jump(c.into()))
+}
+
+/// The fixed part of the table: everything but the services' own chains and elements.
+pub fn base(cfg: &RenderConfig) -> Objects {
+    let f = cfg.family;
+    let mut o = Objects::default();
+    o.sets.insert(CLUSTER_IPS.into(), addr_set(f, CLUSTER_IPS));
+    o.sets.insert(NODEPORT_IPS.into(), addr_set(f, NODEPORT_IPS));
+    for (name, addr) in [
+        (FIREWALL_IPS, true),
+        (NO_ENDPOINT_NODEPORTS, false),
+        (NO_ENDPOINT_SERVICES, true),
+        (SERVICE_IPS, true),
+        (SERVICE_NODEPORTS, false),
+    ] {
+        o.sets.insert(name.into(), vmap(f, name, addr));
+    }
+    let new = |chain: &str| RuleSpec::new(vec![Stmt::CtStateNew, jump(chain)]);
+    base_chain(&mut o, "filter-prerouting-pre-dnat", "filter", 0, -110, vec![new("firewall-check")]);
+    base_chain(&mut o, "filter-output-pre-dnat", "filter", 3, -110, vec![new("firewall-check")]);
+    base_chain(
+        &mut o,
+        "filter-forward",
+        "filter",
+        2,
+        0,
+        vec![new("service-endpoints-check"), new("cluster-ips-check")],
+    );
+    base_chain(
+        &mut o,
+        "filter-input",
+        "filter",
+        1,
+        0,
+        vec![new("nodeport-endpoints-check"), new("service-endpoints-check")],
+    );
+    base_chain(&mut o, "filter-output", "filter", 3, 0, vec![new("service-endpoints-check"), new("cluster-ips-check")]);
+    base_chain(&mut o, "nat-prerouting", "nat", 0, -100, vec![RuleSpec::new(vec![jump("services")])]);
+    base_chain(&mut o, "nat-output", "nat", 3, -100, vec![RuleSpec::new(vec![jump("services")])]);
+    base_chain(&mut o, "nat-postrouting", "nat", 4, 100, vec![RuleSpec::new(vec![jump("masquerading")])]);
+    let reject = RuleSpec::new(vec![Stmt::DaddrInSet(CLUSTER_IPS), Stmt::Reject])
+        .comment("Reject traffic to invalid ports of ClusterIPs");
+    o.chain("cluster-ips-check", vec![reject]);
+    o.chain("firewall-check", vec![RuleSpec::new(vec![Stmt::VmapAddrProtoPort(FIREWALL_IPS)])]);
+    o.chain(MARK_FOR_MASQUERADE, vec![RuleSpec::new(vec![Stmt::MarkOr])]);
+    o.chain(
+        "masquerading",
+        vec![
+            RuleSpec::new(vec![Stmt::MarkUnset, Stmt::Verdict(Verdict::Return)]),
+            RuleSpec::new(vec![Stmt::MarkXor]),
+            RuleSpec::new(vec![Stmt::Masquerade]),
+        ],
+    );
+    // NodePorts on the configured node addresses, else on every local address.
+    let node_ips: Vec<IpAddr> = cfg.node_ips.iter().copied().filter(|ip| f.matches(*ip)).collect();
+    let local = if node_ips.is_empty() { Stmt::FibDaddrLocal } else { Stmt::DaddrInSet(NODEPORT_IPS) };
+    for ip in node_ips {
+        o.element(NODEPORT_IPS, Key::Addr(ip), None);
+    }
+    o.chain(
+        "nodeport-endpoints-check",
+        vec![RuleSpec::new(vec![local.clone(), Stmt::VmapProtoPort(NO_ENDPOINT_NODEPORTS)])],
+    );
+    o.chain(REJECT_CHAIN, vec![RuleSpec::new(vec![Stmt::Reject])]);
+    o.chain(
+        "services",
+        vec![
+            RuleSpec::new(vec![Stmt::VmapAddrProtoPort(SERVICE_IPS)]),
+            RuleSpec::new(vec![local, Stmt::VmapProtoPort(SERVICE_NODEPORTS)]),
+        ],
+    );
+    o.chain("service-endpoints-check", vec![RuleSpec::new(vec![Stmt::VmapAddrProtoPort(NO_ENDPOINT_SERVICES)])]);
+    o
+}

@@ -1,0 +1,199 @@
+//! Golden tests of the render (kube-proxy's own test conventions: pod IPs 10.0.0.0/8 and
+//! 10.180.x, cluster IPs 172.30.0.x, LB IPs 1.2.3.4 / 5.6.7.8, node IP 192.168.0.2), and of the
+//! plans between states.
+
+use std::sync::Arc;
+
+use kpx_nft_netlink::Batch;
+use kpx_nft_netlink::consts::NFPROTO_IPV4;
+use kpx_proto::v1 as pb;
+
+use super::layout::{self, Objects};
+use super::plan::{PlanStats, plan};
+use super::render::render_service;
+use crate::backend::iptables::render::{IpFamily, RenderConfig};
+use crate::state::ServiceEntry;
+
+fn cfg() -> RenderConfig {
+    RenderConfig {
+        family: IpFamily::V4,
+        cluster_cidr: Some("10.0.0.0/8".into()),
+        masquerade_all: false,
+        node_ips: vec!["192.168.0.2".parse().unwrap()],
+        node_name: "test-node".into(),
+    }
+}
+
+fn svc(ns: &str, name: &str, cip: &str, f: impl FnOnce(&mut pb::Service)) -> pb::Service {
+    let mut s = pb::Service {
+        namespace: ns.into(),
+        name: name.into(),
+        r#type: pb::ServiceType::ClusterIp as i32,
+        cluster_ips: vec![cip.into()],
+        ports: vec![pb::ServicePort { name: "p80".into(), protocol: pb::Protocol::Tcp as i32, port: 80, node_port: 0 }],
+        ..Default::default()
+    };
+    f(&mut s);
+    s
+}
+
+fn entry(s: pb::Service, eps: &[(&str, bool, bool)]) -> Arc<ServiceEntry> {
+    let key = format!("{}/{}", s.namespace, s.name);
+    let endpoints = eps
+        .iter()
+        .map(|(ip, cluster, local)| {
+            let e = pb::Endpoint {
+                service: key.clone(),
+                ip: ip.to_string(),
+                ports: vec![pb::EndpointPort { name: "p80".into(), port: 80 }],
+                for_cluster: *cluster,
+                for_local: *local,
+            };
+            (ip.to_string(), e)
+        })
+        .collect();
+    Arc::new(ServiceEntry { service: s, endpoints })
+}
+
+fn text(e: &ServiceEntry) -> String {
+    let (o, skipped) = render_service(&cfg(), e);
+    assert!(skipped.is_empty(), "{skipped:?}");
+    o.text(IpFamily::V4)
+}
+
+#[test]
+fn cluster_ip_service_reads_like_kube_proxy() {
+    let e = entry(svc("ns1", "svc1", "172.30.0.41", |_| {}), &[("10.180.0.1", true, false)]);
+    let want = "\
+add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80
+add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 ip saddr 10.180.0.1 jump mark-for-masquerade
+add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80
+add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80
+add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade
+add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 }
+add element ip kube-proxy cluster-ips { 172.30.0.41 }
+add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }
+";
+    assert_eq!(text(&e), want);
+}
+
+#[test]
+fn load_balancer_with_source_ranges_and_affinity() {
+    let s = svc("ns5", "svc5", "172.30.0.45", |s| {
+        s.r#type = pb::ServiceType::LoadBalancer as i32;
+        s.ports[0].node_port = 3002;
+        s.load_balancer_ips = vec!["5.6.7.8".into()];
+        s.load_balancer_source_ranges = vec!["203.0.113.0/25".into()];
+        s.session_affinity_timeout_seconds = 10800;
+    });
+    let t = text(&entry(s, &[("10.180.0.3", true, false)]));
+    for line in [
+        "add set ip kube-proxy affinity-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80 { type ipv4_addr ; flags dynamic,timeout ; timeout 10800s ; }",
+        "add rule ip kube-proxy service-HVFWP5L3-ns5/svc5/tcp/p80 ip saddr @affinity-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80 goto endpoint-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80",
+        "add rule ip kube-proxy endpoint-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80 update @affinity-GTK6MW7G-ns5/svc5/tcp/p80__10.180.0.3/80 { ip saddr }",
+        "add rule ip kube-proxy external-HVFWP5L3-ns5/svc5/tcp/p80 jump mark-for-masquerade comment \"masquerade traffic from external\"",
+        "add rule ip kube-proxy external-HVFWP5L3-ns5/svc5/tcp/p80 goto service-HVFWP5L3-ns5/svc5/tcp/p80",
+        "add rule ip kube-proxy firewall-HVFWP5L3-ns5/svc5/tcp/p80 ip saddr 203.0.113.0/25 return",
+        "add rule ip kube-proxy firewall-HVFWP5L3-ns5/svc5/tcp/p80 drop comment \"ns5/svc5:p80 not in loadBalancerSourceRanges\"",
+        "add element ip kube-proxy firewall-ips { 5.6.7.8 . tcp . 80 : goto firewall-HVFWP5L3-ns5/svc5/tcp/p80 }",
+        "add element ip kube-proxy service-ips { 5.6.7.8 . tcp . 80 : goto external-HVFWP5L3-ns5/svc5/tcp/p80 }",
+        "add element ip kube-proxy service-nodeports { tcp . 3002 : goto external-HVFWP5L3-ns5/svc5/tcp/p80 }",
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line}\nin\n{t}");
+    }
+}
+
+#[test]
+fn no_endpoints_reject_and_local_policies_drop() {
+    let none = entry(svc("ns6", "svc6", "172.30.0.46", |_| {}), &[]);
+    assert!(
+        text(&none)
+            .contains("add element ip kube-proxy no-endpoint-services { 172.30.0.46 . tcp . 80 : goto reject-chain }")
+    );
+    // externalTrafficPolicy Local, endpoints only elsewhere (the controlplane's hint says so).
+    let local = entry(
+        svc("ns2", "svc2", "172.30.0.42", |s| {
+            s.ports[0].node_port = 3001;
+            s.external_ips = vec!["192.168.99.22".into()];
+            s.external_policy_local = true;
+            s.families_with_endpoints = vec!["IPv4".into()];
+        }),
+        &[],
+    );
+    let t = text(&local);
+    for line in [
+        "add element ip kube-proxy no-endpoint-nodeports { tcp . 3001 : drop }",
+        "add element ip kube-proxy no-endpoint-services { 192.168.99.22 . tcp . 80 : drop }",
+        // The cluster IP follows internalTrafficPolicy (Cluster): no endpoints at all here.
+        "add element ip kube-proxy no-endpoint-services { 172.30.0.42 . tcp . 80 : goto reject-chain }",
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line}\nin\n{t}");
+    }
+    // With a local endpoint: external traffic short-circuits pod and local sources to the
+    // cluster chain and goes to the local chain.
+    let local = entry(
+        svc("ns2", "svc2", "172.30.0.42", |s| {
+            s.ports[0].node_port = 3001;
+            s.external_policy_local = true;
+        }),
+        &[("10.180.0.2", true, true)],
+    );
+    let t = text(&local);
+    for line in [
+        "add rule ip kube-proxy external-42NFTM6N-ns2/svc2/tcp/p80 ip saddr 10.0.0.0/8 goto service-42NFTM6N-ns2/svc2/tcp/p80 comment \"short-circuit pod traffic\"",
+        "add rule ip kube-proxy external-42NFTM6N-ns2/svc2/tcp/p80 fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\"",
+        "add rule ip kube-proxy external-42NFTM6N-ns2/svc2/tcp/p80 goto local-42NFTM6N-ns2/svc2/tcp/p80",
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line}\nin\n{t}");
+    }
+}
+
+#[test]
+fn hostile_names_render_nothing() {
+    for (ns, name) in [("a/b", "c"), ("ns", "x\ny"), ("ns", "q\"")] {
+        let e = entry(svc(ns, name, "172.30.0.50", |_| {}), &[("10.180.0.9", true, false)]);
+        let (o, skipped) = render_service(&cfg(), &e);
+        assert_eq!(o, Objects::default(), "{ns}/{name}");
+        assert_eq!(skipped.len(), 1);
+    }
+}
+
+fn lowered(eps: &[(&str, bool, bool)]) -> super::layout::Lowered {
+    let e = entry(svc("ns1", "svc1", "172.30.0.41", |_| {}), eps);
+    render_service(&cfg(), &e).0.lower(IpFamily::V4)
+}
+
+#[test]
+fn one_endpoint_more_is_one_chain_and_one_rewritten_chain() {
+    let before = lowered(&[("10.180.0.1", true, false), ("10.180.0.2", true, false)]);
+    let after = lowered(&[("10.180.0.1", true, false), ("10.180.0.2", true, false), ("10.180.0.3", true, false)]);
+    let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
+    let st = plan(&before, &after, &mut b);
+    assert_eq!(
+        st,
+        PlanStats { chains_added: 1, chains_rewritten: 1, rules_written: 4, ..Default::default() },
+        "{}",
+        st.describe()
+    );
+    // flush service chain, new endpoint chain, its 2 rules, the service chain's 2 rules (the
+    // numgen one with its anonymous map: 2 more messages).
+    assert_eq!(b.ops, 8);
+    let (bytes, _) = b.finish();
+    assert!(bytes.len() < 2048, "{} bytes", bytes.len());
+    let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
+    assert!(plan(&after, &after, &mut b).is_empty());
+    assert_eq!(b.ops, 0);
+    // Back: the endpoint's chain goes after the rewritten chain stops jumping to it.
+    let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
+    let st = plan(&after, &before, &mut b);
+    assert_eq!((st.chains_deleted, st.chains_rewritten), (1, 1));
+}
+
+#[test]
+fn last_endpoint_gone_swaps_the_service_ips_element_for_a_reject() {
+    let before = lowered(&[("10.180.0.1", true, false)]);
+    let after = lowered(&[]);
+    let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
+    let st = plan(&before, &after, &mut b);
+    assert_eq!((st.elements_deleted, st.elements_added, st.chains_deleted), (1, 1, 2), "{}", st.describe());
+}
