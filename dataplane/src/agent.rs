@@ -157,7 +157,12 @@ pub fn build_nftables(config: &AgentConfig) -> Result<Option<Vec<NftBackend>>, A
         cfg.full_resync_period = config.full_resync_period;
         cfg.netns = config.netns.clone();
         match NftBackend::new(cfg) {
-            Ok(b) => out.push(b),
+            Ok(mut b) => {
+                if let Some(first) = out.first() {
+                    b.share_generation(first);
+                }
+                out.push(b)
+            }
             Err(e) if !config.nftables_fallback => return Err(AgentError::NftablesUnavailable(e)),
             Err(error) => {
                 tracing::warn!(%error, "nftables backend unavailable: falling back to the iptables backend");

@@ -44,6 +44,8 @@ pub struct Cluster {
     rt: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     url: String,
+    /// `--backend` of every dataplane.
+    backend: &'static str,
     pub topo: Topology,
     work: tempfile::TempDir,
 }
@@ -52,6 +54,11 @@ impl Cluster {
     /// Writes SERVICES, starts the controlplane and a dataplane per node of TOPO, and waits
     /// until every node acked its desired state.
     pub fn start(topo: Topology, services: &[Svc]) -> Cluster {
+        Cluster::start_with(topo, services, "iptables")
+    }
+
+    /// [`Cluster::start`] with the dataplanes' `--backend BACKEND`.
+    pub fn start_with(topo: Topology, services: &[Svc], backend: &'static str) -> Cluster {
         for node in &topo.nodes {
             prepare_node(&node.ns);
         }
@@ -78,7 +85,7 @@ impl Cluster {
                 let _ = stopped.await;
             },
         ));
-        let cluster = Cluster { dataplanes: Mutex::default(), rt, stop: Some(stop), url, topo, work };
+        let cluster = Cluster { dataplanes: Mutex::default(), rt, stop: Some(stop), url, backend, topo, work };
         for node in 0..cluster.topo.nodes.len() {
             let dp = cluster.spawn_dataplane(node);
             cluster.dataplanes().push(Some(dp));
@@ -100,7 +107,7 @@ impl Cluster {
         let log = self.work.path().join(format!("{}.log", n.name));
         let log_file = File::options().create(true).append(true).open(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kpx-dataplane"))
-            .args(["--node", n.name, "--controlplane", &self.url, "--backend", "iptables"])
+            .args(["--node", n.name, "--controlplane", &self.url, "--backend", self.backend])
             .args(["--netns", n.ns.name(), "--cluster-cidr", "10.244.0.0/16", "--ip-families", "IPv4,IPv6"])
             .args(["--node-ip", &n.ip4.to_string(), "--sync-period", SYNC_PERIOD])
             .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])

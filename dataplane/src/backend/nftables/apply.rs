@@ -118,8 +118,9 @@ pub struct NftBackend {
     /// Which service a shared-map element belongs to (two services claiming one key: the
     /// first keeps it).
     owners: HashMap<(String, Vec<u8>), String>,
-    /// The generation our last transaction left; None: unknown (next sync is full).
-    gen_id: Option<u32>,
+    /// The generation kpx's last transaction left, shared by the backends of one network
+    /// namespace (IPv4 and IPv6 commit to the same ruleset); None: unknown.
+    gen_id: SharedGen,
     synced_once: bool,
     failed: bool,
     foreign: bool,
@@ -147,7 +148,7 @@ impl NftBackend {
             client,
             services: BTreeMap::new(),
             owners: HashMap::new(),
-            gen_id: None,
+            gen_id: SharedGen::default(),
             synced_once: false,
             failed: false,
             foreign: false,
@@ -155,6 +156,20 @@ impl NftBackend {
             udp: BTreeMap::new(),
             stats: NftStats::default(),
         })
+    }
+
+    /// Shares the generation with another family's backend in the same namespace, so that
+    /// neither takes the other's transactions for foreign changes.
+    pub fn share_generation(&mut self, other: &NftBackend) {
+        self.gen_id = other.gen_id.clone();
+    }
+
+    fn known_gen(&self) -> Option<u32> {
+        *self.gen_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_gen(&self, g: Option<u32>) {
+        *self.gen_id.lock().unwrap_or_else(|e| e.into_inner()) = g;
     }
 
     pub fn config(&self) -> &NftConfig {
@@ -220,9 +235,9 @@ impl NftBackend {
             return true;
         }
         match self.client.gen_id() {
-            Ok(g) if Some(g) == self.gen_id => true,
+            Ok(g) if Some(g) == self.known_gen() => true,
             Ok(g) => {
-                tracing::debug!(family = ?self.cfg.family, was = ?self.gen_id, now = g, "nftables ruleset changed by someone else; checking kpx's table");
+                tracing::debug!(family = ?self.cfg.family, was = ?self.known_gen(), now = g, "nftables ruleset changed by someone else; checking kpx's table");
                 self.stats.foreign_changes += 1;
                 self.foreign = true;
                 false
@@ -243,9 +258,9 @@ impl NftBackend {
                 if self.synced_once && expected.is_some_and(|e| e != g) {
                     self.foreign = true;
                 }
-                self.gen_id = Some(g);
+                self.set_gen(Some(g));
             }
-            Err(_) => self.gen_id = None,
+            Err(_) => self.set_gen(None),
         }
     }
 
@@ -256,7 +271,7 @@ impl NftBackend {
             (objects, skipped, services, owners)
         };
         log_skipped(&skipped);
-        let before = self.client.gen_id().ok();
+        let before = self.known_gen();
         let kernel = self.client.dump_table(self.cfg.nfproto(), TABLE)?;
         let desired = objects.lower(self.cfg.family);
         let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
@@ -283,7 +298,7 @@ impl NftBackend {
     }
 
     fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<PlanStats, NftError> {
-        let before = self.gen_id;
+        let before = self.known_gen();
         let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
         let mut st = PlanStats::default();
         let mut next: Vec<(String, Option<Lowered>)> = Vec::new();
@@ -431,6 +446,8 @@ impl Apply for NftBackend {
         Ok(())
     }
 }
+
+type SharedGen = std::sync::Arc<std::sync::Mutex<Option<u32>>>;
 
 /// Base objects plus every service, the first of two services claiming one element keeping it.
 pub fn desired_objects(cfg: &RenderConfig, state: &AppliedState) -> (Objects, Vec<String>) {
