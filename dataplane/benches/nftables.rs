@@ -35,7 +35,8 @@ struct Args {
 fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let smoke = !argv.iter().any(|a| a == "--bench");
-    let mut a = Args { sizes: vec![1000, 10_000], per_service: 10, changes: 60, iptables_rounds: 5, iptables: true, smoke };
+    let mut a =
+        Args { sizes: vec![1000, 10_000], per_service: 10, changes: 60, iptables_rounds: 5, iptables: true, smoke };
     let mut it = argv.iter();
     while let Some(f) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{f} needs a value")).clone();
@@ -177,7 +178,13 @@ fn timed(f: impl FnOnce()) -> Duration {
 
 /// Times one backend: full sync, `changes` one-endpoint changes, service add/remove, a resync.
 /// Returns the figures as (label, value) rows.
-fn run(backend: &mut dyn Apply, a: &Args, services: usize, changes: usize, bytes: &dyn Fn() -> usize) -> Vec<(String, String)> {
+fn run(
+    backend: &mut dyn Apply,
+    a: &Args,
+    services: usize,
+    changes: usize,
+    bytes: &dyn Fn() -> usize,
+) -> Vec<(String, String)> {
     let (mut m, snap) = Model::new(services, a.per_service);
     let mut rows = Vec::new();
     let full = timed(|| backend.apply(&m.state, &snap).expect("full sync"));
@@ -198,7 +205,10 @@ fn run(backend: &mut dyn Apply, a: &Args, services: usize, changes: usize, bytes
     rows.push(("one-endpoint change p50".into(), ms(pct(&ep, 0.5))));
     rows.push(("one-endpoint change p99".into(), ms(pct(&ep, 0.99))));
     let max = sizes.iter().max().copied().unwrap_or(0);
-    rows.push(("netlink bytes per one-endpoint change (max)".into(), if max > 0 { format!("{max} B") } else { "-".into() }));
+    rows.push((
+        "netlink bytes per one-endpoint change (max)".into(),
+        if max > 0 { format!("{max} B") } else { "-".into() },
+    ));
     let (mut add, mut del) = (Vec::new(), Vec::new());
     for k in 0..changes.min(20) {
         let s = service(services + 100 + k);
@@ -210,9 +220,8 @@ fn run(backend: &mut dyn Apply, a: &Args, services: usize, changes: usize, bytes
     }
     rows.push(("service add p50 / p99".into(), format!("{} / {}", ms(pct(&add, 0.5)), ms(pct(&add, 0.99)))));
     rows.push(("service remove p50 / p99".into(), format!("{} / {}", ms(pct(&del, 0.5)), ms(pct(&del, 0.99)))));
-    let resync = timed(|| {
-        backend.apply(&m.state, &ChangeSet { full: true, services: Default::default() }).expect("resync")
-    });
+    let resync =
+        timed(|| backend.apply(&m.state, &ChangeSet { full: true, services: Default::default() }).expect("resync"));
     rows.push(("resync of an unchanged table (snapshot)".into(), format!("{:.2} s", resync.as_secs_f64())));
     rows
 }

@@ -5,6 +5,8 @@
 //! table deleted by hand). Needs root, network namespaces and nft: skips loudly without them,
 //! fails under CI=true.
 
+// The iptables scenarios use the rest of the harness.
+#[allow(dead_code)]
 #[path = "traffic/cluster.rs"]
 mod cluster;
 #[path = "traffic/manifest.rs"]

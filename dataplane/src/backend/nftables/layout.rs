@@ -112,10 +112,13 @@ impl Objects {
     /// clash is reported).
     pub fn merge(&mut self, other: Objects, clashes: &mut Vec<String>) {
         for (name, c) in other.chains {
-            if self.chains.contains_key(&name) {
-                clashes.push(format!("chain {name} already exists"));
-            } else {
-                self.chains.insert(name, c);
+            match self.chains.entry(name) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    clashes.push(format!("chain {} already exists", e.key()))
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(c);
+                }
             }
         }
         for (name, s) in other.sets {
@@ -124,10 +127,13 @@ impl Objects {
         for (set, elems) in other.elements {
             let mine = self.elements.entry(set.clone()).or_default();
             for (k, v) in elems {
-                if mine.contains_key(&k) {
-                    clashes.push(format!("{set} element {} already belongs to another service", k.text()));
-                } else {
-                    mine.insert(k, v);
+                match mine.entry(k) {
+                    std::collections::btree_map::Entry::Occupied(e) => {
+                        clashes.push(format!("{set} element {} already belongs to another service", e.key().text()))
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(v);
+                    }
                 }
             }
         }
