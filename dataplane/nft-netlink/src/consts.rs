@@ -50,9 +50,11 @@ pub const NFTA_RULE_USERDATA: u16 = 7;
 
 pub const NFT_SET_ANONYMOUS: u32 = 1;
 pub const NFT_SET_CONSTANT: u32 = 2;
+pub const NFT_SET_INTERVAL: u32 = 4;
 pub const NFT_SET_MAP: u32 = 8;
 pub const NFT_SET_TIMEOUT: u32 = 16;
 pub const NFT_SET_EVAL: u32 = 32;
+pub const NFT_SET_CONCAT: u32 = 0x80;
 
 pub const NFTA_SET_TABLE: u16 = 1;
 pub const NFTA_SET_NAME: u16 = 2;
@@ -61,12 +63,18 @@ pub const NFTA_SET_KEY_TYPE: u16 = 4;
 pub const NFTA_SET_KEY_LEN: u16 = 5;
 pub const NFTA_SET_DATA_TYPE: u16 = 6;
 pub const NFTA_SET_DATA_LEN: u16 = 7;
+pub const NFTA_SET_DESC: u16 = 9;
 pub const NFTA_SET_ID: u16 = 10;
+pub const NFTA_SET_DESC_CONCAT: u16 = 2;
+pub const NFTA_SET_FIELD_LEN: u16 = 1;
 pub const NFTA_SET_TIMEOUT: u16 = 11;
 pub const NFTA_SET_USERDATA: u16 = 13;
 
 pub const NFTA_SET_ELEM_KEY: u16 = 1;
 pub const NFTA_SET_ELEM_DATA: u16 = 2;
+pub const NFTA_SET_ELEM_FLAGS: u16 = 3;
+pub const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+pub const NFTA_SET_ELEM_KEY_END: u16 = 10;
 
 pub const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 pub const NFTA_SET_ELEM_LIST_SET: u16 = 2;

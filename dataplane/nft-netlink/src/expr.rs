@@ -92,21 +92,85 @@ pub enum SetRef {
 /// One expression.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Expr {
-    Payload { base: u32, offset: u32, len: u32, dreg: u32 },
-    Meta { key: u32, dreg: u32 },
-    MetaSet { key: u32, sreg: u32 },
-    Ct { key: u32, dreg: u32 },
-    Cmp { sreg: u32, op: u32, data: Vec<u8> },
-    Bitwise { sreg: u32, dreg: u32, len: u32, mask: Vec<u8>, xor: Vec<u8> },
-    Immediate { dreg: u32, data: Vec<u8> },
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    MetaSet {
+        key: u32,
+        sreg: u32,
+    },
+    Ct {
+        key: u32,
+        dreg: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: u32,
+        data: Vec<u8>,
+    },
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Immediate {
+        dreg: u32,
+        data: Vec<u8>,
+    },
     Verdict(Verdict),
-    Lookup { sreg: u32, set: SetRef, dreg: Option<u32>, invert: bool },
-    Numgen { dreg: u32, modulus: u32 },
-    Fib { flags: u32, result: u32, dreg: u32 },
-    Dnat { family: u32, reg_addr: u32, reg_proto: u32, flags: u32 },
-    Masq { flags: u32 },
-    Reject { kind: u32, code: u8 },
-    Dynset { op: u32, sreg_key: u32, set: String },
+    Lookup {
+        sreg: u32,
+        set: SetRef,
+        dreg: Option<u32>,
+        invert: bool,
+    },
+    /// Converts `len` bytes of `sreg` in `size`-byte words to network order (`hton`, op 1) or
+    /// back (op 0): nft puts one before an interval lookup of a host-order value.
+    Byteorder {
+        sreg: u32,
+        dreg: u32,
+        op: u32,
+        len: u32,
+        size: u32,
+    },
+    /// `numgen random mod MODULUS offset OFFSET` (no offset attribute when 0).
+    Numgen {
+        dreg: u32,
+        modulus: u32,
+        offset: u32,
+    },
+    Fib {
+        flags: u32,
+        result: u32,
+        dreg: u32,
+    },
+    Dnat {
+        family: u32,
+        reg_addr: u32,
+        reg_proto: u32,
+        flags: u32,
+    },
+    Masq {
+        flags: u32,
+    },
+    Reject {
+        kind: u32,
+        code: u8,
+    },
+    Dynset {
+        op: u32,
+        sreg_key: u32,
+        set: String,
+    },
     Unknown(String),
 }
 
@@ -136,6 +200,7 @@ impl Expr {
             Expr::Immediate { .. } | Expr::Verdict(_) => "immediate",
             Expr::Lookup { .. } => "lookup",
             Expr::Numgen { .. } => "numgen",
+            Expr::Byteorder { .. } => "byteorder",
             Expr::Fib { .. } => "fib",
             Expr::Dnat { .. } => "nat",
             Expr::Masq { .. } => "masq",
@@ -208,10 +273,20 @@ impl Expr {
                     w.u32(5, 1);
                 }
             }
-            Expr::Numgen { dreg, modulus } => {
+            Expr::Numgen { dreg, modulus, offset } => {
                 w.u32(1, *dreg);
                 w.u32(2, *modulus);
                 w.u32(3, 1); // NFT_NG_RANDOM
+                if *offset != 0 {
+                    w.u32(4, *offset);
+                }
+            }
+            Expr::Byteorder { sreg, dreg, op, len, size } => {
+                w.u32(1, *sreg);
+                w.u32(2, *dreg);
+                w.u32(3, *op);
+                w.u32(4, *len);
+                w.u32(5, *size);
             }
             Expr::Fib { flags, result, dreg } => {
                 w.u32(1, *dreg);
@@ -294,7 +369,8 @@ fn decode_data(name: &str, data: &[u8]) -> Option<Expr> {
             dreg: u[3],
             invert: u[5].unwrap_or(0) & 1 == 1,
         },
-        "numgen" if u[3] == Some(1) && u[4].unwrap_or(0) == 0 => Expr::Numgen { dreg: u[1]?, modulus: u[2]? },
+        "numgen" if u[3] == Some(1) => Expr::Numgen { dreg: u[1]?, modulus: u[2]?, offset: u[4].unwrap_or(0) },
+        "byteorder" => Expr::Byteorder { sreg: u[1]?, dreg: u[2]?, op: u[3]?, len: u[4]?, size: u[5]? },
         "fib" => Expr::Fib { dreg: u[1]?, result: u[2]?, flags: u[3]? },
         // The kernel reports the address range's max register (= min) and sets MAP_IPS itself.
         "nat" if u[1] == Some(1) => {
@@ -334,7 +410,13 @@ impl fmt::Display for Expr {
                 let d = dreg.map(|d| format!(" dreg {d}")).unwrap_or_default();
                 write!(f, "[ lookup reg {sreg} set {set}{d}{inv} ]")
             }
-            Expr::Numgen { dreg, modulus } => write!(f, "[ numgen reg {dreg} = random mod {modulus} ]"),
+            Expr::Numgen { dreg, modulus, offset } => {
+                write!(f, "[ numgen reg {dreg} = random mod {modulus} offset {offset} ]")
+            }
+            Expr::Byteorder { sreg, dreg, op, len, size } => {
+                let op = if *op == 1 { "hton" } else { "ntoh" };
+                write!(f, "[ byteorder reg {dreg} = {op}(reg {sreg}, {size}, {len}) ]")
+            }
             Expr::Fib { flags, result, dreg } => write!(f, "[ fib flags {flags} result {result} => reg {dreg} ]"),
             Expr::Dnat { family, reg_addr, reg_proto, flags } => {
                 write!(f, "[ nat dnat {family} addr_min reg {reg_addr} proto_min reg {reg_proto} flags {flags:#x} ]")

@@ -24,23 +24,36 @@ pub struct Chain {
 }
 
 /// A named set or map.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Set {
     pub name: String,
     pub flags: u32,
     /// nft's datatype id (concatenations: 6 bits per part), for `nft list` to print elements.
     pub key_type: u32,
     pub key_len: u32,
-    /// Verdict maps: NFT_DATA_VERDICT.
+    /// Verdict maps: NFT_DATA_VERDICT; data maps: nft's datatype id of the values.
     pub data_type: Option<u32>,
+    /// Bytes of a data map's values (0 for verdict maps and sets).
+    pub data_len: u32,
+    /// Lengths of a concatenated key's parts, for sets of ranges of concatenations
+    /// (NFT_SET_CONCAT | NFT_SET_INTERVAL); empty otherwise.
+    pub fields: Vec<u32>,
+    /// nft's user data (how `nft list` types keys and values: `typeof ...`); empty: none.
+    pub udata: Vec<u8>,
     pub timeout_ms: Option<u64>,
 }
 
-/// A set element: its key bytes and, in a verdict map, its verdict.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A set element: its key bytes and, in a map, its verdict or its value. In an interval set an
+/// element starts a range that runs up to the next element; `interval_end` marks an element
+/// that only ends one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Element {
     pub key: Vec<u8>,
     pub verdict: Option<Verdict>,
+    pub value: Option<Vec<u8>>,
+    pub interval_end: bool,
+    /// The end of a range of concatenations (the key is its start).
+    pub key_end: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,10 +190,24 @@ impl Batch {
         self.w.u32(NFTA_SET_KEY_LEN, s.key_len);
         if let Some(d) = s.data_type {
             self.w.u32(NFTA_SET_DATA_TYPE, d);
-            self.w.u32(NFTA_SET_DATA_LEN, 0);
+            self.w.u32(NFTA_SET_DATA_LEN, s.data_len);
         }
         if let Some(t) = s.timeout_ms {
             self.w.u64(NFTA_SET_TIMEOUT, t);
+        }
+        if !s.udata.is_empty() {
+            self.w.attr(NFTA_SET_USERDATA, &s.udata);
+        }
+        if !s.fields.is_empty() {
+            let d = self.w.nest(NFTA_SET_DESC);
+            let c = self.w.nest(NFTA_SET_DESC_CONCAT);
+            for f in &s.fields {
+                let e = self.w.nest(NFTA_LIST_ELEM);
+                self.w.u32(NFTA_SET_FIELD_LEN, *f);
+                self.w.nest_end(e);
+            }
+            self.w.nest_end(c);
+            self.w.nest_end(d);
         }
         // The kernel requires a transaction id on every new set.
         self.anon += 1;
@@ -236,10 +263,23 @@ impl Batch {
             let k = self.w.nest(NFTA_SET_ELEM_KEY);
             self.w.attr(NFTA_DATA_VALUE, &e.key);
             self.w.nest_end(k);
+            if let Some(end) = &e.key_end {
+                let k = self.w.nest(NFTA_SET_ELEM_KEY_END);
+                self.w.attr(NFTA_DATA_VALUE, end);
+                self.w.nest_end(k);
+            }
             if let Some(v) = &e.verdict {
                 let d = self.w.nest(NFTA_SET_ELEM_DATA);
                 v.encode(&mut self.w);
                 self.w.nest_end(d);
+            }
+            if let Some(v) = &e.value {
+                let d = self.w.nest(NFTA_SET_ELEM_DATA);
+                self.w.attr(NFTA_DATA_VALUE, v);
+                self.w.nest_end(d);
+            }
+            if e.interval_end {
+                self.w.u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
             }
             self.w.nest_end(n);
         }
@@ -274,7 +314,11 @@ impl Batch {
                 self.w.end();
                 let elems: Vec<Element> = entries
                     .iter()
-                    .map(|(k, v)| Element { key: k.to_ne_bytes().to_vec(), verdict: Some(v.clone()) })
+                    .map(|(k, v)| Element {
+                        key: k.to_ne_bytes().to_vec(),
+                        verdict: Some(v.clone()),
+                        ..Default::default()
+                    })
                     .collect();
                 self.elements(NFT_MSG_NEWSETELEM, NLM_F_CREATE, ANON_MAP_NAME, Some(anon_id), &elems);
             }
@@ -373,7 +417,7 @@ pub fn decode_chain(payload: &[u8], table: &str) -> Option<Chain> {
 
 pub fn decode_set(payload: &[u8], table: &str) -> Option<Set> {
     let a = of_table(payload, NFTA_SET_TABLE, table)?;
-    let mut s = Set { name: String::new(), flags: 0, key_type: 0, key_len: 0, data_type: None, timeout_ms: None };
+    let mut s = Set::default();
     for (t, p) in attrs(a) {
         match t {
             NFTA_SET_NAME => s.name = string(p),
@@ -381,9 +425,21 @@ pub fn decode_set(payload: &[u8], table: &str) -> Option<Set> {
             NFTA_SET_KEY_TYPE => s.key_type = be32(p)?,
             NFTA_SET_KEY_LEN => s.key_len = be32(p)?,
             NFTA_SET_DATA_TYPE => s.data_type = be32(p),
+            NFTA_SET_DATA_LEN => s.data_len = be32(p)?,
             NFTA_SET_TIMEOUT => s.timeout_ms = be64(p),
+            NFTA_SET_USERDATA => s.udata = p.to_vec(),
+            NFTA_SET_DESC => {
+                let concat = attrs(p).find(|(t, _)| *t == NFTA_SET_DESC_CONCAT);
+                for (_, f) in concat.map(|(_, c)| attrs(c).collect::<Vec<_>>()).unwrap_or_default() {
+                    s.fields.extend(attrs(f).filter(|(t, _)| *t == NFTA_SET_FIELD_LEN).filter_map(|(_, v)| be32(v)));
+                }
+            }
             _ => {}
         }
+    }
+    // The kernel reports a verdict's size; kpx writes 0 for verdict maps.
+    if s.data_type.is_none_or(|d| d == NFT_DATA_VERDICT) {
+        s.data_len = 0;
     }
     Some(s)
 }
@@ -397,20 +453,25 @@ pub fn decode_elements(payload: &[u8], table: &str) -> Option<(String, Vec<Eleme
             NFTA_SET_ELEM_LIST_SET => set = string(p),
             NFTA_SET_ELEM_LIST_ELEMENTS => {
                 for (_, e) in attrs(p) {
-                    let (mut key, mut verdict) = (Vec::new(), None);
+                    let mut el = Element::default();
                     for (t, p) in attrs(e) {
                         match t {
                             NFTA_SET_ELEM_KEY => {
-                                key = attrs(p).find(|(t, _)| *t == NFTA_DATA_VALUE)?.1.to_vec();
+                                el.key = attrs(p).find(|(t, _)| *t == NFTA_DATA_VALUE)?.1.to_vec();
                             }
-                            NFTA_SET_ELEM_DATA => {
-                                let v = attrs(p).find(|(t, _)| *t == NFTA_DATA_VERDICT)?.1;
-                                verdict = Verdict::decode(v);
+                            NFTA_SET_ELEM_DATA => match attrs(p).next()? {
+                                (NFTA_DATA_VERDICT, v) => el.verdict = Verdict::decode(v),
+                                (NFTA_DATA_VALUE, v) => el.value = Some(v.to_vec()),
+                                _ => {}
+                            },
+                            NFTA_SET_ELEM_KEY_END => {
+                                el.key_end = Some(attrs(p).find(|(t, _)| *t == NFTA_DATA_VALUE)?.1.to_vec());
                             }
+                            NFTA_SET_ELEM_FLAGS => el.interval_end = be32(p)? & NFT_SET_ELEM_INTERVAL_END != 0,
                             _ => {}
                         }
                     }
-                    out.push(Element { key, verdict });
+                    out.push(el);
                 }
             }
             _ => {}

@@ -17,7 +17,7 @@ fn exprs() -> Vec<Expr> {
         Expr::Verdict(Verdict::Drop),
         Expr::Lookup { sreg: 1, set: SetRef::Named("service-ips".into()), dreg: Some(0), invert: false },
         Expr::Lookup { sreg: 1, set: SetRef::Named("cluster-ips".into()), dreg: None, invert: true },
-        Expr::Numgen { dreg: 1, modulus: 3 },
+        Expr::Numgen { dreg: 1, modulus: 3, offset: 7 },
         Expr::Fib { flags: 2, result: 3, dreg: 1 },
         Expr::Dnat { family: 2, reg_addr: 1, reg_proto: 2, flags: 3 },
         Expr::Masq { flags: 0x10 },
@@ -82,6 +82,7 @@ fn a_batch_is_framed_and_acks_only_its_last_operation() {
         &[Element {
             key: vec![10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0],
             verdict: Some(Verdict::Goto("service-X".into())),
+            ..Default::default()
         }],
     );
     b.flush_chain("service-X");
@@ -112,7 +113,7 @@ fn rules_with_anonymous_maps_create_the_map_first_and_decode_back() {
     let rule = Rule {
         chain: "service-X".into(),
         exprs: vec![
-            Expr::Numgen { dreg: 1, modulus: 2 },
+            Expr::Numgen { dreg: 1, modulus: 2, offset: 0 },
             Expr::Lookup {
                 sreg: 1,
                 set: SetRef::AnonVmap(vec![
@@ -137,7 +138,11 @@ fn rules_with_anonymous_maps_create_the_map_first_and_decode_back() {
     assert_eq!(elems.0, "__map%d");
     assert_eq!(
         elems.1[1],
-        Element { key: 1u32.to_ne_bytes().to_vec(), verdict: Some(Verdict::Goto("endpoint-B".into())) }
+        Element {
+            key: 1u32.to_ne_bytes().to_vec(),
+            verdict: Some(Verdict::Goto("endpoint-B".into())),
+            ..Default::default()
+        }
     );
     let back = objects::decode_rule(&m[3].3, "kube-proxy").unwrap();
     assert_eq!(back.chain, "service-X");
@@ -149,8 +154,9 @@ fn rules_with_anonymous_maps_create_the_map_first_and_decode_back() {
 
 #[test]
 fn large_element_lists_are_split_into_messages_under_64k() {
-    let elems: Vec<Element> =
-        (0..5000u32).map(|i| Element { key: i.to_be_bytes().to_vec(), verdict: Some(Verdict::Drop) }).collect();
+    let elems: Vec<Element> = (0..5000u32)
+        .map(|i| Element { key: i.to_be_bytes().to_vec(), verdict: Some(Verdict::Drop), ..Default::default() })
+        .collect();
     let mut b = Batch::new(NFPROTO_IPV4, "kube-proxy", 0);
     b.add_elements("no-endpoint-services", &elems);
     let (bytes, _) = b.finish();

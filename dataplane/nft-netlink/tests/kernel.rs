@@ -48,11 +48,15 @@ fn sample() -> (Vec<Chain>, Set, Vec<Element>, Vec<Rule>) {
         key_type: (7 << 12) | (12 << 6) | 13,
         key_len: 12,
         data_type: Some(NFT_DATA_VERDICT),
+        data_len: 0,
+        fields: Vec::new(),
+        udata: Vec::new(),
         timeout_ms: None,
     };
     let elems = vec![Element {
         key: vec![10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0],
         verdict: Some(Verdict::Goto("endpoint-A".into())),
+        ..Default::default()
     }];
     let rules = vec![
         Rule {
@@ -75,7 +79,7 @@ fn sample() -> (Vec<Chain>, Set, Vec<Element>, Vec<Rule>) {
         Rule {
             chain: "services".into(),
             exprs: vec![
-                Expr::Numgen { dreg: 1, modulus: 2 },
+                Expr::Numgen { dreg: 1, modulus: 2, offset: 0 },
                 Expr::Lookup {
                     sreg: 1,
                     set: SetRef::AnonVmap(vec![(0, Verdict::Goto("endpoint-A".into())), (1, Verdict::Drop)]),
@@ -170,4 +174,83 @@ fn a_failed_transaction_changes_nothing() {
     let d = c.dump_table(NFPROTO_IPV4, "kube-proxy").unwrap().unwrap();
     assert_eq!(d.chains.len(), 1, "chain b was not created: {:?}", d.chains);
     assert_eq!(c.gen_id().unwrap(), gen_before, "nothing committed");
+}
+
+#[test]
+fn interval_data_maps_and_concatenated_sets_read_back_equal() {
+    let Some(ns) = netns("ranges") else { return };
+    let mut c = NftClient::in_netns(&ns.0).unwrap();
+    let map = Set {
+        name: "endpoints-0".into(),
+        flags: NFT_SET_MAP | NFT_SET_INTERVAL,
+        key_type: 4,
+        key_len: 4,
+        data_type: Some((7 << 6) | 13),
+        data_len: 8,
+        ..Default::default()
+    };
+    let pairs = Set { name: "pairs".into(), key_type: (7 << 6) | 7, key_len: 8, ..Default::default() };
+    let start = |k: u32, ip: [u8; 4], port: u16| Element {
+        key: k.to_be_bytes().to_vec(),
+        value: Some([&ip[..], &port.to_be_bytes(), &[0, 0]].concat()),
+        ..Default::default()
+    };
+    let end = |k: u32| Element { key: k.to_be_bytes().to_vec(), interval_end: true, ..Default::default() };
+    // Two adjacent ranges, as nft writes them: each start, and an end where the next starts.
+    let elems =
+        vec![start(0x20000, [10, 0, 0, 1], 80), end(0x27fff), start(0x27fff, [10, 0, 0, 2], 8080), end(0x2ffff)];
+    let dnat = vec![
+        Expr::Meta { key: 16, dreg: 1 },
+        Expr::Cmp { sreg: 1, op: 0, data: vec![17] },
+        Expr::Numgen { dreg: 1, modulus: 65535, offset: 0x20000 },
+        Expr::Byteorder { sreg: 1, dreg: 1, op: 1, len: 4, size: 4 },
+        Expr::Lookup { sreg: 1, set: SetRef::Named("endpoints-0".into()), dreg: Some(1), invert: false },
+        Expr::Dnat { family: 2, reg_addr: 1, reg_proto: 9, flags: 3 },
+    ];
+    let hairpin = vec![
+        Expr::Ct { key: 2, dreg: 1 },
+        Expr::Bitwise { sreg: 1, dreg: 1, len: 4, mask: 0x20u32.to_ne_bytes().to_vec(), xor: vec![0; 4] },
+        Expr::Cmp { sreg: 1, op: 1, data: vec![0; 4] },
+        Expr::Payload { base: 1, offset: 12, len: 4, dreg: 1 },
+        Expr::Payload { base: 1, offset: 16, len: 4, dreg: 9 },
+        Expr::Lookup { sreg: 1, set: SetRef::Named("pairs".into()), dreg: None, invert: false },
+        Expr::Masq { flags: 0x10 },
+    ];
+    let mut b = c.batch(NFPROTO_IPV4, "kube-proxy");
+    b.add_table("t");
+    b.add_set(&map);
+    b.add_set(&pairs);
+    b.add_chain(&Chain { name: "svc".into(), hook: None });
+    let rule = |exprs: &Vec<Expr>| Rule { chain: "svc".into(), exprs: exprs.clone(), comment: None, handle: 0 };
+    b.add_rule(&rule(&dnat));
+    b.add_rule(&rule(&hairpin));
+    b.add_elements("endpoints-0", &elems);
+    b.add_elements("pairs", &[Element { key: vec![10, 0, 0, 1, 10, 0, 0, 1], ..Default::default() }]);
+    c.commit(b).expect("commit");
+    let d = c.dump_table(NFPROTO_IPV4, "kube-proxy").unwrap().unwrap();
+    assert_eq!(d.sets.iter().find(|s| s.name == "endpoints-0"), Some(&map));
+    let mut back = d.elements["endpoints-0"].clone();
+    back.sort();
+    let mut want = elems.clone();
+    want.sort();
+    assert_eq!(back, want);
+    assert_eq!(d.rules.iter().map(|r| r.exprs.clone()).collect::<Vec<_>>(), [dnat, hairpin]);
+    let text = nft(&ns, &["list", "table", "ip", "kube-proxy"]);
+    for line in [
+        "meta l4proto udp dnat ip to numgen random mod 65535 offset 131072 map @endpoints-0",
+        "ct status dnat ip saddr . ip daddr @pairs masquerade fully-random",
+    ] {
+        assert!(text.contains(line), "{line:?} not in\n{text}");
+    }
+    // Ranges are replaced whole: delete both, add three, in one transaction.
+    let third = [start(0x20000, [10, 0, 0, 1], 80), end(0x25555), start(0x25555, [10, 0, 0, 2], 8080)];
+    let mut b = c.batch(NFPROTO_IPV4, "kube-proxy");
+    b.del_elements("endpoints-0", &elems);
+    b.add_elements(
+        "endpoints-0",
+        &[&third[..], &[end(0x2aaaa), start(0x2aaaa, [10, 0, 0, 3], 80), end(0x2ffff)]].concat(),
+    );
+    c.commit(b).expect("replace the ranges");
+    let d = c.dump_table(NFPROTO_IPV4, "kube-proxy").unwrap().unwrap();
+    assert_eq!(d.elements["endpoints-0"].len(), 6);
 }

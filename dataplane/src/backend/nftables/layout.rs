@@ -238,7 +238,7 @@ fn addr_type(f: IpFamily) -> (u32, u32) {
 /// A set of addresses.
 pub fn addr_set(f: IpFamily, name: &str) -> Set {
     let (t, len) = addr_type(f);
-    Set { name: name.into(), flags: 0, key_type: t, key_len: len, data_type: None, timeout_ms: None }
+    Set { name: name.into(), key_type: t, key_len: len, ..Default::default() }
 }
 
 /// A verdict map keyed by address . protocol . port (or protocol . port without `addr`).
@@ -252,7 +252,7 @@ pub fn vmap(f: IpFamily, name: &str, addr: bool) -> Set {
         key_type,
         key_len,
         data_type: Some(NFT_DATA_VERDICT),
-        timeout_ms: None,
+        ..Default::default()
     }
 }
 
@@ -264,8 +264,8 @@ pub fn affinity_set(f: IpFamily, name: &str, seconds: u32) -> Set {
         flags: NFT_SET_TIMEOUT | NFT_SET_EVAL,
         key_type: t,
         key_len: len,
-        data_type: None,
         timeout_ms: Some(u64::from(seconds) * 1000),
+        ..Default::default()
     }
 }
 

@@ -47,7 +47,10 @@ fn elements<'a>(
     set: &'a std::collections::BTreeMap<Vec<u8>, Option<kpx_nft_netlink::Verdict>>,
     keep: impl Fn(&Vec<u8>, &Option<kpx_nft_netlink::Verdict>) -> bool + 'a,
 ) -> Vec<Element> {
-    set.iter().filter(|(k, v)| keep(k, v)).map(|(k, v)| Element { key: k.clone(), verdict: v.clone() }).collect()
+    set.iter()
+        .filter(|(k, v)| keep(k, v))
+        .map(|(k, v)| Element { key: k.clone(), verdict: v.clone(), ..Default::default() })
+        .collect()
 }
 
 /// Appends to `b` the operations that turn `old` into `new`.

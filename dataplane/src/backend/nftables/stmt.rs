@@ -173,7 +173,7 @@ impl Stmt {
                 out.push(Expr::Lookup { sreg: 1, set: SetRef::Named(map.to_string()), dreg: Some(0), invert: false });
             }
             Stmt::NumgenVmap(chains) => {
-                out.push(Expr::Numgen { dreg: 1, modulus: chains.len() as u32 });
+                out.push(Expr::Numgen { dreg: 1, modulus: chains.len() as u32, offset: 0 });
                 let entries = chains.iter().enumerate().map(|(i, c)| (i as u32, Verdict::Goto(c.clone()))).collect();
                 out.push(Expr::Lookup { sreg: 1, set: SetRef::AnonVmap(entries), dreg: Some(0), invert: false });
             }
