@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use kpx_dataplane::backend::iptables::render::{IpFamily, RenderConfig};
 use kpx_dataplane::backend::iptables::{IptablesBackend, IptablesConfig};
-use kpx_dataplane::backend::nftables::apply::desired_objects;
+use kpx_dataplane::backend::nftables::desired::desired_objects;
+use kpx_dataplane::backend::nftables::endpoints::Slots;
 use kpx_dataplane::backend::nftables::{NftBackend, NftConfig};
 use kpx_dataplane::state::{AppliedState, ChangeSet};
 use kpx_dataplane::stream::Apply;
@@ -237,7 +238,7 @@ fn main() {
     };
     if a.smoke {
         let (m, _) = Model::new(20, 3);
-        let (o, skipped) = desired_objects(&cfg, &m.state);
+        let (o, skipped) = desired_objects(&cfg, &m.state, &mut Slots::default());
         assert!(skipped.is_empty());
         println!("smoke: 20 services render to {} chains (run with --bench for figures)", o.chains.len());
         return;
@@ -245,7 +246,7 @@ fn main() {
     for &services in &a.sizes {
         let (m, _) = Model::new(services, a.per_service);
         let t = Instant::now();
-        let (o, _) = desired_objects(&cfg, &m.state);
+        let (o, _) = desired_objects(&cfg, &m.state, &mut Slots::default());
         let render = t.elapsed();
         println!(
             "\n== {services} services / {} endpoints: render of the whole table {} ({} chains)",

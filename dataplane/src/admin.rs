@@ -300,13 +300,12 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
 /// The nftables part of `GetKernelRules`: each family's table dumped through a socket of its
 /// own, listed in nft syntax, and the service-/local- chains kpx wants with their presence.
 fn nft_kernel_rules(out: &mut pb::KernelRules, view: &CoreView) {
-    use crate::backend::nftables::{apply::desired_objects, layout, view as nview};
+    use crate::backend::nftables::{desired::desired_objects, endpoints::Slots, layout, view as nview};
     out.supported = true;
     let state = AppliedState::from_services(&view.services);
     let mut errors = Vec::new();
     for (cfg, _) in &view.nftables {
         let family = family_name(cfg.family);
-        let desired = desired_objects(&cfg.render_config(), &state).0;
         let dump = cfg.client().and_then(|mut c| c.dump_table(cfg.nfproto(), layout::TABLE));
         let dump = match dump {
             Ok(d) => d,
@@ -315,6 +314,9 @@ fn nft_kernel_rules(out: &mut pb::KernelRules, view: &CoreView) {
                 continue;
             }
         };
+        // The endpoint map ranges the table has, as the agent's next full sync reads them.
+        let mut slots = dump.as_ref().map(Slots::from_dump).unwrap_or_default();
+        let desired = desired_objects(&cfg.render_config(), &state, &mut slots).0;
         if let Some(d) = &dump {
             let name = format!("nftables {} {}", layout::family_word(cfg.family), layout::TABLE);
             out.tables.push(pb::KernelTable { name, lines: nview::kernel_lines(cfg.family, &desired, d) });

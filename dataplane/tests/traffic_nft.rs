@@ -1,8 +1,8 @@
 //! Kernel tests of `--backend nftables` with real traffic: the scenarios of tests/traffic.rs
 //! (same harness, controlplane and manifests) against the real `kpx-dataplane` binary
 //! programming each node through netlink, with the real `nft -j list table` as the independent
-//! check of what was programmed, and drift repair (an element, a rule, a chain, the whole
-//! table deleted by hand). Needs root, network namespaces and nft: skips loudly without them,
+//! check of what was programmed, and drift repair (an element, an endpoint map's elements, a
+//! rule, a chain, the whole table deleted by hand). Needs root, network namespaces and nft: skips loudly without them,
 //! fails under CI=true.
 
 // The iptables scenarios use the rest of the harness.
@@ -77,30 +77,35 @@ fn chain_names(v: &Value) -> BTreeSet<String> {
     objects(v, "chain").iter().map(|c| c["name"].as_str().unwrap().to_string()).collect()
 }
 
-/// Elements of map NAME as (key text, verdict text), e.g. ("10.96.0.10 . tcp . 80", "goto X").
+/// A key or value as nft writes it: "10.96.0.10 . tcp . 80", "0-21844".
+fn nft_text(v: &Value) -> String {
+    let plain = |p: &Value| p.to_string().trim_matches('"').to_string();
+    if let Some(parts) = v.get("concat") {
+        parts.as_array().unwrap().iter().map(plain).collect::<Vec<_>>().join(" . ")
+    } else if let Some(r) = v.get("range") {
+        format!("{}-{}", r[0], r[1])
+    } else {
+        plain(v)
+    }
+}
+
+/// Elements of map NAME as (key text, verdict or value text), e.g. ("10.96.0.10 . tcp . 80",
+/// "goto X") or ("0-21844", "10.244.1.2 . 8080").
 fn map_elements(v: &Value, name: &str) -> BTreeMap<String, String> {
     let map = objects(v, "map").into_iter().find(|m| m["name"] == name).expect("the map");
     let mut out = BTreeMap::new();
     for e in map["elem"].as_array().into_iter().flatten() {
         let (k, d) = (&e[0], &e[1]);
-        let key = match k.get("concat") {
-            Some(parts) => parts
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.to_string().trim_matches('"').to_string())
-                .collect::<Vec<_>>()
-                .join(" . "),
-            None => k.to_string().trim_matches('"').to_string(),
-        };
-        let verdict = if let Some(g) = d.get("goto") {
+        let data = if let Some(g) = d.get("goto") {
             format!("goto {}", g["target"].as_str().unwrap())
         } else if let Some(j) = d.get("jump") {
             format!("jump {}", j["target"].as_str().unwrap())
-        } else {
+        } else if d.is_object() && d.get("concat").is_none() {
             d.as_object().and_then(|o| o.keys().next().cloned()).unwrap_or_default()
+        } else {
+            nft_text(d)
         };
-        out.insert(key, verdict);
+        out.insert(nft_text(k), data);
     }
     out
 }
@@ -152,21 +157,29 @@ fn cluster_ip_balances_and_nft_lists_kube_proxys_layout() {
     let tally = c.topo.pod("sender").ns.tally(Proto::Tcp, at(ip("10.96.0.10"), 80), 60, WAIT);
     assert_eq!(tally.keys().map(String::as_str).collect::<Vec<_>>(), ["web-1", "web-2", "web-3"], "{tally:?}");
 
-    // The real nft, parsed: exactly the base chains, the service chain and one chain per endpoint.
+    // The real nft, parsed: exactly the base chains and the service chain, whose endpoints are
+    // three equal ranges of an endpoint map (kpx's difference from kube-proxy: no endpoint
+    // chains).
     let v = nft_json(&c, 0, "ip");
     let names = PortNames::new("demo", "web", "tcp", "p");
     let mut want: BTreeSet<String> = BASE_CHAINS.iter().map(|s| s.to_string()).collect();
     want.insert(names.service.clone());
-    for pod in ["web-1", "web-2", "web-3"] {
-        want.insert(names.endpoint(&c.topo.pod(pod).ip4.to_string(), TARGET_PORT).0);
-    }
     assert_eq!(chain_names(&v), want);
     let ips = map_elements(&v, "service-ips");
     assert_eq!(ips, BTreeMap::from([("10.96.0.10 . tcp . 80".to_string(), format!("goto {}", names.service))]));
+    let pods: Vec<String> =
+        ["web-1", "web-2", "web-3"].iter().map(|p| format!("{} . {TARGET_PORT}", c.topo.pod(p).ip4)).collect();
+    let mut ranges: Vec<String> = map_elements(&v, "endpoints-0").into_values().collect();
+    ranges.sort();
+    assert_eq!(ranges, pods, "{v}");
+    assert_eq!(map_elements(&v, "endpoints-0").keys().collect::<Vec<_>>(), ["0-21844", "21845-43689", "43690-65534"]);
     let numgen = objects(&v, "rule")
         .into_iter()
         .find(|r| r["chain"] == names.service.as_str() && r.to_string().contains("numgen"));
-    assert!(numgen.is_some(), "the service chain balances with numgen: {v}");
+    assert!(
+        numgen.is_some_and(|r| r.to_string().contains("@endpoints-0")),
+        "the service chain balances with numgen: {v}"
+    );
     // The IPv6 table exists and holds no IPv4 service.
     let v6 = nft_json(&c, 0, "ip6");
     assert!(map_elements(&v6, "service-ips").is_empty());
@@ -310,14 +323,11 @@ fn endpoint_changes_restart_and_drift_are_repaired_exactly() {
         Some(sender.tally(Proto::Tcp, addr, 30, WAIT)).filter(|t| !t.contains_key("web-3"))
     });
     assert_eq!(tally.keys().map(String::as_str).collect::<Vec<_>>(), ["web-1", "web-2"]);
-    // Only the service's own chain was rewritten; other chains kept their rules (handles).
+    // No rule was rewritten (handles unchanged): only the service's ranges changed.
     let after = handles(&c, 0);
-    for (chain, h) in &before {
-        if chain != &names.service && !chain.contains("__10.244.1.4") {
-            assert_eq!(after.get(chain), Some(h), "{chain} was rewritten");
-        }
-    }
-    assert_ne!(after.get(&names.service), before.get(&names.service));
+    assert_eq!(after, before, "an endpoint change rewrote rules");
+    let ranges = map_elements(&nft_json(&c, 0, "ip"), "endpoints-0");
+    assert_eq!(ranges.len(), 3, "web's two ranges and other's one: {ranges:?}");
 
     // A restarted agent adopts the table: nothing is rewritten.
     c.kill_dataplane(0);
@@ -329,6 +339,9 @@ fn endpoint_changes_restart_and_drift_are_repaired_exactly() {
     break_and_repair(&c, "a deleted element", &[&["delete", "element", "ip", "kube-proxy", "service-ips", key]]);
     let repaired = handles(&c, 0);
     assert_eq!(repaired, after, "repairing an element rewrote rules");
+    break_and_repair(&c, "a flushed endpoint map", &[&["flush", "map", "ip", "kube-proxy", "endpoints-0"]]);
+    assert_eq!(handles(&c, 0), after, "repairing the endpoint map rewrote rules");
+    assert_eq!(map_elements(&nft_json(&c, 0, "ip"), "endpoints-0").len(), 3);
     break_and_repair(&c, "a flushed chain (deleted rules)", &[&["flush", "chain", "ip", "kube-proxy", &names.service]]);
     let repaired = handles(&c, 0);
     for (chain, h) in &after {

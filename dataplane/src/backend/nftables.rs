@@ -7,6 +7,8 @@
 //! table for the admin API. docs/nftables.md describes the layout and where kpx differs.
 
 pub mod apply;
+pub mod desired;
+pub mod endpoints;
 pub mod layout;
 pub mod names;
 pub mod plan;

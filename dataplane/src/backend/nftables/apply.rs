@@ -15,16 +15,17 @@
 //!   retried once as a full sync, then NACKed, and the old rules keep working.
 //! - After a change, stale UDP conntrack entries are deleted as the iptables backend does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use kpx_nft_netlink::consts::{NFPROTO_IPV4, NFPROTO_IPV6};
 use kpx_nft_netlink::{NftClient, NftError};
 
-use super::layout::{self, Lowered, Objects, TABLE, TABLE_COMMENT};
+use super::desired::{self, Owners, Pairs};
+use super::endpoints::{self, HAIRPIN, Slots};
+use super::layout::{LElems, Lowered, Objects, TABLE, TABLE_COMMENT};
 use super::plan::{self, PlanStats};
-use super::render::render_service;
 use crate::backend::iptables::apply::{BackendStats, FullReason, RuleCounts};
 use crate::backend::iptables::conntrack::{self, UdpPort};
 use crate::backend::iptables::exec::Runner;
@@ -113,11 +114,17 @@ pub struct NftBackend {
     cfg: NftConfig,
     render: RenderConfig,
     client: NftClient,
-    /// What the last successful sync installed, per service.
+    /// What the last successful sync installed, per service (hairpin pairs apart).
     services: BTreeMap<String, Lowered>,
+    service_pairs: BTreeMap<String, LElems>,
     /// Which service a shared-map element belongs to (two services claiming one key: the
     /// first keeps it).
-    owners: HashMap<(String, Vec<u8>), String>,
+    owners: Owners,
+    /// How many services want each hairpin pair.
+    pairs: Pairs,
+    /// Each policy chain's range in an endpoint map, and the endpoint maps the table has.
+    slots: Slots,
+    maps: BTreeSet<String>,
     /// The generation kpx's last transaction left, shared by the backends of one network
     /// namespace (IPv4 and IPv6 commit to the same ruleset); None: unknown.
     gen_id: SharedGen,
@@ -147,7 +154,11 @@ impl NftBackend {
             render,
             client,
             services: BTreeMap::new(),
+            service_pairs: BTreeMap::new(),
             owners: HashMap::new(),
+            pairs: Pairs::new(),
+            slots: Slots::default(),
+            maps: BTreeSet::new(),
             gen_id: SharedGen::default(),
             synced_once: false,
             failed: false,
@@ -203,7 +214,7 @@ impl NftBackend {
 
     /// Everything kpx wants for `state`, as objects (for the admin API and tests).
     pub fn desired(&self, state: &AppliedState) -> Objects {
-        desired_objects(&self.render, state).0
+        desired::desired_objects(&self.render, state, &mut self.slots.clone()).0
     }
 
     fn full_reason(&self, snapshot: bool) -> Option<FullReason> {
@@ -265,15 +276,14 @@ impl NftBackend {
     }
 
     fn full_sync(&mut self, state: &AppliedState) -> Result<PlanStats, NftError> {
-        let (objects, skipped, services, owners) = {
-            let (objects, skipped) = desired_objects(&self.render, state);
-            let (services, owners) = per_service(&self.render, state);
-            (objects, skipped, services, owners)
-        };
-        log_skipped(&skipped);
         let before = self.known_gen();
         let kernel = self.client.dump_table(self.cfg.nfproto(), TABLE)?;
-        let desired = objects.lower(self.cfg.family);
+        // The policy chains keep the ranges the table gives them: a restarted agent rewrites
+        // nothing.
+        let mut slots = kernel.as_ref().map(Slots::from_dump).unwrap_or_default();
+        let r = desired::render_all(&self.render, state, &mut slots);
+        log_skipped(&r.skipped);
+        let desired = r.objects.lower(self.cfg.family);
         let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
         let old = match &kernel {
             Some(d) => plan::from_dump(d),
@@ -289,53 +299,104 @@ impl NftBackend {
         }
         let committed = !batch.is_empty();
         self.commit(batch)?;
-        self.services = services;
-        self.owners = owners;
+        slots.settle();
+        self.maps = slots.maps();
+        self.slots = slots;
+        self.services = r.services;
+        self.service_pairs = r.service_pairs;
+        self.owners = r.owners;
+        self.pairs = r.pairs;
         self.record_gen(before, committed);
         self.foreign = false;
         self.count(&desired);
         Ok(st)
     }
 
+    /// A delta: the changed services rendered again and diffed against what the last sync
+    /// installed for them, in one transaction. A refused one makes the next sync full, which
+    /// rebuilds owners and ranges from the kernel.
     fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<PlanStats, NftError> {
         let before = self.known_gen();
-        let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
-        let mut st = PlanStats::default();
-        let mut next: Vec<(String, Option<Lowered>)> = Vec::new();
-        let empty = Lowered::default();
+        let mut next: Vec<(String, Option<(Lowered, LElems)>)> = Vec::new();
         for key in &changes.services {
-            let old = self.services.get(key).unwrap_or(&empty);
-            // Its elements are free again, then claimed anew (a failure makes the next sync
-            // full, which rebuilds the owners).
-            for (set, elems) in &old.elements {
-                for k in elems.keys() {
-                    let id = (set.clone(), k.clone());
-                    if self.owners.get(&id).is_some_and(|o| o == key) {
-                        self.owners.remove(&id);
-                    }
-                }
+            let old = self.services.get(key);
+            if let Some(old) = old {
+                desired::unclaim(key, old, &mut self.owners);
             }
             let new = state.services().get(key).map(|e| {
-                let (o, skipped) = render_service(&self.render, e);
+                let (l, pairs, skipped) = desired::render_one(&self.render, key, e, &mut self.slots, &mut self.owners);
                 log_skipped(&skipped);
-                let mut l = o.lower(self.cfg.family);
-                claim(key, &mut l, &mut self.owners);
-                l
+                (l, pairs)
             });
-            st = add(st, plan::plan(old, new.as_ref().unwrap_or(&empty), &mut batch));
+            for chain in old.into_iter().flat_map(|o| o.chains.keys()) {
+                if new.as_ref().is_none_or(|(n, _)| !n.chains.contains_key(chain)) {
+                    self.slots.release(chain);
+                }
+            }
             next.push((key.clone(), new));
         }
+        let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
+        // Endpoint maps first: the new rules read them.
+        let new_maps: BTreeSet<String> = next
+            .iter()
+            .filter_map(|(_, n)| n.as_ref())
+            .flat_map(|(l, _)| desired::maps_of(l))
+            .filter(|m| !self.maps.contains(*m))
+            .cloned()
+            .collect();
+        let mut st = PlanStats::default();
+        for m in &new_maps {
+            batch.add_set(&endpoints::endpoint_map(self.cfg.family, m));
+            st.sets_added += 1;
+        }
+        let empty = (Lowered::default(), LElems::new());
+        let mut adj: BTreeMap<&Vec<u8>, i64> = BTreeMap::new();
+        for (key, new) in &next {
+            let old = self.services.get(key).unwrap_or(&empty.0);
+            st = add(st, plan::plan(old, &new.as_ref().unwrap_or(&empty).0, &mut batch));
+            for (k, _) in self.service_pairs.get(key).unwrap_or(&empty.1).keys() {
+                *adj.entry(k).or_default() -= 1;
+            }
+            for (k, _) in new.as_ref().unwrap_or(&empty).1.keys() {
+                *adj.entry(k).or_default() += 1;
+            }
+        }
+        // Hairpin pairs come and go with the last service that wants them.
+        let had = |k: &Vec<u8>| self.pairs.get(k).copied().unwrap_or(0) as i64;
+        let pair = |k: &Vec<u8>| kpx_nft_netlink::Element { key: k.clone(), ..Default::default() };
+        let gone: Vec<_> = adj.iter().filter(|(k, d)| had(k) > 0 && had(k) + **d <= 0).map(|(k, _)| pair(k)).collect();
+        let come: Vec<_> = adj.iter().filter(|(k, d)| had(k) <= 0 && had(k) + **d > 0).map(|(k, _)| pair(k)).collect();
+        if !gone.is_empty() {
+            batch.del_elements(HAIRPIN, &gone);
+        }
+        if !come.is_empty() {
+            batch.add_elements(HAIRPIN, &come);
+        }
+        (st.elements_deleted, st.elements_added) = (st.elements_deleted + gone.len(), st.elements_added + come.len());
         let committed = !batch.is_empty();
         self.commit(batch)?;
+        self.slots.settle();
+        self.maps.extend(new_maps);
         for (key, new) in next {
-            let (old, new_counts) =
-                (self.services.get(&key).map(counts).unwrap_or_default(), new.as_ref().map(counts).unwrap_or_default());
+            if let Some(old) = self.service_pairs.remove(&key) {
+                desired::count(&mut self.pairs, &old, false);
+            }
+            let (old, new_counts) = (
+                self.services.get(&key).map(desired::counts).unwrap_or_default(),
+                new.as_ref().map(|(l, _)| desired::counts(l)).unwrap_or_default(),
+            );
             self.stats.chains = (self.stats.chains + new_counts.0).saturating_sub(old.0);
             self.stats.rules = (self.stats.rules + new_counts.1).saturating_sub(old.1);
             self.stats.elements = (self.stats.elements + new_counts.2).saturating_sub(old.2);
             match new {
-                Some(l) => self.services.insert(key, l),
-                None => self.services.remove(&key),
+                Some((l, pairs)) => {
+                    desired::count(&mut self.pairs, &pairs, true);
+                    self.services.insert(key.clone(), l);
+                    self.service_pairs.insert(key, pairs);
+                }
+                None => {
+                    self.services.remove(&key);
+                }
             };
         }
         self.record_gen(before, committed);
@@ -448,48 +509,6 @@ impl Apply for NftBackend {
 }
 
 type SharedGen = std::sync::Arc<std::sync::Mutex<Option<u32>>>;
-
-/// Base objects plus every service, the first of two services claiming one element keeping it.
-pub fn desired_objects(cfg: &RenderConfig, state: &AppliedState) -> (Objects, Vec<String>) {
-    let mut all = layout::base(cfg);
-    let mut skipped = Vec::new();
-    for e in state.services().values() {
-        let (o, s) = render_service(cfg, e);
-        skipped.extend(s);
-        all.merge(o, &mut skipped);
-    }
-    (all, skipped)
-}
-
-/// Each service's lowered objects as a full sync installs them (clashing elements left to
-/// their first owner), and the owners.
-type Owners = HashMap<(String, Vec<u8>), String>;
-
-fn per_service(cfg: &RenderConfig, state: &AppliedState) -> (BTreeMap<String, Lowered>, Owners) {
-    let mut owners = HashMap::new();
-    let mut out = BTreeMap::new();
-    for (k, e) in state.services() {
-        let mut l = render_service(cfg, e).0.lower(cfg.family);
-        claim(k, &mut l, &mut owners);
-        out.insert(k.clone(), l);
-    }
-    (out, owners)
-}
-
-/// Records `key` as the owner of its elements; drops those another service owns.
-fn claim(key: &str, l: &mut Lowered, owners: &mut Owners) {
-    for (set, elems) in &mut l.elements {
-        elems.retain(|k, _| {
-            let owner = owners.entry((set.clone(), k.clone())).or_insert_with(|| key.to_string());
-            owner == key
-        });
-    }
-}
-
-/// (chains, rules, elements) of one service's objects.
-fn counts(l: &Lowered) -> (usize, usize, usize) {
-    (l.chains.len(), l.chains.values().map(|c| c.rules.len()).sum(), l.elements.values().map(|e| e.len()).sum())
-}
 
 fn add(a: PlanStats, b: PlanStats) -> PlanStats {
     PlanStats {

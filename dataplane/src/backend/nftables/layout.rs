@@ -1,14 +1,16 @@
 //! kube-proxy's nftables layout: the table's fixed objects (base chains, helper chains, the
 //! shared sets and verdict maps) and the [`Objects`] type every service adds to. [`Objects`]
-//! is what kpx wants; [`Lowered`] is the same in the kernel's terms (expressions, key bytes),
-//! the form that is diffed and compared with a dump.
+//! is what kpx wants; [`Lowered`] is the same in the kernel's terms (expressions, element
+//! bytes), the form that is diffed and compared with a dump. The endpoint maps that replace
+//! kube-proxy's endpoint chains are in `endpoints`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use kpx_nft_netlink::consts::{NFT_DATA_VERDICT, NFT_SET_EVAL, NFT_SET_MAP, NFT_SET_TIMEOUT};
-use kpx_nft_netlink::{Expr, Hook, Set, Verdict};
+use kpx_nft_netlink::consts::{NFT_DATA_VERDICT, NFT_SET_EVAL, NFT_SET_INTERVAL, NFT_SET_MAP, NFT_SET_TIMEOUT};
+use kpx_nft_netlink::{Element, Expr, Hook, Set, Verdict};
 
+use super::endpoints::HAIRPIN;
 use super::stmt::{RuleSpec, Stmt, proto_name};
 use crate::backend::iptables::render::{IpFamily, RenderConfig};
 
@@ -26,13 +28,37 @@ pub const FIREWALL_IPS: &str = "firewall-ips";
 pub const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 pub const REJECT_CHAIN: &str = "reject-chain";
 
-/// A set key: an address, an address . protocol . port, or a protocol . port.
+/// A set key: an address, an address . protocol . port, a protocol . port, a range of an
+/// endpoint map's numgen values, or a pair of addresses.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Key {
     Addr(IpAddr),
     AddrProtoPort(IpAddr, u8, u16),
     ProtoPort(u8, u16),
+    /// `lo-hi` (inclusive).
+    Range(u32, u32),
+    Pair(IpAddr, IpAddr),
 }
+
+/// What a map element maps its key to: a verdict, or (endpoint maps) an address . port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Val {
+    Verdict(Verdict),
+    Endpoint(IpAddr, u16),
+}
+
+impl Val {
+    pub fn text(&self) -> String {
+        match self {
+            Val::Verdict(v) => v.to_string(),
+            Val::Endpoint(ip, port) => format!("{ip} . {port}"),
+        }
+    }
+}
+
+/// An element of a [`Lowered`] set, keyed by its key bytes and whether it ends a range (a
+/// range's end and the next range's start share their bytes).
+pub type LElems = BTreeMap<(Vec<u8>, bool), Element>;
 
 fn push_addr(out: &mut Vec<u8>, ip: &IpAddr) {
     match ip {
@@ -58,8 +84,38 @@ impl Key {
                 out.extend_from_slice(&port.to_be_bytes());
                 out.extend_from_slice(&[0, 0]);
             }
+            // numgen's value after `byteorder hton`: interval sets compare keys as bytes.
+            Key::Range(lo, _) => out.extend_from_slice(&lo.to_be_bytes()),
+            Key::Pair(a, b) => {
+                push_addr(&mut out, a);
+                push_addr(&mut out, b);
+            }
         }
         out
+    }
+
+    /// The kernel's elements for this key: one, or for a range its start (with the value) and
+    /// its end, as nft writes intervals.
+    pub fn lower(&self, val: Option<&Val>) -> Vec<Element> {
+        let mut start = Element { key: self.bytes(), ..Default::default() };
+        match val {
+            Some(Val::Verdict(v)) => start.verdict = Some(v.clone()),
+            Some(Val::Endpoint(ip, port)) => {
+                let mut value = Vec::with_capacity(20);
+                push_addr(&mut value, ip);
+                value.extend_from_slice(&port.to_be_bytes());
+                value.extend_from_slice(&[0, 0]);
+                start.value = Some(value);
+            }
+            None => {}
+        }
+        match self {
+            Key::Range(_, hi) => {
+                let end = hi.wrapping_add(1).to_be_bytes().to_vec();
+                vec![start, Element { key: end, interval_end: true, ..Default::default() }]
+            }
+            _ => vec![start],
+        }
     }
 
     pub fn text(&self) -> String {
@@ -67,6 +123,8 @@ impl Key {
             Key::Addr(ip) => ip.to_string(),
             Key::AddrProtoPort(ip, proto, port) => format!("{ip} . {} . {port}", proto_name(*proto)),
             Key::ProtoPort(proto, port) => format!("{} . {port}", proto_name(*proto)),
+            Key::Range(lo, hi) => format!("{lo}-{hi}"),
+            Key::Pair(a, b) => format!("{a} . {b}"),
         }
     }
 }
@@ -82,7 +140,7 @@ pub struct ChainSpec {
 pub struct Objects {
     pub chains: BTreeMap<String, ChainSpec>,
     pub sets: BTreeMap<String, Set>,
-    pub elements: BTreeMap<String, BTreeMap<Key, Option<Verdict>>>,
+    pub elements: BTreeMap<String, BTreeMap<Key, Option<Val>>>,
 }
 
 /// [`Objects`] in the kernel's terms.
@@ -90,7 +148,7 @@ pub struct Objects {
 pub struct Lowered {
     pub chains: BTreeMap<String, LChain>,
     pub sets: BTreeMap<String, Set>,
-    pub elements: BTreeMap<String, BTreeMap<Vec<u8>, Option<Verdict>>>,
+    pub elements: BTreeMap<String, LElems>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -105,11 +163,15 @@ impl Objects {
     }
 
     pub fn element(&mut self, set: &str, key: Key, verdict: Option<Verdict>) {
-        self.elements.entry(set.to_string()).or_default().insert(key, verdict);
+        self.elements.entry(set.to_string()).or_default().insert(key, verdict.map(Val::Verdict));
+    }
+
+    pub fn value(&mut self, set: &str, key: Key, val: Val) {
+        self.elements.entry(set.to_string()).or_default().insert(key, Some(val));
     }
 
     /// Adds `other`'s objects; on a name or key both have, the one already here wins (and the
-    /// clash is reported).
+    /// clash is reported), except in the hairpin set, which services share.
     pub fn merge(&mut self, other: Objects, clashes: &mut Vec<String>) {
         for (name, c) in other.chains {
             match self.chains.entry(name) {
@@ -128,6 +190,7 @@ impl Objects {
             let mine = self.elements.entry(set.clone()).or_default();
             for (k, v) in elems {
                 match mine.entry(k) {
+                    std::collections::btree_map::Entry::Occupied(_) if set == HAIRPIN => {}
                     std::collections::btree_map::Entry::Occupied(e) => {
                         clashes.push(format!("{set} element {} already belongs to another service", e.key().text()))
                     }
@@ -153,7 +216,11 @@ impl Objects {
             elements: self
                 .elements
                 .iter()
-                .map(|(s, e)| (s.clone(), e.iter().map(|(k, v)| (k.bytes(), v.clone())).collect()))
+                .map(|(s, e)| {
+                    let l =
+                        e.iter().flat_map(|(k, v)| k.lower(v.as_ref())).map(|e| ((e.key.clone(), e.interval_end), e));
+                    (s.clone(), l.collect())
+                })
                 .collect(),
         }
     }
@@ -183,7 +250,7 @@ impl Objects {
         }
         for (set, elems) in &self.elements {
             for (k, v) in elems {
-                let v = v.as_ref().map(|v| format!(" : {v}")).unwrap_or_default();
+                let v = v.as_ref().map(|v| format!(" : {}", v.text())).unwrap_or_default();
                 out.push_str(&format!("add element {fam} {TABLE} {set} {{ {}{v} }}\n", k.text()));
             }
         }
@@ -203,10 +270,20 @@ pub fn hook_name(n: u32) -> &'static str {
 }
 
 fn set_body(f: IpFamily, s: &Set) -> String {
-    let addr = match f {
-        IpFamily::V4 => "ipv4_addr",
-        IpFamily::V6 => "ipv6_addr",
+    let (addr, ip) = match f {
+        IpFamily::V4 => ("ipv4_addr", "ip"),
+        IpFamily::V6 => ("ipv6_addr", "ip6"),
     };
+    // The endpoint maps and the hairpin set, as nft lists them (their user data says so).
+    if s.flags & NFT_SET_INTERVAL != 0 {
+        return format!(
+            "typeof numgen random mod {} : {ip} daddr . tcp dport ; flags interval ;",
+            super::endpoints::SLOTS
+        );
+    }
+    if s.name == HAIRPIN {
+        return format!("typeof {ip} saddr . {ip} daddr ;");
+    }
     let key = match s.key_type & 0x3f {
         13 if s.key_type >> 12 != 0 => format!("{addr} . inet_proto . inet_service"),
         13 => "inet_proto . inet_service".into(),
@@ -321,9 +398,13 @@ pub fn base(cfg: &RenderConfig) -> Objects {
     o.chain("cluster-ips-check", vec![reject]);
     o.chain("firewall-check", vec![RuleSpec::new(vec![Stmt::VmapAddrProtoPort(FIREWALL_IPS)])]);
     o.chain(MARK_FOR_MASQUERADE, vec![RuleSpec::new(vec![Stmt::MarkOr])]);
+    // Hairpin: a pod reaching itself through a service (no endpoint chain marks it; see
+    // `endpoints`).
+    o.sets.insert(HAIRPIN.into(), super::endpoints::hairpin_set(f));
     o.chain(
         "masquerading",
         vec![
+            RuleSpec::new(vec![Stmt::HairpinMasquerade]).comment("hairpin traffic"),
             RuleSpec::new(vec![Stmt::MarkUnset, Stmt::Verdict(Verdict::Return)]),
             RuleSpec::new(vec![Stmt::MarkXor]),
             RuleSpec::new(vec![Stmt::Masquerade]),

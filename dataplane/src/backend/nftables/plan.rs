@@ -7,7 +7,10 @@
 use kpx_nft_netlink::consts::NFT_SET_EVAL;
 use kpx_nft_netlink::{Batch, Element, Rule, TableDump};
 
-use super::layout::{LChain, Lowered};
+use std::collections::BTreeSet;
+
+use super::endpoints;
+use super::layout::{LChain, LElems, Lowered};
 
 /// What a plan does, for logs, metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,14 +46,25 @@ impl PlanStats {
     }
 }
 
-fn elements<'a>(
-    set: &'a std::collections::BTreeMap<Vec<u8>, Option<kpx_nft_netlink::Verdict>>,
-    keep: impl Fn(&Vec<u8>, &Option<kpx_nft_netlink::Verdict>) -> bool + 'a,
-) -> Vec<Element> {
-    set.iter()
-        .filter(|(k, v)| keep(k, v))
-        .map(|(k, v)| Element { key: k.clone(), verdict: v.clone(), ..Default::default() })
-        .collect()
+/// The elements of `set` that `other` does not hold the same. In an endpoint map, all of a
+/// policy chain's elements when any differs: the kernel refuses a range end inside a range
+/// that is still there, so a chain's ranges are replaced whole (deleted, then added, in one
+/// transaction).
+fn missing_from(name: &str, set: &LElems, other: &LElems) -> Vec<Element> {
+    fn differs<'a>(a: &'a LElems, b: &LElems) -> Vec<&'a Element> {
+        a.iter().filter(|(k, v)| b.get(k) != Some(v)).map(|(_, v)| v).collect()
+    }
+    if !endpoints::is_map(name) {
+        return differs(set, other).into_iter().cloned().collect();
+    }
+    let touched: BTreeSet<&[u8]> =
+        differs(set, other).into_iter().chain(differs(other, set)).map(|e| endpoints::range_group(&e.key)).collect();
+    let mut out: Vec<Element> =
+        set.values().filter(|e| touched.contains(endpoints::range_group(&e.key))).cloned().collect();
+    // In key order, a range's end before the next range's start at the same key (as nft
+    // writes them; the kernel refuses a start inside a range not yet ended).
+    out.sort_by(|a, b| a.key.cmp(&b.key).then(b.interval_end.cmp(&a.interval_end)));
+    out
 }
 
 /// Appends to `b` the operations that turn `old` into `new`.
@@ -63,7 +77,7 @@ pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
         if !new.sets.contains_key(set) && old.sets.contains_key(set) {
             continue; // the whole set goes
         }
-        let gone = elements(elems, |k, v| want.get(k) != Some(v));
+        let gone = missing_from(set, elems, want);
         if !gone.is_empty() {
             st.elements_deleted += gone.len();
             b.del_elements(set, &gone);
@@ -124,7 +138,7 @@ pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
     // 8. Elements that come or change.
     for (set, elems) in &new.elements {
         let had = if old.sets.get(set) == new.sets.get(set) { old.elements.get(set).unwrap_or(&empty) } else { &empty };
-        let added = elements(elems, |k, v| had.get(k) != Some(v));
+        let added = missing_from(set, elems, had);
         if !added.is_empty() {
             st.elements_added += added.len();
             b.add_elements(set, &added);
@@ -148,7 +162,10 @@ pub fn from_dump(d: &TableDump) -> Lowered {
     for s in &d.sets {
         l.sets.insert(s.name.clone(), s.clone());
         if s.flags & NFT_SET_EVAL == 0 {
-            let elems = d.elements.get(&s.name).map(|e| e.iter().map(|e| (e.key.clone(), e.verdict.clone())).collect());
+            let elems = d
+                .elements
+                .get(&s.name)
+                .map(|e| e.iter().map(|e| ((e.key.clone(), e.interval_end), e.clone())).collect());
             l.elements.insert(s.name.clone(), elems.unwrap_or_default());
         }
     }

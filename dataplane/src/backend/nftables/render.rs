@@ -3,7 +3,8 @@
 //! iptables render's (iptables/render/service.rs), written as nftables objects:
 //!
 //! services --@service-ips / @service-nodeports--> service-* (or local-*) / external-*
-//! external-* --> service-* or local-*;  service-*/local-* --numgen vmap--> endpoint-* --> dnat
+//! external-* --> service-* or local-*;  service-*/local-* --dnat numgen map--> @endpoints-K
+//! (with ClientIP affinity, as kube-proxy: --numgen vmap--> endpoint-* --> dnat)
 //! filter hooks --@no-endpoint-services / @no-endpoint-nodeports--> drop or reject-chain
 //! filter prerouting/output --@firewall-ips--> firewall-* (loadBalancerSourceRanges)
 
@@ -13,7 +14,8 @@ use std::net::IpAddr;
 use kpx_nft_netlink::Verdict;
 use kpx_proto::v1 as pb;
 
-use super::layout::{self, Key, MARK_FOR_MASQUERADE, Objects, REJECT_CHAIN};
+use super::endpoints::{self, HAIRPIN, Slots};
+use super::layout::{self, Key, MARK_FOR_MASQUERADE, Objects, REJECT_CHAIN, Val};
 use super::names::PortNames;
 use super::stmt::{RuleSpec, Stmt};
 use crate::backend::iptables::render::check::{self, Cidr};
@@ -60,8 +62,10 @@ struct Ep {
 }
 
 /// The objects of one service for `cfg.family`, and why parts of it were left out. A service
-/// without a cluster IP of this family renders nothing (it is the other family's).
-pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> (Objects, Vec<String>) {
+/// without a cluster IP of this family renders nothing (it is the other family's). `slots`
+/// gives each policy chain its endpoint map range (see `endpoints`); the endpoint maps
+/// themselves are the caller's (services share them).
+pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut Slots) -> (Objects, Vec<String>) {
     let f = cfg.family;
     let s = &entry.service;
     let mut o = Objects::default();
@@ -112,7 +116,7 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry) -> (Objects, Vec
         }
         let p =
             Port { cluster, external: &external, lb: &lb, ranges: ranges.as_deref(), cidr: cidr.as_ref(), affinity };
-        if let Err(e) = render_port(cfg, entry, &p, port, proto, &mut o) {
+        if let Err(e) = render_port(cfg, entry, &p, port, proto, &mut o, slots) {
             skipped.push(format!("{name}: port {:?}: {e}", check::printable(&port.name)));
         }
     }
@@ -138,6 +142,7 @@ fn render_port(
     port: &pb::ServicePort,
     proto: u8,
     o: &mut Objects,
+    slots: &mut Slots,
 ) -> Result<(), String> {
     let f = cfg.family;
     let s = &entry.service;
@@ -224,13 +229,24 @@ fn render_port(
         {
             rules.push(RuleSpec::new(m.clone()));
         }
-        let chosen: Vec<&Ep> = eps.iter().filter(|e| pick(e)).collect();
+        let mut chosen: Vec<&Ep> = eps.iter().filter(|e| pick(e)).collect();
         if a.affinity.is_some() {
+            // kube-proxy's way: the timed set of each endpoint sends a client back to it.
             for e in &chosen {
                 rules.push(RuleSpec::new(vec![Stmt::SaddrInSet(e.affinity.clone()), Stmt::Verdict(goto(&e.chain))]));
             }
+            rules.push(RuleSpec::new(vec![Stmt::NumgenVmap(chosen.iter().map(|e| e.chain.clone()).collect())]));
+        } else {
+            // Each endpoint owns an equal share of the chain's range in an endpoint map.
+            chosen.truncate(endpoints::SLOTS as usize);
+            let id = slots.id(chain);
+            let (map, base) = (endpoints::map_name(id), endpoints::offset(id));
+            rules.push(RuleSpec::new(vec![Stmt::DnatMap { proto, offset: base, map: map.clone() }]));
+            for (e, (lo, hi)) in chosen.iter().zip(endpoints::ranges(chosen.len())) {
+                o.value(&map, Key::Range(base + lo, base + hi), Val::Endpoint(e.ip, e.port));
+                o.element(HAIRPIN, Key::Pair(e.ip, e.ip), None);
+            }
         }
-        rules.push(RuleSpec::new(vec![Stmt::NumgenVmap(chosen.iter().map(|e| e.chain.clone()).collect())]));
         o.chain(chain, rules);
     };
     if svc_used {
@@ -291,13 +307,19 @@ fn render_port(
             o.element(layout::FIREWALL_IPS, Key::AddrProtoPort(*ip, proto, pn), Some(goto(&names.firewall)));
         }
     }
-    for e in eps.iter().filter(|e| (e.cluster && svc_used) || (e.local && svl_used)) {
-        let mut rules = vec![RuleSpec::new(vec![Stmt::Saddr(e.ip), jump(MARK_FOR_MASQUERADE)])];
-        if let Some(seconds) = a.affinity {
-            o.sets.insert(e.affinity.clone(), layout::affinity_set(f, &e.affinity, seconds));
-            rules.push(RuleSpec::new(vec![Stmt::UpdateSaddr(e.affinity.clone())]));
+    let Some(seconds) = a.affinity else {
+        if eps.len() > endpoints::SLOTS as usize {
+            return Err(format!("only the first {} endpoints are used", endpoints::SLOTS));
         }
-        rules.push(RuleSpec::new(vec![Stmt::L4proto(proto), Stmt::Dnat(e.ip, e.port)]));
+        return Ok(());
+    };
+    for e in eps.iter().filter(|e| (e.cluster && svc_used) || (e.local && svl_used)) {
+        o.sets.insert(e.affinity.clone(), layout::affinity_set(f, &e.affinity, seconds));
+        let rules = vec![
+            RuleSpec::new(vec![Stmt::Saddr(e.ip), jump(MARK_FOR_MASQUERADE)]),
+            RuleSpec::new(vec![Stmt::UpdateSaddr(e.affinity.clone())]),
+            RuleSpec::new(vec![Stmt::L4proto(proto), Stmt::Dnat(e.ip, e.port)]),
+        ];
         o.chain(&e.chain, rules);
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use kpx_nft_netlink::{Expr, SetRef, Verdict};
 
+use super::endpoints::{HAIRPIN, SLOTS};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::render::check::Cidr;
 
@@ -19,6 +20,9 @@ const META_L4PROTO: u32 = 16;
 const CMP_EQ: u32 = 0;
 const CMP_NEQ: u32 = 1;
 const RTN_LOCAL: u32 = 2;
+const CT_STATUS: u32 = 2;
+const IPS_DST_NAT: u32 = 0x20;
+const BYTEORDER_HTON: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stmt {
@@ -54,6 +58,15 @@ pub enum Stmt {
     NumgenVmap(Vec<String>),
     /// `update @set { ip saddr }`
     UpdateSaddr(String),
+    /// `meta l4proto tcp dnat ip to numgen random mod 65535 offset OFFSET map @MAP` (an
+    /// endpoint map, see `endpoints`).
+    DnatMap {
+        proto: u8,
+        offset: u32,
+        map: String,
+    },
+    /// `ct status dnat ip saddr . ip daddr @hairpin-endpoints masquerade fully-random`
+    HairpinMasquerade,
     /// `dnat to ADDR:PORT` (after an `L4proto`)
     Dnat(IpAddr, u16),
     /// `masquerade fully-random`
@@ -88,12 +101,19 @@ struct Layout {
     after_addr: u32,
     nfproto: u32,
     unreach_code: u8,
+    /// Where an endpoint map's `address . port` value puts the port (after the address from
+    /// register 1 on).
+    map_port: u32,
 }
 
 fn layout(f: IpFamily) -> Layout {
     match f {
-        IpFamily::V4 => Layout { saddr: 12, daddr: 16, len: 4, after_addr: 9, nfproto: 2, unreach_code: 3 },
-        IpFamily::V6 => Layout { saddr: 8, daddr: 24, len: 16, after_addr: 12, nfproto: 10, unreach_code: 4 },
+        IpFamily::V4 => {
+            Layout { saddr: 12, daddr: 16, len: 4, after_addr: 9, nfproto: 2, unreach_code: 3, map_port: 9 }
+        }
+        IpFamily::V6 => {
+            Layout { saddr: 8, daddr: 24, len: 16, after_addr: 12, nfproto: 10, unreach_code: 4, map_port: 2 }
+        }
     }
 }
 
@@ -187,6 +207,25 @@ impl Stmt {
                 // NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED, as the kernel reports it.
                 out.push(Expr::Dnat { family: l.nfproto, reg_addr: 1, reg_proto: 2, flags: 3 });
             }
+            Stmt::DnatMap { proto, offset, map } => {
+                out.push(Expr::Meta { key: META_L4PROTO, dreg: 1 });
+                out.push(Expr::Cmp { sreg: 1, op: CMP_EQ, data: vec![*proto] });
+                out.push(Expr::Numgen { dreg: 1, modulus: SLOTS, offset: *offset });
+                out.push(Expr::Byteorder { sreg: 1, dreg: 1, op: BYTEORDER_HTON, len: 4, size: 4 });
+                out.push(Expr::Lookup { sreg: 1, set: SetRef::Named(map.clone()), dreg: Some(1), invert: false });
+                out.push(Expr::Dnat { family: l.nfproto, reg_addr: 1, reg_proto: l.map_port, flags: 3 });
+            }
+            Stmt::HairpinMasquerade => {
+                out.push(Expr::Ct { key: CT_STATUS, dreg: 1 });
+                out.push(Expr::Bitwise { sreg: 1, dreg: 1, len: 4, mask: u32h(IPS_DST_NAT), xor: u32h(0) });
+                out.push(Expr::Cmp { sreg: 1, op: CMP_NEQ, data: u32h(0) });
+                // Each part of a concatenation starts in a register of its own.
+                let second = if l.len == 4 { 9 } else { 2 };
+                out.push(load(l.saddr, NETWORK, l.len, 1));
+                out.push(load(l.daddr, NETWORK, l.len, second));
+                out.push(Expr::Lookup { sreg: 1, set: SetRef::Named(HAIRPIN.into()), dreg: None, invert: false });
+                out.push(Expr::Masq { flags: 0x10 });
+            }
             Stmt::Masquerade => out.push(Expr::Masq { flags: 0x10 }),
             Stmt::Reject => out.push(Expr::Reject { kind: 0, code: l.unreach_code }),
             Stmt::Verdict(v) => out.push(Expr::Verdict(v.clone())),
@@ -219,6 +258,14 @@ impl Stmt {
                 format!("numgen random mod {} vmap {{ {} }}", chains.len(), entries.join(", "))
             }
             Stmt::UpdateSaddr(s) => format!("update @{s} {{ {ip} saddr }}"),
+            Stmt::DnatMap { proto, offset, map } => {
+                // As nft lists it: no offset when it is 0.
+                let offset = if *offset == 0 { String::new() } else { format!(" offset {offset}") };
+                format!("meta l4proto {} dnat {ip} to numgen random mod {SLOTS}{offset} map @{map}", proto_name(*proto))
+            }
+            Stmt::HairpinMasquerade => {
+                format!("ct status dnat {ip} saddr . {ip} daddr @{HAIRPIN} masquerade fully-random")
+            }
             Stmt::Dnat(IpAddr::V4(a), p) => format!("dnat to {a}:{p}"),
             Stmt::Dnat(IpAddr::V6(a), p) => format!("dnat to [{a}]:{p}"),
             Stmt::Masquerade => "masquerade fully-random".into(),

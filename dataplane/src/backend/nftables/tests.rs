@@ -8,6 +8,8 @@ use kpx_nft_netlink::Batch;
 use kpx_nft_netlink::consts::NFPROTO_IPV4;
 use kpx_proto::v1 as pb;
 
+use super::desired::{self, Owners};
+use super::endpoints::Slots;
 use super::layout::{self, Objects};
 use super::plan::{PlanStats, plan};
 use super::render::render_service;
@@ -56,7 +58,7 @@ fn entry(s: pb::Service, eps: &[(&str, bool, bool)]) -> Arc<ServiceEntry> {
 }
 
 fn text(e: &ServiceEntry) -> String {
-    let (o, skipped) = render_service(&cfg(), e);
+    let (o, skipped) = render_service(&cfg(), e, &mut Slots::default());
     assert!(skipped.is_empty(), "{skipped:?}");
     o.text(IpFamily::V4)
 }
@@ -64,17 +66,39 @@ fn text(e: &ServiceEntry) -> String {
 #[test]
 fn cluster_ip_service_reads_like_kube_proxy() {
     let e = entry(svc("ns1", "svc1", "172.30.0.41", |_| {}), &[("10.180.0.1", true, false)]);
+    // kube-proxy's service chain; its endpoints are a range of an endpoint map, not chains.
     let want = "\
-add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80
-add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 ip saddr 10.180.0.1 jump mark-for-masquerade
-add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80
 add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80
 add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade
-add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 }
+add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 meta l4proto tcp dnat ip to numgen random mod 65535 map @endpoints-0
 add element ip kube-proxy cluster-ips { 172.30.0.41 }
+add element ip kube-proxy endpoints-0 { 0-65534 : 10.180.0.1 . 80 }
+add element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }
 add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }
 ";
     assert_eq!(text(&e), want);
+}
+
+#[test]
+fn endpoints_share_the_range_and_chains_get_ranges_of_their_own() {
+    let eps = [("10.180.0.1", true, false), ("10.180.0.2", true, false), ("10.180.0.3", true, true)];
+    let s = svc("ns2", "svc2", "172.30.0.42", |s| {
+        s.ports[0].node_port = 3001;
+        s.external_policy_local = true;
+    });
+    let (o, _) = render_service(&cfg(), &entry(s, &eps), &mut Slots::default());
+    let t = o.text(IpFamily::V4);
+    for line in [
+        "add rule ip kube-proxy service-42NFTM6N-ns2/svc2/tcp/p80 meta l4proto tcp dnat ip to numgen random mod 65535 map @endpoints-0",
+        "add rule ip kube-proxy local-42NFTM6N-ns2/svc2/tcp/p80 meta l4proto tcp dnat ip to numgen random mod 65535 offset 65536 map @endpoints-0",
+        "add element ip kube-proxy endpoints-0 { 0-21844 : 10.180.0.1 . 80 }",
+        "add element ip kube-proxy endpoints-0 { 21845-43689 : 10.180.0.2 . 80 }",
+        "add element ip kube-proxy endpoints-0 { 43690-65534 : 10.180.0.3 . 80 }",
+        "add element ip kube-proxy endpoints-0 { 65536-131070 : 10.180.0.3 . 80 }",
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line}\nin\n{t}");
+    }
+    assert!(!t.contains("endpoint-"), "no endpoint chains without affinity:\n{t}");
 }
 
 #[test]
@@ -152,41 +176,47 @@ fn no_endpoints_reject_and_local_policies_drop() {
 fn hostile_names_render_nothing() {
     for (ns, name) in [("a/b", "c"), ("ns", "x\ny"), ("ns", "q\"")] {
         let e = entry(svc(ns, name, "172.30.0.50", |_| {}), &[("10.180.0.9", true, false)]);
-        let (o, skipped) = render_service(&cfg(), &e);
+        let (o, skipped) = render_service(&cfg(), &e, &mut Slots::default());
         assert_eq!(o, Objects::default(), "{ns}/{name}");
         assert_eq!(skipped.len(), 1);
     }
 }
 
+/// One service's objects as a sync installs them (hairpin pairs apart).
 fn lowered(eps: &[(&str, bool, bool)]) -> super::layout::Lowered {
     let e = entry(svc("ns1", "svc1", "172.30.0.41", |_| {}), eps);
-    render_service(&cfg(), &e).0.lower(IpFamily::V4)
+    let (o, _) = render_service(&cfg(), &e, &mut Slots::default());
+    desired::installed(&cfg(), "ns1/svc1", &o, &mut Owners::new()).0
 }
 
 #[test]
-fn one_endpoint_more_is_one_chain_and_one_rewritten_chain() {
+fn one_endpoint_more_replaces_the_chains_ranges_and_nothing_else() {
     let before = lowered(&[("10.180.0.1", true, false), ("10.180.0.2", true, false)]);
     let after = lowered(&[("10.180.0.1", true, false), ("10.180.0.2", true, false), ("10.180.0.3", true, false)]);
     let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
     let st = plan(&before, &after, &mut b);
-    assert_eq!(
-        st,
-        PlanStats { chains_added: 1, chains_rewritten: 1, rules_written: 4, ..Default::default() },
-        "{}",
-        st.describe()
-    );
-    // flush service chain, new endpoint chain, its 2 rules, the service chain's 2 rules (the
-    // numgen one with its anonymous map: 2 more messages).
-    assert_eq!(b.ops, 8);
+    // Two ranges (start and end each) go, three come: no chain, no rule.
+    assert_eq!(st, PlanStats { elements_deleted: 4, elements_added: 6, ..Default::default() }, "{}", st.describe());
+    assert_eq!(b.ops, 2);
     let (bytes, _) = b.finish();
-    assert!(bytes.len() < 2048, "{} bytes", bytes.len());
+    assert!(bytes.len() < 1024, "{} bytes", bytes.len());
     let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
     assert!(plan(&after, &after, &mut b).is_empty());
     assert_eq!(b.ops, 0);
-    // Back: the endpoint's chain goes after the rewritten chain stops jumping to it.
     let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
     let st = plan(&after, &before, &mut b);
-    assert_eq!((st.chains_deleted, st.chains_rewritten), (1, 1));
+    assert_eq!((st.elements_deleted, st.elements_added, st.rules_written), (6, 4, 0));
+}
+
+#[test]
+fn with_affinity_endpoints_keep_kube_proxys_chains() {
+    let mut s = svc("ns1", "svc1", "172.30.0.41", |s| s.session_affinity_timeout_seconds = 60);
+    let e = entry(s.clone(), &[("10.180.0.1", true, false), ("10.180.0.2", true, false)]);
+    let t = text(&e);
+    assert!(t.contains("numgen random mod 2 vmap { 0 : goto endpoint-"), "{t}");
+    assert!(!t.contains("endpoints-"), "{t}");
+    s.session_affinity_timeout_seconds = 0;
+    assert!(!text(&entry(s, &[("10.180.0.1", true, false)])).contains("add chain ip kube-proxy endpoint-"));
 }
 
 #[test]
@@ -195,5 +225,6 @@ fn last_endpoint_gone_swaps_the_service_ips_element_for_a_reject() {
     let after = lowered(&[]);
     let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
     let st = plan(&before, &after, &mut b);
-    assert_eq!((st.elements_deleted, st.elements_added, st.chains_deleted), (1, 1, 2), "{}", st.describe());
+    // service-ips and the range's two elements go; no-endpoint-services comes.
+    assert_eq!((st.elements_deleted, st.elements_added, st.chains_deleted), (3, 1, 1), "{}", st.describe());
 }

@@ -11,20 +11,35 @@ use super::layout::{Objects, TABLE, family_word, hook_name};
 use super::plan::from_dump;
 use crate::backend::iptables::render::IpFamily;
 
+/// An element's key bytes and whether it ends a range.
+type ElemId = (Vec<u8>, bool);
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// `table ip kube-proxy` as the kernel has it, one line per chain header, rule and element.
 pub fn kernel_lines(f: IpFamily, desired: &Objects, dump: &TableDump) -> Vec<String> {
-    let mut known: HashMap<(&str, Vec<Expr>), String> = HashMap::new();
+    let mut rules: HashMap<(&str, Vec<Expr>), String> = HashMap::new();
     for (name, c) in &desired.chains {
         for r in &c.rules {
-            known.insert((name.as_str(), r.lower(f)), r.text(f));
+            rules.insert((name.as_str(), r.lower(f)), r.text(f));
         }
     }
-    let keys: HashMap<Vec<u8>, String> =
-        desired.elements.values().flat_map(|e| e.keys().map(|k| (k.bytes(), k.text()))).collect();
+    // Elements kpx wants, by what the kernel stores: a range's start prints as the range, its
+    // end (kpx's, as the start's twin) prints nothing.
+    let mut known: HashMap<(&str, ElemId), Option<String>> = HashMap::new();
+    for (set, elems) in &desired.elements {
+        for (k, v) in elems {
+            for e in k.lower(v.as_ref()) {
+                let text = (!e.interval_end).then(|| match v {
+                    Some(v) => format!("{} : {}", k.text(), v.text()),
+                    None => k.text(),
+                });
+                known.insert((set.as_str(), (e.key, e.interval_end)), text);
+            }
+        }
+    }
     let l = from_dump(dump);
     let mut out = vec![format!("table {} {TABLE}", family_word(f))];
     for (name, c) in &l.chains {
@@ -38,7 +53,7 @@ pub fn kernel_lines(f: IpFamily, desired: &Objects, dump: &TableDump) -> Vec<Str
             None => out.push(format!("chain {name}")),
         }
         for (exprs, comment) in &c.rules {
-            let text = known.get(&(name.as_str(), exprs.clone())).cloned().unwrap_or_else(|| {
+            let text = rules.get(&(name.as_str(), exprs.clone())).cloned().unwrap_or_else(|| {
                 let mut t: Vec<String> = exprs.iter().map(|e| e.to_string()).collect();
                 if let Some(c) = comment {
                     t.push(format!("comment \"{c}\""));
@@ -50,10 +65,21 @@ pub fn kernel_lines(f: IpFamily, desired: &Objects, dump: &TableDump) -> Vec<Str
     }
     for (set, elems) in &l.elements {
         out.push(format!("set {set} ({} elements)", elems.len()));
-        for (k, v) in elems {
-            let key = keys.get(k).cloned().unwrap_or_else(|| format!("0x{}", hex(k)));
-            let v = v.as_ref().map(|v| format!(" : {v}")).unwrap_or_default();
-            out.push(format!("  {key}{v}"));
+        for (k, e) in elems {
+            match known.get(&(set.as_str(), k.clone())) {
+                Some(Some(text)) => out.push(format!("  {text}")),
+                Some(None) => {}
+                None => {
+                    let mut text = format!("  {}0x{}", if e.interval_end { "end " } else { "" }, hex(&e.key));
+                    if let Some(v) = &e.verdict {
+                        text.push_str(&format!(" : {v}"));
+                    }
+                    if let Some(v) = &e.value {
+                        text.push_str(&format!(" : 0x{}", hex(v)));
+                    }
+                    out.push(text);
+                }
+            }
         }
     }
     out
