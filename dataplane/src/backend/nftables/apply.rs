@@ -15,7 +15,7 @@
 //!   retried once as a full sync, then NACKed, and the old rules keep working.
 //! - After a change, stale UDP conntrack entries are deleted as the iptables backend does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -155,7 +155,7 @@ impl NftBackend {
             client,
             services: BTreeMap::new(),
             service_pairs: BTreeMap::new(),
-            owners: HashMap::new(),
+            owners: Owners::new(),
             pairs: Pairs::new(),
             slots: Slots::default(),
             maps: BTreeSet::new(),

@@ -4,7 +4,7 @@
 //! IP and port, say): the first keeps it. Hairpin pairs are the exception: services share
 //! them, so they are counted ([`Pairs`]), not owned.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::endpoints::{self, HAIRPIN, MAP_PREFIX, Slots};
 use super::layout::{self, LElems, Lowered, Objects};
@@ -13,8 +13,9 @@ use super::stmt::Stmt;
 use crate::backend::iptables::render::RenderConfig;
 use crate::state::{AppliedState, ServiceEntry};
 
-/// Which service an element of a shared map belongs to.
-pub type Owners = HashMap<(String, (Vec<u8>, bool)), String>;
+/// Which service each element of each shared map belongs to. BTreeMaps: growing never rehashes
+/// a whole table in the middle of a delta.
+pub type Owners = BTreeMap<String, BTreeMap<(Vec<u8>, bool), String>>;
 
 /// How many services want each hairpin pair.
 pub type Pairs = BTreeMap<Vec<u8>, usize>;
@@ -85,23 +86,22 @@ pub fn render_one(
     (l, pairs, skipped)
 }
 
-/// Records `key` as the owner of its elements; drops those another service owns.
+/// Records `key` as the owner of its elements; drops those another service owns. Endpoint map
+/// ranges need no owner: each policy chain has a range of its own.
 fn claim(key: &str, l: &mut Lowered, owners: &mut Owners) {
-    for (set, elems) in &mut l.elements {
-        elems.retain(|k, _| {
-            let owner = owners.entry((set.clone(), k.clone())).or_insert_with(|| key.to_string());
-            owner == key
-        });
+    for (set, elems) in l.elements.iter_mut().filter(|(s, _)| !endpoints::is_map(s)) {
+        let of_set = owners.entry(set.clone()).or_default();
+        elems.retain(|k, _| of_set.entry(k.clone()).or_insert_with(|| key.to_string()) == key);
     }
 }
 
 /// Frees the elements `key` owned in `l`.
 pub fn unclaim(key: &str, l: &Lowered, owners: &mut Owners) {
-    for (set, elems) in &l.elements {
+    for (set, elems) in l.elements.iter().filter(|(s, _)| !endpoints::is_map(s)) {
+        let Some(of_set) = owners.get_mut(set) else { continue };
         for k in elems.keys() {
-            let id = (set.clone(), k.clone());
-            if owners.get(&id).is_some_and(|o| o == key) {
-                owners.remove(&id);
+            if of_set.get(k).is_some_and(|o| o == key) {
+                of_set.remove(k);
             }
         }
     }

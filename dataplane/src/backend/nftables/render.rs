@@ -165,7 +165,9 @@ fn render_port(
         if !f.matches(ip) || !seen.insert(ip) {
             continue;
         }
-        let (chain, affinity) = names.endpoint(&ip.to_string(), ep_port);
+        // Endpoint chains (and their names, two hashes each) only with ClientIP affinity.
+        let (chain, affinity) =
+            if a.affinity.is_some() { names.endpoint(&ip.to_string(), ep_port) } else { Default::default() };
         eps.push(Ep { ip, port: ep_port, chain, affinity, cluster: e.for_cluster, local: e.for_local });
     }
 
