@@ -11,6 +11,7 @@ pub mod desired;
 pub mod endpoints;
 pub mod layout;
 pub mod names;
+pub mod owners;
 pub mod plan;
 pub mod render;
 pub mod stmt;

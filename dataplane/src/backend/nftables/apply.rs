@@ -22,9 +22,10 @@ use std::time::{Duration, Instant, SystemTime};
 use kpx_nft_netlink::consts::{NFPROTO_IPV4, NFPROTO_IPV6};
 use kpx_nft_netlink::{NftClient, NftError};
 
-use super::desired::{self, Owners, Pairs};
+use super::desired::{self, Pairs};
 use super::endpoints::{self, HAIRPIN, Slots};
 use super::layout::{LElems, Lowered, Objects, TABLE, TABLE_COMMENT};
+use super::owners::Owners;
 use super::plan::{self, PlanStats};
 use crate::backend::iptables::apply::{BackendStats, FullReason, RuleCounts};
 use crate::backend::iptables::conntrack::{self, UdpPort};
@@ -155,7 +156,7 @@ impl NftBackend {
             client,
             services: BTreeMap::new(),
             service_pairs: BTreeMap::new(),
-            owners: Owners::new(),
+            owners: Owners::default(),
             pairs: Pairs::new(),
             slots: Slots::default(),
             maps: BTreeSet::new(),
@@ -317,43 +318,58 @@ impl NftBackend {
     /// rebuilds owners and ranges from the kernel.
     fn partial_sync(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<PlanStats, NftError> {
         let before = self.known_gen();
-        let mut next: Vec<(String, Option<(Lowered, LElems)>)> = Vec::new();
-        for key in &changes.services {
-            let old = self.services.get(key);
-            if let Some(old) = old {
-                desired::unclaim(key, old, &mut self.owners);
+        // The changed services rendered again; one that lets go of an element another service
+        // waits for (the same cluster IP and port, say) has that service rendered too.
+        let mut next: BTreeMap<String, Option<(Lowered, LElems)>> = BTreeMap::new();
+        let mut todo: BTreeSet<String> = changes.services.clone();
+        while let Some(key) = todo.pop_first() {
+            let current = match next.get(&key) {
+                Some(n) => n.as_ref().map(|(l, _)| l),
+                None => self.services.get(&key),
+            };
+            if let Some(c) = current {
+                self.owners.release(&key, c);
             }
-            let new = state.services().get(key).map(|e| {
-                let (l, pairs, skipped) = desired::render_one(&self.render, key, e, &mut self.slots, &mut self.owners);
+            let new = state.services().get(&key).map(|e| {
+                let (l, pairs, skipped) = desired::render_one(&self.render, &key, e, &mut self.slots, &mut self.owners);
                 log_skipped(&skipped);
                 (l, pairs)
             });
-            for chain in old.into_iter().flat_map(|o| o.chains.keys()) {
-                if new.as_ref().is_none_or(|(n, _)| !n.chains.contains_key(chain)) {
-                    self.slots.release(chain);
+            if let Some(c) = current {
+                todo.extend(self.owners.waiting_for(c));
+                // A chain gone, or no longer balancing through an endpoint map (session
+                // affinity turned on), gives its range up.
+                for chain in c.chains.keys() {
+                    if new.as_ref().is_none_or(|(n, _)| !desired::reads_endpoint_map(n, chain)) {
+                        self.slots.release(chain);
+                    }
                 }
             }
-            next.push((key.clone(), new));
+            next.insert(key, new);
         }
         let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
-        // Endpoint maps first: the new rules read them.
-        let new_maps: BTreeSet<String> = next
-            .iter()
-            .filter_map(|(_, n)| n.as_ref())
-            .flat_map(|(l, _)| desired::maps_of(l))
-            .filter(|m| !self.maps.contains(*m))
-            .cloned()
-            .collect();
         let mut st = PlanStats::default();
-        for m in &new_maps {
+        let empty = (Lowered::default(), LElems::new());
+        let old = |key: &String| self.services.get(key).unwrap_or(&empty.0);
+        for (key, new) in &next {
+            plan::removals(old(key), &new.as_ref().unwrap_or(&empty).0, &mut batch, &mut st);
+        }
+        // Endpoint maps no chain reads any more go (after the rules reading them); new ones
+        // come before the rules that read them.
+        let maps = self.slots.maps();
+        for m in self.maps.difference(&maps) {
+            batch.del_set(m);
+            st.sets_deleted += 1;
+        }
+        for m in maps.difference(&self.maps) {
             batch.add_set(&endpoints::endpoint_map(self.cfg.family, m));
             st.sets_added += 1;
         }
-        let empty = (Lowered::default(), LElems::new());
+        for (key, new) in &next {
+            plan::additions(old(key), &new.as_ref().unwrap_or(&empty).0, &mut batch, &mut st);
+        }
         let mut adj: BTreeMap<&Vec<u8>, i64> = BTreeMap::new();
         for (key, new) in &next {
-            let old = self.services.get(key).unwrap_or(&empty.0);
-            st = add(st, plan::plan(old, &new.as_ref().unwrap_or(&empty).0, &mut batch));
             for (k, _) in self.service_pairs.get(key).unwrap_or(&empty.1).keys() {
                 *adj.entry(k).or_default() -= 1;
             }
@@ -376,7 +392,7 @@ impl NftBackend {
         let committed = !batch.is_empty();
         self.commit(batch)?;
         self.slots.settle();
-        self.maps.extend(new_maps);
+        self.maps = maps;
         for (key, new) in next {
             if let Some(old) = self.service_pairs.remove(&key) {
                 desired::count(&mut self.pairs, &old, false);
@@ -509,19 +525,6 @@ impl Apply for NftBackend {
 }
 
 type SharedGen = std::sync::Arc<std::sync::Mutex<Option<u32>>>;
-
-fn add(a: PlanStats, b: PlanStats) -> PlanStats {
-    PlanStats {
-        chains_added: a.chains_added + b.chains_added,
-        chains_rewritten: a.chains_rewritten + b.chains_rewritten,
-        chains_deleted: a.chains_deleted + b.chains_deleted,
-        rules_written: a.rules_written + b.rules_written,
-        sets_added: a.sets_added + b.sets_added,
-        sets_deleted: a.sets_deleted + b.sets_deleted,
-        elements_added: a.elements_added + b.elements_added,
-        elements_deleted: a.elements_deleted + b.elements_deleted,
-    }
-}
 
 fn log_skipped(skipped: &[String]) {
     if !skipped.is_empty() {

@@ -1,21 +1,20 @@
 //! Everything kpx wants in its table for a state (pure, given the endpoint map ranges): the
 //! base objects, the endpoint maps in use and every service, both as one [`Objects`] and per
-//! service as a full sync installs them. Two services claiming one element (the same cluster
-//! IP and port, say): the first keeps it. Hairpin pairs are the exception: services share
-//! them, so they are counted ([`Pairs`]), not owned.
+//! service as a full sync installs them. Two services claiming one element: the first keeps it
+//! (`owners`). Hairpin pairs are the exception: services share them, so they are counted
+//! ([`Pairs`]), not owned.
 
 use std::collections::BTreeMap;
 
-use super::endpoints::{self, HAIRPIN, MAP_PREFIX, Slots};
+use kpx_nft_netlink::{Expr, SetRef};
+
+use super::endpoints::{self, HAIRPIN, Slots};
 use super::layout::{self, LElems, Lowered, Objects};
+use super::owners::Owners;
 use super::render::render_service;
 use super::stmt::Stmt;
 use crate::backend::iptables::render::RenderConfig;
 use crate::state::{AppliedState, ServiceEntry};
-
-/// Which service each element of each shared map belongs to. BTreeMaps: growing never rehashes
-/// a whole table in the middle of a delta.
-pub type Owners = BTreeMap<String, BTreeMap<(Vec<u8>, bool), String>>;
 
 /// How many services want each hairpin pair.
 pub type Pairs = BTreeMap<Vec<u8>, usize>;
@@ -69,7 +68,7 @@ pub fn desired_objects(cfg: &RenderConfig, state: &AppliedState, slots: &mut Slo
 pub fn installed(cfg: &RenderConfig, key: &str, o: &Objects, owners: &mut Owners) -> (Lowered, LElems) {
     let mut l = o.lower(cfg.family);
     let pairs = l.elements.remove(HAIRPIN).unwrap_or_default();
-    claim(key, &mut l, owners);
+    owners.claim(key, &mut l);
     (l, pairs)
 }
 
@@ -86,27 +85,6 @@ pub fn render_one(
     (l, pairs, skipped)
 }
 
-/// Records `key` as the owner of its elements; drops those another service owns. Endpoint map
-/// ranges need no owner: each policy chain has a range of its own.
-fn claim(key: &str, l: &mut Lowered, owners: &mut Owners) {
-    for (set, elems) in l.elements.iter_mut().filter(|(s, _)| !endpoints::is_map(s)) {
-        let of_set = owners.entry(set.clone()).or_default();
-        elems.retain(|k, _| of_set.entry(k.clone()).or_insert_with(|| key.to_string()) == key);
-    }
-}
-
-/// Frees the elements `key` owned in `l`.
-pub fn unclaim(key: &str, l: &Lowered, owners: &mut Owners) {
-    for (set, elems) in l.elements.iter().filter(|(s, _)| !endpoints::is_map(s)) {
-        let Some(of_set) = owners.get_mut(set) else { continue };
-        for k in elems.keys() {
-            if of_set.get(k).is_some_and(|o| o == key) {
-                of_set.remove(k);
-            }
-        }
-    }
-}
-
 /// Adds (or removes) one service's pairs to the counts.
 pub fn count(pairs: &mut Pairs, of: &LElems, add: bool) {
     for (k, _) in of.keys() {
@@ -118,9 +96,10 @@ pub fn count(pairs: &mut Pairs, of: &LElems, add: bool) {
     }
 }
 
-/// The endpoint maps `l`'s elements are in.
-pub fn maps_of(l: &Lowered) -> impl Iterator<Item = &String> {
-    l.elements.keys().filter(|s| s.starts_with(MAP_PREFIX))
+/// Whether `chain` of `l` picks its endpoint from an endpoint map.
+pub fn reads_endpoint_map(l: &Lowered, chain: &str) -> bool {
+    let reads = |e: &Expr| matches!(e, Expr::Lookup { set: SetRef::Named(s), .. } if endpoints::is_map(s));
+    l.chains.get(chain).is_some_and(|c| c.rules.iter().any(|(exprs, _)| exprs.iter().any(reads)))
 }
 
 /// (chains, rules, elements) of one service's objects.

@@ -190,6 +190,8 @@ pub struct Slots {
     /// Free ids below `next`.
     free: BTreeSet<u32>,
     next: u32,
+    /// Taken ids per endpoint map.
+    per_map: BTreeMap<u32, usize>,
 }
 
 impl Slots {
@@ -202,9 +204,14 @@ impl Slots {
             self.next += 1;
             self.next - 1
         });
+        self.take(chain, id);
+        id
+    }
+
+    fn take(&mut self, chain: &str, id: u32) {
         self.by_chain.insert(chain.to_string(), id);
         self.taken.insert(id);
-        id
+        *self.per_map.entry(id / PER_MAP).or_default() += 1;
     }
 
     /// `chain` no longer has a range (from the next [`Slots::settle`] on, its id can be reused).
@@ -212,6 +219,12 @@ impl Slots {
         if let Some(id) = self.by_chain.remove(chain) {
             self.taken.remove(&id);
             self.held.insert(id);
+            if let Some(n) = self.per_map.get_mut(&(id / PER_MAP)) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_map.remove(&(id / PER_MAP));
+                }
+            }
         }
     }
 
@@ -228,7 +241,7 @@ impl Slots {
 
     /// The endpoint maps the chains' ranges are in.
     pub fn maps(&self) -> BTreeSet<String> {
-        self.taken.iter().map(|id| map_name(*id)).collect()
+        self.per_map.keys().map(|k| map_name(k * PER_MAP)).collect()
     }
 
     /// The ranges a table holds, read from its policy chains' rules (a rule whose numgen offset
@@ -244,9 +257,9 @@ impl Slots {
                     Expr::Lookup { set: SetRef::Named(map), .. } if map.starts_with(MAP_PREFIX) => {
                         if let Some(id) = offset.and_then(|o| id_of(map, o))
                             && !s.by_chain.contains_key(&r.chain)
-                            && s.taken.insert(id)
+                            && !s.taken.contains(&id)
                         {
-                            s.by_chain.insert(r.chain.clone(), id);
+                            s.take(&r.chain, id);
                         }
                     }
                     _ => {}
@@ -281,6 +294,10 @@ mod tests {
         assert_eq!((s.id("a"), s.id("b"), s.id("a")), (0, 1, 0));
         s.release("a");
         assert_eq!(s.id("c"), 2, "a's range is still in the kernel until the commit");
+        assert_eq!(s.maps(), BTreeSet::from(["endpoints-0".to_string()]));
+        s.release("b");
+        s.release("c");
+        assert!(s.maps().is_empty(), "no chain has a range in endpoints-0");
         s.settle();
         assert_eq!(s.id("d"), 0);
         assert_eq!((offset(65), map_name(65)), (1 << 16, "endpoints-1".to_string()));

@@ -5,7 +5,7 @@
 //! deleted while something still refers to it and nothing is referred to before it exists.
 
 use kpx_nft_netlink::consts::NFT_SET_EVAL;
-use kpx_nft_netlink::{Batch, Element, Rule, TableDump};
+use kpx_nft_netlink::{Batch, Element, Expr, Rule, SetRef, TableDump};
 
 use std::collections::BTreeSet;
 
@@ -67,9 +67,34 @@ fn missing_from(name: &str, set: &LElems, other: &LElems) -> Vec<Element> {
     out
 }
 
+/// Sets both states have, defined differently (an affinity timeout changed): they are deleted
+/// and created again, and the kernel refuses to delete a set a rule still reads, so the chains
+/// reading them are flushed and written again in the same transaction.
+fn redefined<'a>(old: &'a Lowered, new: &Lowered) -> BTreeSet<&'a str> {
+    old.sets.iter().filter(|(n, s)| new.sets.get(*n).is_some_and(|t| t != *s)).map(|(n, _)| n.as_str()).collect()
+}
+
+fn reads(c: &LChain, sets: &BTreeSet<&str>) -> bool {
+    !sets.is_empty()
+        && c.rules.iter().flat_map(|(exprs, _)| exprs).any(|e| match e {
+            Expr::Lookup { set: SetRef::Named(s), .. } => sets.contains(s.as_str()),
+            Expr::Dynset { set, .. } => sets.contains(set.as_str()),
+            _ => false,
+        })
+}
+
 /// Appends to `b` the operations that turn `old` into `new`.
 pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
     let mut st = PlanStats::default();
+    removals(old, new, b, &mut st);
+    additions(old, new, b, &mut st);
+    st
+}
+
+/// The first half of [`plan`]: what goes or changes is deleted. A delta of several services
+/// writes every service's removals before any service's additions (an element one service lets
+/// go and another takes over is deleted before it is added again).
+pub fn removals(old: &Lowered, new: &Lowered, b: &mut Batch, st: &mut PlanStats) {
     let empty = Default::default();
     // 1. Elements that go or change (they may point at chains about to go).
     for (set, elems) in &old.elements {
@@ -83,8 +108,10 @@ pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
             b.del_elements(set, &gone);
         }
     }
-    let changed =
-        |name: &String, c: &LChain| new.chains.get(name).is_some_and(|n| n.hook == c.hook && n.rules != c.rules);
+    let redefined = redefined(old, new);
+    let changed = |name: &String, c: &LChain| {
+        new.chains.get(name).is_some_and(|n| n.hook == c.hook && (n.rules != c.rules || reads(c, &redefined)))
+    };
     let removed = |name: &String, c: &LChain| new.chains.get(name).is_none_or(|n| n.hook != c.hook);
     // 2. Flush chains that change or go, 3. delete the ones that go.
     for (name, c) in &old.chains {
@@ -98,13 +125,20 @@ pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
             b.del_chain(name);
         }
     }
-    // 4. Sets that go or change, 5. sets that come or change.
+    // 4. Sets that go or change.
     for (name, s) in &old.sets {
         if new.sets.get(name) != Some(s) {
             st.sets_deleted += 1;
             b.del_set(name);
         }
     }
+}
+
+/// The second half of [`plan`]: what comes or changes is added.
+pub fn additions(old: &Lowered, new: &Lowered, b: &mut Batch, st: &mut PlanStats) {
+    let empty = Default::default();
+    let redefined = redefined(old, new);
+    // 5. Sets that come or change.
     for (name, s) in &new.sets {
         if old.sets.get(name) != Some(s) {
             st.sets_added += 1;
@@ -121,7 +155,7 @@ pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
     }
     for (name, c) in &new.chains {
         let rewrite = match old.chains.get(name) {
-            Some(o) if o.hook == c.hook => o.rules != c.rules,
+            Some(o) if o.hook == c.hook => o.rules != c.rules || reads(o, &redefined),
             _ => true,
         };
         if !rewrite {
@@ -144,7 +178,6 @@ pub fn plan(old: &Lowered, new: &Lowered, b: &mut Batch) -> PlanStats {
             b.add_elements(set, &added);
         }
     }
-    st
 }
 
 /// A dump in the form plans compare. Elements of dynamic sets (session affinity) are traffic's,

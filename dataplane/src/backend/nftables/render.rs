@@ -24,7 +24,10 @@ use crate::state::ServiceEntry;
 
 /// Kubernetes' longest ClientIP affinity (the iptables render caps it the same way).
 const MAX_AFFINITY_SECONDS: u32 = 86400;
-/// nf_tables names are at most 255 bytes; kpx's longest prefix plus hash is 18.
+/// nf_tables names are at most 255 bytes (NFT_NAME_MAXLEN with its NUL): a longer one makes
+/// the kernel refuse the whole transaction.
+const MAX_NAME: usize = 255;
+/// The namespace/name part of them; kpx's longest prefix plus hash is 18.
 const MAX_BASE: usize = 200;
 
 fn of_family(f: IpFamily, list: &[String], skipped: &mut Vec<String>, name: &str) -> Vec<IpAddr> {
@@ -72,7 +75,13 @@ pub fn render_service(cfg: &RenderConfig, entry: &ServiceEntry, slots: &mut Slot
     let mut skipped = Vec::new();
     let name = check::printable(&format!("{}/{}", s.namespace, s.name));
     let cips: Vec<String> = s.cluster_ips.iter().filter(|c| !c.is_empty() && *c != "None").cloned().collect();
-    let Some(cluster) = of_family(f, &cips, &mut Vec::new(), &name).first().copied() else {
+    let mut cip_errors = Vec::new();
+    let Some(cluster) = of_family(f, &cips, &mut cip_errors, &name).first().copied() else {
+        // The other family's service, unless none of its cluster IPs is an address: then no
+        // family renders it, and each says why (as the iptables render).
+        if cip_errors.len() == cips.len() {
+            skipped.extend(cip_errors.iter().map(|e| e.replacen(": ", ": cluster IP: ", 1)));
+        }
         return (o, skipped);
     };
     if !valid_part(&s.namespace) || !valid_part(&s.name) || name.len() > MAX_BASE {
@@ -150,6 +159,14 @@ fn render_port(
     let node_port = if port.node_port == 0 { None } else { Some(check::port(port.node_port, "node port")?) };
     let proto_word = super::stmt::proto_name(proto);
     let names = PortNames::new(&s.namespace, &s.name, &proto_word, &port.name);
+    if names.firewall.len() > MAX_NAME {
+        return Err("the port name makes nftables object names too long".into());
+    }
+    // The kernel takes a set name with '%' for an anonymous set's template ("__map%d") and
+    // refuses the whole transaction: affinity sets are named after the service.
+    if a.affinity.is_some() && [&s.namespace, &s.name, &port.name].iter().any(|p| p.contains('%')) {
+        return Err("a name with '%' cannot name the nftables session affinity sets".into());
+    }
     let label = if port.name.is_empty() {
         format!("{}/{}", s.namespace, s.name)
     } else {
@@ -168,6 +185,9 @@ fn render_port(
         // Endpoint chains (and their names, two hashes each) only with ClientIP affinity.
         let (chain, affinity) =
             if a.affinity.is_some() { names.endpoint(&ip.to_string(), ep_port) } else { Default::default() };
+        if chain.len() > MAX_NAME {
+            return Err(format!("endpoint {ip}: the names of its chain and affinity set are too long for nftables"));
+        }
         eps.push(Ep { ip, port: ep_port, chain, affinity, cluster: e.for_cluster, local: e.for_local });
     }
 

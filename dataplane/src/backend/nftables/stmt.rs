@@ -117,6 +117,13 @@ fn layout(f: IpFamily) -> Layout {
     }
 }
 
+/// A 32-bit register number as the kernel reports it: one that starts a 128-bit register
+/// (8, 12, 16, 20) is reported as that register (1 to 4), so a rule written with it reads back
+/// equal (IPv6's `ip6 daddr . meta l4proto . th dport` puts l4proto at 12).
+fn as_dumped(reg32: u32) -> u32 {
+    if reg32 >= 8 && (reg32 - 8).is_multiple_of(4) { (reg32 - 8) / 4 + 1 } else { reg32 }
+}
+
 fn u32h(v: u32) -> Vec<u8> {
     v.to_ne_bytes().to_vec()
 }
@@ -183,7 +190,7 @@ impl Stmt {
             }
             Stmt::VmapAddrProtoPort(map) => {
                 out.push(load(l.daddr, NETWORK, l.len, 1));
-                out.push(Expr::Meta { key: META_L4PROTO, dreg: l.after_addr });
+                out.push(Expr::Meta { key: META_L4PROTO, dreg: as_dumped(l.after_addr) });
                 out.push(load(2, TRANSPORT, 2, l.after_addr + 1));
                 out.push(Expr::Lookup { sreg: 1, set: SetRef::Named(map.to_string()), dreg: Some(0), invert: false });
             }

@@ -8,9 +8,10 @@ use kpx_nft_netlink::Batch;
 use kpx_nft_netlink::consts::NFPROTO_IPV4;
 use kpx_proto::v1 as pb;
 
-use super::desired::{self, Owners};
+use super::desired;
 use super::endpoints::Slots;
 use super::layout::{self, Objects};
+use super::owners::Owners;
 use super::plan::{PlanStats, plan};
 use super::render::render_service;
 use crate::backend::iptables::render::{IpFamily, RenderConfig};
@@ -182,11 +183,46 @@ fn hostile_names_render_nothing() {
     }
 }
 
+#[test]
+fn a_percent_sign_leaves_affinity_out() {
+    // The kernel reads '%' in a set name as an anonymous set's template and refuses it.
+    let s = svc("ns", "%s%n", "172.30.0.50", |s| s.session_affinity_timeout_seconds = 60);
+    let (o, skipped) = render_service(&cfg(), &entry(s, &[("10.180.0.9", true, false)]), &mut Slots::default());
+    assert!(o.sets.is_empty(), "{:?}", o.sets.keys());
+    assert!(skipped.iter().any(|s| s.contains("'%'")), "{skipped:?}");
+    let s = svc("ns", "%s%n", "172.30.0.50", |_| {});
+    let (o, skipped) = render_service(&cfg(), &entry(s, &[("10.180.0.9", true, false)]), &mut Slots::default());
+    assert!(skipped.is_empty() && !o.chains.is_empty(), "without affinity there is no set to name");
+}
+
+#[test]
+fn names_past_255_bytes_leave_the_port_out() {
+    // The kernel refuses a longer name, and with it the whole transaction.
+    let long = "p".repeat(240);
+    let s = svc("ns", "svc", "172.30.0.50", |s| s.ports[0].name = long.clone());
+    let mut e = entry(s, &[]);
+    let eps: Vec<_> = e.endpoints.values().cloned().collect();
+    assert!(eps.is_empty());
+    Arc::get_mut(&mut e).unwrap().endpoints.insert(
+        "10.180.0.9".into(),
+        pb::Endpoint {
+            service: "ns/svc".into(),
+            ip: "10.180.0.9".into(),
+            ports: vec![pb::EndpointPort { name: long.clone(), port: 80 }],
+            for_cluster: true,
+            for_local: false,
+        },
+    );
+    let (o, skipped) = render_service(&cfg(), &e, &mut Slots::default());
+    assert!(o.chains.is_empty(), "{:?}", o.chains.keys());
+    assert!(skipped.iter().any(|s| s.contains("too long")), "{skipped:?}");
+}
+
 /// One service's objects as a sync installs them (hairpin pairs apart).
 fn lowered(eps: &[(&str, bool, bool)]) -> super::layout::Lowered {
     let e = entry(svc("ns1", "svc1", "172.30.0.41", |_| {}), eps);
     let (o, _) = render_service(&cfg(), &e, &mut Slots::default());
-    desired::installed(&cfg(), "ns1/svc1", &o, &mut Owners::new()).0
+    desired::installed(&cfg(), "ns1/svc1", &o, &mut Owners::default()).0
 }
 
 #[test]
@@ -217,6 +253,20 @@ fn with_affinity_endpoints_keep_kube_proxys_chains() {
     assert!(!t.contains("endpoints-"), "{t}");
     s.session_affinity_timeout_seconds = 0;
     assert!(!text(&entry(s, &[("10.180.0.1", true, false)])).contains("add chain ip kube-proxy endpoint-"));
+}
+
+#[test]
+fn a_new_affinity_timeout_rewrites_the_chains_reading_its_sets() {
+    let render = |seconds| {
+        let s = svc("ns1", "svc1", "172.30.0.41", |s| s.session_affinity_timeout_seconds = seconds);
+        let (o, _) = render_service(&cfg(), &entry(s, &[("10.180.0.1", true, false)]), &mut Slots::default());
+        o.lower(IpFamily::V4)
+    };
+    let mut b = Batch::new(NFPROTO_IPV4, layout::TABLE, 0);
+    let st = plan(&render(60), &render(120), &mut b);
+    // The set is deleted and added again; the kernel would refuse that while the service
+    // chain's lookup and the endpoint chain's update still read it.
+    assert_eq!((st.sets_deleted, st.sets_added, st.chains_rewritten), (1, 1, 2), "{}", st.describe());
 }
 
 #[test]
