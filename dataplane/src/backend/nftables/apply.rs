@@ -284,7 +284,7 @@ impl NftBackend {
         let mut slots = kernel.as_ref().map(Slots::from_dump).unwrap_or_default();
         let r = desired::render_all(&self.render, state, &mut slots);
         log_skipped(&r.skipped);
-        let desired = r.objects.lower(self.cfg.family);
+        let desired = r.desired;
         let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
         let old = match &kernel {
             Some(d) => plan::from_dump(d),

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use kpx_nft_netlink::{Expr, SetRef};
+use kpx_nft_netlink::{Element, Expr, SetRef};
 
 use super::endpoints::{self, HAIRPIN, Slots};
 use super::layout::{self, LElems, Lowered, Objects};
@@ -22,8 +22,8 @@ pub type Pairs = BTreeMap<Vec<u8>, usize>;
 /// What a full sync installs.
 #[derive(Debug, Default)]
 pub struct Rendered {
-    /// Everything, for the plan against the kernel's table.
-    pub objects: Objects,
+    /// Everything, in the kernel's terms, for the plan against the kernel's table.
+    pub desired: Lowered,
     pub skipped: Vec<String>,
     /// Each service's part, without its hairpin pairs (those are in `pairs`).
     pub services: BTreeMap<String, Lowered>,
@@ -32,35 +32,60 @@ pub struct Rendered {
     pub pairs: Pairs,
 }
 
-/// Everything kpx wants for `state`; chains of `slots` no service uses any more give their
-/// range up.
+/// Everything kpx wants for `state`: the base objects, each service as installed (claimed
+/// elements only), the hairpin pairs and the endpoint maps in use. Chains of `slots` no
+/// service reads an endpoint map from any more give their range up.
 pub fn render_all(cfg: &RenderConfig, state: &AppliedState, slots: &mut Slots) -> Rendered {
-    let mut r = Rendered { objects: layout::base(cfg), ..Default::default() };
+    let mut r = Rendered { desired: layout::base(cfg).lower(cfg.family), ..Default::default() };
     for (key, e) in state.services() {
         let (o, skipped) = render_service(cfg, e, slots);
         r.skipped.extend(skipped);
-        let (l, pairs) = installed(cfg, key, &o, &mut r.owners);
-        r.objects.merge(o, &mut r.skipped);
+        let (mut l, pairs) = installed(cfg, key, &o, &mut r.owners);
+        // Two services naming one chain: the first keeps it (as for elements).
+        let desired = &r.desired;
+        let skipped = &mut r.skipped;
+        l.chains.retain(|name, _| {
+            let clash = desired.chains.contains_key(name);
+            if clash {
+                skipped.push(format!("{key}: chain {name} already exists"));
+            }
+            !clash
+        });
+        super::plan::extend(&mut r.desired, &l);
         count(&mut r.pairs, &pairs, true);
         r.services.insert(key.clone(), l);
         r.service_pairs.insert(key.clone(), pairs);
     }
-    let chains = &r.objects.chains;
-    slots.retain(|c| chains.get(c).is_some_and(|c| c.rules.iter().any(|r| r.stmts.iter().any(is_dnat_map))));
+    let pairs = r.pairs.keys().map(|k| ((k.clone(), false), Element { key: k.clone(), ..Default::default() }));
+    r.desired.elements.entry(HAIRPIN.into()).or_default().extend(pairs);
+    let desired = &r.desired;
+    slots.retain(|c| reads_endpoint_map(desired, c));
     for map in slots.maps() {
-        r.objects.sets.insert(map.clone(), endpoints::endpoint_map(cfg.family, &map));
+        r.desired.sets.insert(map.clone(), endpoints::endpoint_map(cfg.family, &map));
     }
     r
 }
 
-fn is_dnat_map(s: &Stmt) -> bool {
-    matches!(s, Stmt::DnatMap { .. })
+/// Everything kpx wants for `state`, as objects (the admin API, benchmarks, tests; the same
+/// as [`render_all`], for reading).
+pub fn desired_objects(cfg: &RenderConfig, state: &AppliedState, slots: &mut Slots) -> (Objects, Vec<String>) {
+    let mut all = layout::base(cfg);
+    let mut skipped = Vec::new();
+    for e in state.services().values() {
+        let (o, s) = render_service(cfg, e, slots);
+        skipped.extend(s);
+        all.merge(o, &mut skipped);
+    }
+    let chains = &all.chains;
+    slots.retain(|c| chains.get(c).is_some_and(|c| c.rules.iter().any(|r| r.stmts.iter().any(is_dnat_map))));
+    for map in slots.maps() {
+        all.sets.insert(map.clone(), endpoints::endpoint_map(cfg.family, &map));
+    }
+    (all, skipped)
 }
 
-/// Everything kpx wants for `state`, as objects (the admin API, benchmarks, tests).
-pub fn desired_objects(cfg: &RenderConfig, state: &AppliedState, slots: &mut Slots) -> (Objects, Vec<String>) {
-    let r = render_all(cfg, state, slots);
-    (r.objects, r.skipped)
+fn is_dnat_map(s: &Stmt) -> bool {
+    matches!(s, Stmt::DnatMap { .. })
 }
 
 /// One service's objects as installed: lowered, elements other services own left out, its
