@@ -1,6 +1,7 @@
 //! `kpxctl diff NODE`: the node's desired state at the controlplane vs the state its dataplane
 //! applied (kpx.v1.Admin), per service and endpoint, plus whether the kernel has the chains
-//! (iptables) or virtual and real servers (ipvs) of the applied services. [`compare`] and [`render`] are pure; [`fetch`] does the RPCs.
+//! (iptables: KUBE-SVC/SVL; nftables: service-/local- chains of kube-proxy's nftables layout) or virtual
+//! and real servers (ipvs) of the applied services. [`compare`] and [`render`] are pure; [`fetch`] does the RPCs.
 
 use crate::connect::{self, ClientError};
 use crate::table::Table;
@@ -443,5 +444,25 @@ mod tests {
         assert!(render(&compare(&s, &s, &not_yet, &kernel)).contains("shadow: not compared yet"));
         // Other backends have no shadow section.
         assert_eq!(compare(&s, &s, &connected(), &kernel).shadow, None);
+    }
+
+    #[test]
+    fn nftables_checks_its_service_chains() {
+        let s = state("v1", vec![svc("demo", "web", vec![ep("demo/web", "10.244.1.2", 8080)])]);
+        let chain = |name: &str, present| ExpectedChain {
+            service_port: "demo/web/tcp/http".into(),
+            chain: name.into(),
+            present,
+            family: "IPv4".into(),
+        };
+        let kernel = KernelRules {
+            backend: "nftables".into(),
+            supported: true,
+            chains: vec![chain("service-ABCDEFGH-demo/web/tcp/http", false)],
+            ..Default::default()
+        };
+        let text = render(&compare(&s, &s, &connected(), &kernel));
+        let want = "kernel: 0 chains present, 1 missing\n  missing demo/web/tcp/http service-ABCDEFGH-demo/web/tcp/http (IPv4)";
+        assert!(text.contains(want), "{text}");
     }
 }

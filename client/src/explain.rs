@@ -2,7 +2,9 @@
 //!
 //! A pure function of the node's desired state (GetNodeState) and what the user knows about the
 //! packet and the node. It follows what the iptables backend programs
-//! (dataplane/src/backend/iptables/render/service.rs): which chain a destination enters, which
+//! (dataplane/src/backend/iptables/render/service.rs; the nftables backend, dataplane/src/backend/
+//! nftables/render.rs, makes the same decisions with verdict maps and kube-proxy's nftables chain
+//! names): which chain a destination enters, which
 //! endpoints that chain picks (`for_cluster` or `for_local`), when the packet is marked for
 //! masquerade, and what the filter table does with traffic no chain DNATs.
 

@@ -23,6 +23,7 @@ use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesConfig, jumps};
 use crate::backend::ipvs::{IpvsConfig, dump, plan};
+use crate::backend::nftables::{NftConfig, NftStats};
 use crate::backend::shadow::ShadowResult;
 use crate::state::{AppliedState, Services};
 use crate::stream::SyncEvent;
@@ -41,6 +42,8 @@ pub struct CoreView {
     pub shadow: Option<ShadowResult>,
     /// The userspace backend: its namespace (tests) and per-family rule stats.
     pub userspace: Option<UserspaceView>,
+    /// One nftables backend per family, with its stats.
+    pub nftables: Vec<(NftConfig, NftStats)>,
 }
 
 /// What the admin API shows of the userspace backend.
@@ -200,6 +203,19 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
             rules_filter: st.rules.filter as u64,
             rules_nat: st.rules.nat as u64,
         }))
+        .chain(view.nftables.iter().map(|(cfg, st)| pb::BackendStatus {
+            name: format!("nftables {}", family_name(cfg.family)),
+            last_sync_full: st.last_sync_full,
+            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
+            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+            last_error: st.last_error.clone().unwrap_or_default(),
+            full_syncs: st.full_syncs,
+            partial_syncs: st.partial_syncs,
+            restore_failures: st.failures,
+            rules_filter: 0,
+            rules_nat: st.rules as u64,
+        }))
         .collect();
     pb::DataplaneStatus {
         node_name: node.to_string(),
@@ -285,6 +301,10 @@ fn kernel_rules(backend: &str, view: &CoreView) -> pb::KernelRules {
         userspace_kernel_rules(&mut out, u);
         return out;
     }
+    if !view.nftables.is_empty() {
+        nft_kernel_rules(&mut out, view);
+        return out;
+    }
     if view.iptables.iter().all(|(cfg, _)| cfg.dry_run) {
         out.note = "dry-run: nothing is programmed into the kernel".into();
         return out;
@@ -332,6 +352,37 @@ fn userspace_kernel_rules(out: &mut pb::KernelRules, u: &UserspaceView) {
                 Err(e) => errors.push(e.to_string()),
             }
         }
+    }
+    out.note = errors.join("; ");
+}
+
+/// The nftables part of `GetKernelRules`: each family's table dumped through a socket of its
+/// own, listed in nft syntax, and the service-/local- chains kpx wants with their presence.
+fn nft_kernel_rules(out: &mut pb::KernelRules, view: &CoreView) {
+    use crate::backend::nftables::{desired::desired_objects, endpoints::Slots, layout, view as nview};
+    out.supported = true;
+    let state = AppliedState::from_services(&view.services);
+    let mut errors = Vec::new();
+    for (cfg, _) in &view.nftables {
+        let family = family_name(cfg.family);
+        let dump = cfg.client().and_then(|mut c| c.dump_table(cfg.nfproto(), layout::TABLE));
+        let dump = match dump {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(format!("{family}: {e}"));
+                continue;
+            }
+        };
+        // The endpoint map ranges the table has, as the agent's next full sync reads them.
+        let mut slots = dump.as_ref().map(Slots::from_dump).unwrap_or_default();
+        let desired = desired_objects(&cfg.render_config(), &state, &mut slots).0;
+        if let Some(d) = &dump {
+            let name = format!("nftables {} {}", layout::family_word(cfg.family), layout::TABLE);
+            out.tables.push(pb::KernelTable { name, lines: nview::kernel_lines(cfg.family, &desired, d) });
+        }
+        out.chains.extend(nview::expected_chains(&desired, dump.as_ref()).into_iter().map(|(port, chain, present)| {
+            pb::ExpectedChain { service_port: port, chain, present, family: family.into() }
+        }));
     }
     out.note = errors.join("; ");
 }

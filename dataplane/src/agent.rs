@@ -22,6 +22,7 @@ use crate::admin::{AdminService, AdminStatus, CoreView, ViewFn};
 use crate::backend::iptables::render::IpFamily;
 use crate::backend::iptables::{BackendStats, IptablesBackend, IptablesConfig, apply};
 use crate::backend::ipvs::{IpvsBackend, IpvsConfig};
+use crate::backend::nftables::{NftBackend, NftConfig};
 use crate::backend::shadow::{ShadowBackend, ShadowFamily};
 use crate::backend::userspace::{self, UserspaceBackend, UserspaceConfig};
 use crate::hcnp::HcnpServers;
@@ -38,6 +39,8 @@ pub enum BackendKind {
     Iptables,
     /// IPVS virtual servers (kube-proxy's ipvs mode); falls back to iptables without IPVS.
     Ipvs,
+    /// nftables through netlink (kube-proxy's nftables layout); see `nftables_fallback`.
+    Nftables,
     /// Renders iptables rules and prints them instead of applying them.
     DryRun,
     /// Beside a live kube-proxy: renders, compares with the kernel's rules, reports; writes
@@ -80,6 +83,8 @@ pub struct AgentConfig {
     pub ipvs_exclude_cidrs: Vec<String>,
     /// conntrack settings applied at startup, as kube-proxy does (iptables and ipvs backends).
     pub conntrack: crate::config::Conntrack,
+    /// With `--backend nftables`: use iptables when nf_tables is unusable (else startup fails).
+    pub nftables_fallback: bool,
     /// The admin gRPC API (`kpx.v1.Admin`); None: not served.
     pub admin_listen: Option<SocketAddr>,
     /// How the admin API authenticates its callers.
@@ -116,6 +121,8 @@ pub enum AgentError {
     RouteLocalnet(#[source] crate::backend::iptables::exec::ExecError),
     #[error("no address of this node is in nodePortAddresses ({0}): node ports would be served nowhere")]
     NoNodePortAddress(String),
+    #[error("backend nftables is not usable on this node (and --nftables-fallback is not set): {0}")]
+    NftablesUnavailable(#[source] kpx_nft_netlink::NftError),
     #[error("cannot listen on {addr} for {what}: {source}")]
     Bind {
         what: &'static str,
@@ -232,12 +239,42 @@ pub fn build_userspace(config: &AgentConfig) -> Result<UserspaceBackend, AgentEr
     Ok(UserspaceBackend::new(cfg)?)
 }
 
+/// `--backend nftables`: one backend per family, or `None` after falling back to iptables
+/// (logged) when nf_tables is unusable and `nftables_fallback` is set; an error otherwise.
+pub fn build_nftables(config: &AgentConfig) -> Result<Option<Vec<NftBackend>>, AgentError> {
+    let mut out = Vec::new();
+    for family in &config.ip_families {
+        let mut cfg = NftConfig::new(*family, &config.node_name);
+        cfg.cluster_cidr = config.cluster_cidr.clone();
+        cfg.masquerade_all = config.masquerade_all;
+        cfg.node_ips = config.node_ips.clone();
+        cfg.full_resync_period = config.full_resync_period;
+        cfg.netns = config.netns.clone();
+        match NftBackend::new(cfg) {
+            Ok(mut b) => {
+                if let Some(first) = out.first() {
+                    b.share_generation(first);
+                }
+                out.push(b)
+            }
+            Err(e) if !config.nftables_fallback => return Err(AgentError::NftablesUnavailable(e)),
+            Err(error) => {
+                tracing::warn!(%error, "nftables backend unavailable: falling back to the iptables backend");
+                return Ok(None);
+            }
+        }
+        tracing::info!(family = family_name(*family), "nftables backend");
+    }
+    Ok(Some(out))
+}
+
 /// The backends and what the housekeeping task needs to resync them.
 struct Core {
     backends: Vec<IptablesBackend>,
     ipvs: Option<IpvsBackend>,
     shadow: Option<ShadowBackend>,
     userspace: Option<UserspaceBackend>,
+    nft: Vec<NftBackend>,
     /// The applied services, kept in step with the session's state after each apply.
     mirror: Services,
     has_state: bool,
@@ -247,6 +284,7 @@ impl Core {
     fn stats(&self) -> Vec<BackendStats> {
         let mut stats: Vec<BackendStats> = self.backends.iter().map(|b| b.stats().clone()).collect();
         stats.extend(self.userspace.iter().flat_map(|u| u.stats()));
+        stats.extend(self.nft.iter().map(NftBackend::backend_stats));
         stats
     }
 
@@ -275,6 +313,7 @@ impl Apply for NodeBackend {
         let before = core.stats();
         let mut errors: Vec<String> = core.backends.iter_mut().filter_map(|b| b.apply(state, changes).err()).collect();
         errors.extend(core.ipvs.as_mut().and_then(|b| b.apply(state, changes).err()));
+        errors.extend(core.nft.iter_mut().filter_map(|b| b.apply(state, changes).err()));
         errors.extend(core.userspace.as_mut().and_then(|b| b.apply(state, changes).err()));
         if let Some(shadow) = core.shadow.as_mut() {
             shadow.compare(state);
@@ -345,6 +384,11 @@ async fn housekeeping(
             {
                 drift.push("userspace: canary gone (table flushed?)".to_string());
             }
+            for b in core.nft.iter_mut() {
+                if !b.check() {
+                    drift.push(format!("nftables {}: ruleset changed by someone else", family_name(b.config().family)));
+                }
+            }
             status.checked(drift.join("; "));
             if core.shadow.is_some() {
                 // kube-proxy changes its rules on its own schedule: compare again.
@@ -355,7 +399,8 @@ async fn housekeeping(
                 }
             }
             let userspace_wants = core.userspace.as_ref().is_some_and(|u| u.wants_full_sync());
-            if !core.backends.iter().any(|b| b.wants_full_sync()) && !userspace_wants {
+            let nft_wants = core.nft.iter().any(|b| b.wants_full_sync());
+            if !core.backends.iter().any(|b| b.wants_full_sync()) && !userspace_wants && !nft_wants {
                 return;
             }
             let state = core.rebuild_state();
@@ -373,6 +418,12 @@ async fn housekeeping(
             {
                 tracing::warn!(%error, "periodic full resync failed");
                 ok = false;
+            }
+            for b in core.nft.iter_mut().filter(|b| b.wants_full_sync()) {
+                if let Err(error) = b.apply(&state, &changes) {
+                    tracing::warn!(%error, "nftables resync failed");
+                    ok = false;
+                }
             }
             metrics.record_sync(&before, &core.stats());
             if ok { health.succeeded() } else { health.failed() }
@@ -487,17 +538,17 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
         metrics.register_userspace(u.metrics());
     }
     let metrics = Arc::new(metrics);
-    let backends = if matches!(config.backend, BackendKind::Shadow | BackendKind::Userspace) {
-        Vec::new()
-    } else if config.backend == BackendKind::Ipvs {
-        if ipvs.is_some() {
-            Vec::new()
-        } else {
-            build_backends(&AgentConfig { backend: BackendKind::Iptables, ..config.clone() })?
-        }
-    } else {
-        build_backends(&config)?
+    let nft = if config.backend == BackendKind::Nftables { build_nftables(&config)? } else { None };
+    let iptables = AgentConfig { backend: BackendKind::Iptables, ..config.clone() };
+    let backends = match config.backend {
+        BackendKind::Shadow | BackendKind::Userspace => Vec::new(),
+        BackendKind::Ipvs if ipvs.is_some() => Vec::new(),
+        BackendKind::Nftables if nft.is_some() => Vec::new(),
+        BackendKind::Ipvs | BackendKind::Nftables => build_backends(&iptables)?,
+        _ => build_backends(&config)?,
     };
+    let nft_used = nft.is_some();
+    let nft = nft.unwrap_or_default();
     let health = Arc::new(Health::new(&config.node_name, config.sync_period * 2));
     let healthz = listen("/healthz", config.healthz_bind_address).await?;
     let scrape = listen("/metrics", config.metrics_bind_address).await?;
@@ -511,13 +562,21 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
 
     let backend_name = match config.backend {
         BackendKind::Ipvs if ipvs.is_some() => "ipvs",
-        BackendKind::Iptables | BackendKind::Ipvs => "iptables",
+        BackendKind::Nftables if nft_used => "nftables",
+        BackendKind::Iptables | BackendKind::Ipvs | BackendKind::Nftables => "iptables",
         BackendKind::DryRun => "dry-run",
         BackendKind::Shadow => "shadow",
         BackendKind::Userspace => "userspace",
     };
-    let core =
-        Arc::new(Mutex::new(Core { backends, ipvs, shadow, userspace, mirror: BTreeMap::new(), has_state: false }));
+    let core = Arc::new(Mutex::new(Core {
+        backends,
+        ipvs,
+        nft,
+        shadow,
+        userspace,
+        mirror: BTreeMap::new(),
+        has_state: false,
+    }));
     let backend = NodeBackend {
         core: core.clone(),
         metrics: metrics.clone(),
@@ -555,6 +614,7 @@ pub async fn run(mut config: AgentConfig, shutdown: impl Future<Output = ()>) ->
                     netns: u.config().netns.clone(),
                     stats: u.config().families.iter().copied().zip(u.stats()).collect(),
                 }),
+                nftables: c.nft.iter().map(|b| (b.config().clone(), b.stats().clone())).collect(),
             }
         });
         let service = AdminService::new(&config.node_name, backend_name, status.clone(), view);

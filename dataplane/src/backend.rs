@@ -4,5 +4,6 @@
 
 pub mod iptables;
 pub mod ipvs;
+pub mod nftables;
 pub mod shadow;
 pub mod userspace;

@@ -38,6 +38,7 @@ fn error(field: &str, message: impl Into<String>) -> ConfigError {
 pub enum Mode {
     Iptables,
     Ipvs,
+    Nftables,
 }
 
 /// The conntrack settings kube-proxy applies at startup (`conntrack.*`); None: leave the kernel's.
@@ -142,13 +143,15 @@ fn settings(f: KubeProxyConfiguration) -> Result<Settings, ConfigError> {
         f.feature_gates.as_ref().is_some_and(|g| !g.is_empty()),
         "kpx has no kube-proxy feature gates (its behaviour is 1.28's with the GA gates on)",
     );
-    na("nftables", f.nftables.is_some(), "used only in nftables mode");
+    na(
+        "nftables",
+        f.nftables.is_some(),
+        "kpx's nftables backend takes masqueradeAll and syncPeriod from the top level",
+    );
     s.mode = match f.mode.as_deref().unwrap_or("") {
         "" | "iptables" => Some(Mode::Iptables),
         "ipvs" => Some(Mode::Ipvs),
-        "nftables" => {
-            return Err(error("mode", "\"nftables\": this kpx build has no nftables backend; use iptables or ipvs"));
-        }
+        "nftables" => Some(Mode::Nftables),
         "kernelspace" => return Err(error("mode", "\"kernelspace\" is Windows only")),
         other => return Err(error("mode", format!("{other:?} is not iptables, ipvs or nftables"))),
     };

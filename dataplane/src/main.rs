@@ -41,8 +41,9 @@ struct Flags {
     /// How the rules reach the kernel; dry-run prints iptables-restore input instead; shadow
     /// runs beside a live kube-proxy, compares the rules it would write with the kernel's and
     /// reports the differences, writing nothing; userspace proxies connections in this process
-    /// (iptables rules send service traffic to it).
-    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "dry-run", "shadow", "userspace"])]
+    /// (iptables rules send service traffic to it); nftables programs kube-proxy's nftables
+    /// layout through netlink.
+    #[arg(long, default_value = "iptables", value_parser = ["iptables", "ipvs", "nftables", "dry-run", "shadow", "userspace"])]
     backend: String,
     /// With --backend userspace: how long established connections to a removed endpoint may go
     /// on (0s closes them at once); unlimited when omitted.
@@ -83,6 +84,9 @@ struct Flags {
     /// With --backend ipvs: exit if the kernel has no IPVS instead of falling back to iptables.
     #[arg(long)]
     no_ipvs_fallback: bool,
+    /// With --backend nftables: fall back to iptables when nf_tables is unusable (else exit).
+    #[arg(long)]
+    nftables_fallback: bool,
     /// The pod CIDR: traffic to a service from outside it is masqueraded.
     #[arg(long, value_name = "CIDR")]
     cluster_cidr: Option<String>,
@@ -189,6 +193,7 @@ fn merge(f: &mut Flags, m: &ArgMatches, s: Settings) {
     let backend = s.mode.map(|mode| match mode {
         Mode::Iptables => "iptables".to_string(),
         Mode::Ipvs => "ipvs".to_string(),
+        Mode::Nftables => "nftables".to_string(),
     });
     set(m, "backend", &mut f.backend, backend);
     set(m, "node", &mut f.node, s.node_name.map(Some));
@@ -272,6 +277,7 @@ async fn run(mut flags: Flags, matches: ArgMatches) -> anyhow::Result<()> {
             "shadow" => BackendKind::Shadow,
             "ipvs" => BackendKind::Ipvs,
             "userspace" => BackendKind::Userspace,
+            "nftables" => BackendKind::Nftables,
             _ => BackendKind::Iptables,
         },
         cluster_cidr: flags.cluster_cidr,
@@ -298,6 +304,7 @@ async fn run(mut flags: Flags, matches: ArgMatches) -> anyhow::Result<()> {
             // 1.29's settings, only from the file.
             ..conntrack_extra
         },
+        nftables_fallback: flags.nftables_fallback,
         admin_listen: flags.admin_listen.0,
         admin_security: flags.admin_security,
         kubeconfig: flags.kubeconfig,

@@ -1,7 +1,8 @@
-//! Hostile state against the real iptables parser and kernel. The dataplane trusts nothing it
-//! receives: malformed services, odd endpoints and garbage on the wire must end as a reported
-//! skip (or a clear error from the state), never as a panic, a failed restore, a rule outside
-//! kpx's own chains or a change to another service's rules.
+//! Hostile state against the real iptables parser, nf_tables and the kernel. The dataplane
+//! trusts nothing it receives: malformed services, odd endpoints and garbage on the wire must end
+//! as a reported skip (or a clear error from the state), never as a panic, a failed restore or a
+//! refused nftables transaction, a rule outside kpx's own chains or tables, or a change to
+//! another service's rules.
 //!
 //! 1. Deterministic: one valid dual-stack service among many hostile ones, applied by the real
 //!    `IptablesBackend` (iptables-nft and iptables-legacy, IPv4 and IPv6) in a fresh network
@@ -13,6 +14,11 @@
 //!    is applied and must leave what a full sync of the same state leaves, and a restarted
 //!    backend must adopt the result without rewriting a chain. The IPVS planner gets the same
 //!    states.
+//! 3. nftables (hostile_state/nftables.rs): the deterministic state and every random case
+//!    through the real `NftBackend` (IPv4 and IPv6) in namespaces that also hold tables kpx does
+//!    not own: each transaction accepted whole and listed by the real `nft`, each delta leaving
+//!    what a restarted backend adopts without writing, foreign tables untouched; and refused
+//!    transactions (a table someone edited, a table another process owns) change nothing.
 //!
 //! `KPX_HOSTILE_SEED=<u64>` replays a run (every failure prints its seed; the default is a
 //! fixed seed, `random` picks a new one);
@@ -36,17 +42,19 @@ mod hostile;
 mod iptables;
 #[path = "hostile_state/model.rs"]
 mod model;
+#[path = "hostile_state/nftables.rs"]
+mod nftables;
 #[path = "hostile_state/random.rs"]
 mod random;
 
 use std::time::Instant;
 
 use deterministic::hostile_state_applies;
-use hostile::web;
+use hostile::{hostile_delta, hostile_model, web};
 use iptables::{Tools, variants};
 use kpx_dataplane::state::{AppliedState, ApplyError};
 use kpx_proto::v1 as pb;
-use model::{Model, ep};
+use model::{Model, ep, render_cfg};
 use random::{FAMS, build_case, kernel_cases};
 
 #[test]
@@ -57,6 +65,58 @@ fn hostile_state_iptables_nft() {
 #[test]
 fn hostile_state_iptables_legacy() {
     hostile_state_applies("legacy");
+}
+
+#[test]
+fn hostile_state_nftables() {
+    if !nftables::ready("hostile_state_nftables") {
+        return;
+    }
+    let (model, unrenderable) = hostile_model();
+    let mut state = AppliedState::default();
+    state.apply(&model.snapshot()).expect("the hostile snapshot is a consistent state");
+    let (_, delta) = model.after(hostile_delta());
+    let mut after = state.clone();
+    let changes = after.apply(&delta).expect("the hostile delta applies");
+    nftables::hostile_state_through_nftables(&state, &after, &changes, &unrenderable, render_cfg);
+}
+
+/// Transactions the kernel refuses change nothing, whether the backend's retry gets through
+/// (a delta against a table someone edited) or not (a table another process owns).
+#[test]
+fn refused_nftables_transactions_change_nothing() {
+    if !nftables::ready("refused_nftables_transactions_change_nothing") {
+        return;
+    }
+    let mut m = Model::default();
+    m.upsert(web());
+    for ip in ["10.180.0.1", "10.180.0.2", "fd00:10::1", "fd00:10::2"] {
+        m.add_endpoint("ns/web", ep(ip, "http", 8080, true, false));
+    }
+    let mut state = AppliedState::default();
+    state.apply(&m.snapshot()).unwrap();
+    nftables::foreign_owner_refuses_everything(&state);
+
+    let mut other = web();
+    other.name = "other".into();
+    other.cluster_ips = vec!["172.30.0.42".into()];
+    other.ports[0].node_port = 0;
+    m.upsert(other);
+    m.add_endpoint("ns/other", ep("10.180.0.9", "http", 8080, true, false));
+    let mut state = AppliedState::default();
+    state.apply(&m.snapshot()).unwrap();
+    let (_, delta) = m.after(pb::Update {
+        services_removed: vec![pb::ServiceRef { namespace: "ns".into(), name: "other".into() }],
+        endpoints_removed: vec![pb::EndpointRef { service: "ns/web".into(), ip: "10.180.0.1".into() }],
+        endpoints_upserted: vec![pb::Endpoint {
+            service: "ns/web".into(),
+            ..ep("10.180.0.3", "http", 8080, true, false)
+        }],
+        ..Default::default()
+    });
+    let mut after = state.clone();
+    let changes = after.apply(&delta).unwrap();
+    nftables::refused_delta_is_retried_whole(&state, &after, &changes, "10.180.0.9");
 }
 
 /// Updates the state cannot apply are clear errors, not panics.
@@ -122,7 +182,21 @@ fn random_states_pass_the_real_parser() {
     let bytes: usize = cases.iter().flat_map(|c| c.inputs.iter().flatten()).map(String::len).sum();
     eprintln!("{n} cases rendered ({bytes} bytes of restore input) in {:?}", started.elapsed());
     let variants = variants("random_states_pass_the_real_parser");
+    let nft = nftables::ready("random_states_pass_the_real_parser");
     std::thread::scope(|s| {
+        let nft_handles: Vec<_> = FAMS
+            .iter()
+            .filter(|_| nft)
+            .map(|&family| {
+                let cases = &cases;
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let f = nftables::nft_cases(family, cases);
+                    eprintln!("nftables {family:?}: {} cases through the kernel in {:?}", cases.len(), t.elapsed());
+                    f
+                })
+            })
+            .collect();
         let handles: Vec<_> = variants
             .iter()
             .flat_map(|v| FAMS.map(|family| Tools { family, variant: v }))
@@ -138,7 +212,7 @@ fn random_states_pass_the_real_parser() {
                 })
             })
             .collect();
-        for h in handles {
+        for h in handles.into_iter().chain(nft_handles) {
             failures.extend(h.join().unwrap_or_else(|_| vec!["a kernel thread panicked".into()]));
         }
     });

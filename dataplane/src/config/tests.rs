@@ -89,7 +89,6 @@ fn unknown_and_invalid_fields_are_named() {
         ("iptables:\n  masqueradeBitt: 14\n", "iptables.masqueradeBitt", "unknown field `masqueradeBitt`"),
         ("modee: ipvs\n", "modee", "unknown field `modee`"),
         ("mode: userspace\n", "mode", "\"userspace\" is not iptables, ipvs or nftables"),
-        ("mode: nftables\n", "mode", "no nftables backend"),
         ("iptables:\n  syncPeriod: 30\n", "iptables.syncPeriod", "invalid type: integer `30`"),
         ("iptables:\n  syncPeriod: 30x\n", "iptables.syncPeriod", "not a duration"),
         ("iptables:\n  masqueradeBit: 15\n", "iptables.masqueradeBit", "bit 14"),
@@ -139,4 +138,11 @@ fn iptables_mode_settings_and_defaults() {
     assert_eq!(s.conntrack.tcp_be_liberal, Some(true));
     assert_eq!(s.log_format.as_deref(), Some("json"));
     assert!(s.not_applicable.is_empty(), "{:?}", s.not_applicable);
+}
+
+#[test]
+fn nftables_mode_selects_the_nftables_backend() {
+    let s =
+        parse("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\n").unwrap();
+    assert_eq!(s.mode, Some(Mode::Nftables));
 }

@@ -25,10 +25,12 @@ use crate::netns::NetNs;
 /// One random case, rendered: the full restore input of the snapshot and of the state after
 /// the delta, and the partial sync between them, per family.
 pub(crate) struct Case {
-    id: String,
-    index: usize,
-    /// The state after the delta.
-    after: AppliedState,
+    pub(crate) id: String,
+    pub(crate) index: usize,
+    /// The snapshot's state, the delta's changes and the state after the delta.
+    pub(crate) before: AppliedState,
+    pub(crate) changes: ChangeSet,
+    pub(crate) after: AppliedState,
     /// Per family (V4, V6): full before, partial, full after.
     pub(crate) inputs: [[String; 3]; 2],
 }
@@ -43,7 +45,7 @@ fn fam_index(f: IpFamily) -> usize {
 }
 
 /// The render config of case `i`: node IPs, pod CIDR and masquerading vary from case to case.
-fn random_cfg(family: IpFamily, i: usize) -> RenderConfig {
+pub(crate) fn random_cfg(family: IpFamily, i: usize) -> RenderConfig {
     let mut cfg = render_cfg(family);
     match i % 4 {
         0 => {}
@@ -119,6 +121,8 @@ pub(crate) fn build_case(seed: u64, i: usize) -> Result<Case, String> {
                 return Ok(Case {
                     id: id.clone(),
                     index: i,
+                    before: AppliedState::default(),
+                    changes: ChangeSet::default(),
                     after: AppliedState::default(),
                     inputs: Default::default(),
                 });
@@ -131,7 +135,14 @@ pub(crate) fn build_case(seed: u64, i: usize) -> Result<Case, String> {
                 st.apply(&u).map_err(|e| format!("{id}: a decoded snapshot at its own version: {e}"))?;
             }
             let inputs = render_case(&id, i, &st, &st, &ChangeSet::default())?;
-            return Ok(Case { id: id.clone(), index: i, after: st, inputs });
+            return Ok(Case {
+                id: id.clone(),
+                index: i,
+                before: st.clone(),
+                changes: ChangeSet::default(),
+                after: st,
+                inputs,
+            });
         }
         let m1 = g.snapshot();
         let snap = m1.snapshot();
@@ -141,7 +152,7 @@ pub(crate) fn build_case(seed: u64, i: usize) -> Result<Case, String> {
         let mut s2 = s1.clone();
         let changes = s2.apply(&delta).map_err(|e| format!("{id}: delta: {e}"))?;
         let inputs = render_case(&id, i, &s1, &s2, &changes)?;
-        Ok(Case { id: id.clone(), index: i, after: s2, inputs })
+        Ok(Case { id: id.clone(), index: i, before: s1, changes, after: s2, inputs })
     }));
     match result {
         Ok(r) => r,

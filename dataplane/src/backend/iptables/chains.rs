@@ -64,7 +64,7 @@ fn hash16(parts: &[&str]) -> String {
 
 /// RFC 4648 base32 (upper case, padded). Hand-written rather than a dependency: the chain
 /// names need only the encoding of one 32-byte digest, which is ten lines.
-fn base32(data: &[u8]) -> String {
+pub(crate) fn base32(data: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(data.len().div_ceil(5) * 8);
     for chunk in data.chunks(5) {

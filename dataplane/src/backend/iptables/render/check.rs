@@ -16,7 +16,7 @@ pub fn ip(s: &str) -> Result<IpAddr, String> {
 
 /// A CIDR, returned canonical ("10.0.0.0/8"): its network address (host bits cleared) and
 /// prefix length.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub prefix: u8,

@@ -1,0 +1,432 @@
+//! The nftables backend's I/O: one netlink transaction per update, holding only what changed.
+//!
+//! - A **delta** (`delta.rs`) renders the changed services, diffs each against what the last
+//!   sync installed for it and commits one transaction (for a one-endpoint change: its policy
+//!   chain's ranges in an endpoint map, no rule, no chain). No dump, no process.
+//! - A **full sync** (first sync, snapshot, after a failure, after foreign changes, every
+//!   `full_resync_period`) dumps the table once and commits the difference between it and
+//!   everything kpx wants: a restarted agent adopts the table it finds, and a table kpx would
+//!   write identically is left alone.
+//! - **Foreign changes** are noticed cheaply: the ruleset generation id moves by exactly one per
+//!   committed transaction, so after each of ours it must be the one before plus one; the agent's
+//!   housekeeping calls [`NftBackend::check`] each sync period, which compares the generation
+//!   and, only when it moved, dumps and repairs exactly what differs.
+//! - A refused transaction changes nothing (nf_tables commits all or nothing): the update is
+//!   retried once as a full sync, then NACKed, and the old rules keep working.
+//! - After a change, stale UDP conntrack entries are deleted as the iptables backend does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use kpx_nft_netlink::consts::{NFPROTO_IPV4, NFPROTO_IPV6};
+use kpx_nft_netlink::{NftClient, NftError};
+
+mod delta;
+
+use super::desired::{self, Pairs};
+use super::endpoints::Slots;
+use super::layout::{LElems, Lowered, Objects, TABLE, TABLE_COMMENT};
+use super::owners::Owners;
+use super::plan::{self, PlanStats};
+use crate::backend::iptables::apply::{BackendStats, FullReason, RuleCounts};
+use crate::backend::iptables::conntrack::{self, UdpPort};
+use crate::backend::iptables::exec::Runner;
+use crate::backend::iptables::render::{IpFamily, RenderConfig};
+use crate::state::{AppliedState, ChangeSet};
+use crate::stream::Apply;
+use kpx_telemetry::span::{Attr, DistSpan};
+
+#[derive(Debug, Clone)]
+pub struct NftConfig {
+    pub family: IpFamily,
+    pub cluster_cidr: Option<String>,
+    pub masquerade_all: bool,
+    pub node_ips: Vec<IpAddr>,
+    pub node_name: String,
+    pub full_resync_period: Duration,
+    /// Tests only: program this network namespace (`ip netns` name).
+    pub netns: Option<String>,
+}
+
+impl NftConfig {
+    pub fn new(family: IpFamily, node_name: &str) -> NftConfig {
+        NftConfig {
+            family,
+            cluster_cidr: None,
+            masquerade_all: false,
+            node_ips: Vec::new(),
+            node_name: node_name.into(),
+            full_resync_period: Duration::from_secs(3600),
+            netns: None,
+        }
+    }
+
+    pub fn render_config(&self) -> RenderConfig {
+        RenderConfig {
+            family: self.family,
+            cluster_cidr: self.cluster_cidr.clone(),
+            masquerade_all: self.masquerade_all,
+            node_ips: self.node_ips.clone(),
+            node_name: self.node_name.clone(),
+            // kube-proxy's nftables mode has no localhost node ports (they need route_localnet,
+            // which it leaves off); neither has this backend.
+            localhost_node_ports: false,
+        }
+    }
+
+    pub fn nfproto(&self) -> u8 {
+        match self.family {
+            IpFamily::V4 => NFPROTO_IPV4,
+            IpFamily::V6 => NFPROTO_IPV6,
+        }
+    }
+
+    /// A socket of its own (in the configured namespace).
+    pub fn client(&self) -> Result<NftClient, NftError> {
+        match &self.netns {
+            Some(ns) => NftClient::in_netns(ns),
+            None => NftClient::new(),
+        }
+    }
+}
+
+/// What the backend did.
+#[derive(Debug, Clone, Default)]
+pub struct NftStats {
+    pub last_sync_duration: Option<Duration>,
+    pub last_sync_full: bool,
+    pub last_success: Option<SystemTime>,
+    pub last_full_reason: Option<FullReason>,
+    pub full_syncs: u64,
+    pub partial_syncs: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// The last transaction: operations and bytes on the wire (0 when nothing differed).
+    pub last_ops: usize,
+    pub last_bytes: usize,
+    pub last_plan: PlanStats,
+    /// Objects kpx keeps in its table after the last successful sync.
+    pub chains: usize,
+    pub rules: usize,
+    pub elements: usize,
+    /// Checks that found the generation moved by someone else, and repairs they made.
+    pub foreign_changes: u64,
+    pub repairs: u64,
+    pub conntrack_deletes: u64,
+}
+
+pub struct NftBackend {
+    cfg: NftConfig,
+    render: RenderConfig,
+    client: NftClient,
+    /// What the last successful sync installed, per service (hairpin pairs apart).
+    services: BTreeMap<String, Lowered>,
+    service_pairs: BTreeMap<String, LElems>,
+    /// Which service a shared-map element belongs to (two services claiming one key: the
+    /// first keeps it).
+    owners: Owners,
+    /// How many services want each hairpin pair.
+    pairs: Pairs,
+    /// Each policy chain's range in an endpoint map, and the endpoint maps the table has.
+    slots: Slots,
+    maps: BTreeSet<String>,
+    /// The generation kpx's last transaction left, shared by the backends of one network
+    /// namespace (IPv4 and IPv6 commit to the same ruleset); None: unknown.
+    gen_id: SharedGen,
+    synced_once: bool,
+    failed: bool,
+    foreign: bool,
+    last_full: Option<Instant>,
+    udp: BTreeMap<String, Vec<UdpPort>>,
+    runner: Runner,
+    stats: NftStats,
+}
+
+impl std::fmt::Debug for NftBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NftBackend").field("cfg", &self.cfg).field("stats", &self.stats).finish()
+    }
+}
+
+impl NftBackend {
+    /// Opens the netlink socket: [`NftError::Unavailable`] without nf_tables or permission.
+    pub fn new(cfg: NftConfig) -> Result<NftBackend, NftError> {
+        let client = cfg.client()?;
+        let render = cfg.render_config();
+        Ok(NftBackend {
+            runner: Runner { netns: cfg.netns.clone() },
+            cfg,
+            render,
+            client,
+            services: BTreeMap::new(),
+            service_pairs: BTreeMap::new(),
+            owners: Owners::default(),
+            pairs: Pairs::new(),
+            slots: Slots::default(),
+            maps: BTreeSet::new(),
+            gen_id: SharedGen::default(),
+            synced_once: false,
+            failed: false,
+            foreign: false,
+            last_full: None,
+            udp: BTreeMap::new(),
+            stats: NftStats::default(),
+        })
+    }
+
+    /// Shares the generation with another family's backend in the same namespace, so that
+    /// neither takes the other's transactions for foreign changes.
+    pub fn share_generation(&mut self, other: &NftBackend) {
+        self.gen_id = other.gen_id.clone();
+    }
+
+    fn known_gen(&self) -> Option<u32> {
+        *self.gen_id.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_gen(&self, g: Option<u32>) {
+        *self.gen_id.lock().unwrap_or_else(|e| e.into_inner()) = g;
+    }
+
+    pub fn config(&self) -> &NftConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &NftStats {
+        &self.stats
+    }
+
+    /// The stats in the iptables backend's shape, for the agent's metrics.
+    pub fn backend_stats(&self) -> BackendStats {
+        let s = &self.stats;
+        BackendStats {
+            last_sync_duration: s.last_sync_duration,
+            last_sync_full: s.last_sync_full,
+            last_success: s.last_success,
+            full_syncs: s.full_syncs,
+            partial_syncs: s.partial_syncs,
+            restore_failures: s.failures,
+            last_error: s.last_error.clone(),
+            last_rules_written: s.last_plan.rules_written,
+            last_bytes_written: s.last_bytes,
+            last_restores: usize::from(s.last_ops > 0),
+            rules: RuleCounts { filter: 0, nat: s.rules },
+            conntrack_deletes: s.conntrack_deletes,
+            last_full_reason: s.last_full_reason,
+            ..Default::default()
+        }
+    }
+
+    /// Everything kpx wants for `state`, as objects (for the admin API and tests).
+    pub fn desired(&self, state: &AppliedState) -> Objects {
+        desired::desired_objects(&self.render, state, &mut self.slots.clone()).0
+    }
+
+    fn full_reason(&self, snapshot: bool) -> Option<FullReason> {
+        if !self.synced_once {
+            Some(FullReason::FirstSync)
+        } else if self.failed {
+            Some(FullReason::AfterFailure)
+        } else if self.foreign {
+            Some(FullReason::CanaryLost)
+        } else if snapshot {
+            Some(FullReason::Snapshot)
+        } else if self.last_full.is_none_or(|t| t.elapsed() >= self.cfg.full_resync_period) {
+            Some(FullReason::Periodic)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the next sync will be full (for the agent's periodic resync).
+    pub fn wants_full_sync(&self) -> bool {
+        self.synced_once && self.full_reason(false).is_some()
+    }
+
+    /// The cheap foreign-change check: the generation id. When someone else committed since our
+    /// last transaction, the next sync (the agent runs it at once) dumps and repairs. Returns
+    /// whether the table is as kpx left it, as far as the generation tells.
+    pub fn check(&mut self) -> bool {
+        if !self.synced_once {
+            return true;
+        }
+        match self.client.gen_id() {
+            Ok(g) if Some(g) == self.known_gen() => true,
+            Ok(g) => {
+                tracing::debug!(family = ?self.cfg.family, was = ?self.known_gen(), now = g, "nftables ruleset changed by someone else; checking kpx's table");
+                self.stats.foreign_changes += 1;
+                self.foreign = true;
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the nftables generation; next sync is full");
+                self.foreign = true;
+                false
+            }
+        }
+    }
+
+    /// After our commit: the generation must have moved by exactly one.
+    fn record_gen(&mut self, before: Option<u32>, committed: bool) {
+        match self.client.gen_id() {
+            Ok(g) => {
+                let expected = before.map(|b| if committed { b.wrapping_add(1) } else { b });
+                if self.synced_once && expected.is_some_and(|e| e != g) {
+                    self.foreign = true;
+                }
+                self.set_gen(Some(g));
+            }
+            Err(_) => self.set_gen(None),
+        }
+    }
+
+    fn full_sync(&mut self, state: &AppliedState) -> Result<PlanStats, NftError> {
+        let before = self.known_gen();
+        let kernel = self.client.dump_table(self.cfg.nfproto(), TABLE)?;
+        // The policy chains keep the ranges the table gives them: a restarted agent rewrites
+        // nothing.
+        let mut slots = kernel.as_ref().map(Slots::from_dump).unwrap_or_default();
+        let r = desired::render_all(&self.render, state, &mut slots);
+        log_skipped(&r.skipped);
+        let desired = r.desired;
+        let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
+        let old = match &kernel {
+            Some(d) => plan::from_dump(d),
+            None => {
+                batch.add_table(TABLE_COMMENT);
+                Lowered::default()
+            }
+        };
+        let st = plan::plan(&old, &desired, &mut batch);
+        if kernel.is_some() && self.synced_once && !st.is_empty() {
+            self.stats.repairs += 1;
+            tracing::warn!(family = ?self.cfg.family, repaired = %st.describe(), "nftables: kpx's table differed from what kpx wants; repaired");
+        }
+        let committed = !batch.is_empty();
+        self.commit(batch)?;
+        slots.settle();
+        self.maps = slots.maps();
+        self.slots = slots;
+        self.services = r.services;
+        self.service_pairs = r.service_pairs;
+        self.owners = r.owners;
+        self.pairs = r.pairs;
+        self.record_gen(before, committed);
+        self.foreign = false;
+        self.count(&desired);
+        Ok(st)
+    }
+
+    fn commit(&mut self, batch: kpx_nft_netlink::Batch) -> Result<(), NftError> {
+        let ops = batch.ops;
+        let span = DistSpan::child("dp.nftables.transaction", vec![Attr::new("ops", ops as i64)]);
+        let result = self.client.commit(batch);
+        self.stats.last_ops = ops;
+        self.stats.last_bytes = if ops == 0 { 0 } else { self.client.stats.last_bytes };
+        span.set(Attr::new("bytes", self.stats.last_bytes as i64));
+        if let Err(e) = &result {
+            span.error(e.to_string());
+        }
+        result
+    }
+
+    fn count(&mut self, desired: &Lowered) {
+        self.stats.chains = desired.chains.len();
+        self.stats.rules = desired.chains.values().map(|c| c.rules.len()).sum();
+        self.stats.elements = desired.elements.values().map(|e| e.len()).sum();
+    }
+
+    fn sync(&mut self, state: &AppliedState, changes: &ChangeSet, full: Option<FullReason>) -> Result<(), NftError> {
+        let started = Instant::now();
+        let mut attrs = vec![Attr::new("family", format!("{:?}", self.cfg.family)), Attr::new("full", full.is_some())];
+        attrs.extend(full.map(|r| Attr::new("full_reason", format!("{r:?}"))));
+        let span = DistSpan::child("dp.nftables.sync", attrs);
+        let entered = span.enter();
+        let result = match full {
+            Some(_) => self.full_sync(state),
+            None => self.partial_sync(state, changes),
+        };
+        drop(entered);
+        self.stats.last_sync_duration = Some(started.elapsed());
+        self.stats.last_sync_full = full.is_some();
+        match result {
+            Ok(st) => {
+                self.stats.last_plan = st;
+                if full.is_some() {
+                    self.stats.full_syncs += 1;
+                    self.stats.last_full_reason = full;
+                    self.last_full = Some(started);
+                } else {
+                    self.stats.partial_syncs += 1;
+                }
+                self.failed = false;
+                self.stats.last_success = Some(SystemTime::now());
+                self.stats.last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                span.error(e.to_string());
+                self.failed = true;
+                self.stats.failures += 1;
+                self.stats.last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn clean_conntrack(&mut self, state: &AppliedState, changes: &ChangeSet, full: bool) {
+        let known_old = self.synced_once;
+        let keys: Vec<String> = if full {
+            self.udp.keys().chain(state.services().keys()).cloned().collect()
+        } else {
+            changes.services.iter().cloned().collect()
+        };
+        let mut deletes = Vec::new();
+        for k in keys {
+            let new = state.services().get(&k).map(|e| conntrack::udp_ports(self.cfg.family, e)).unwrap_or_default();
+            let old = self.udp.get(&k).map(Vec::as_slice).unwrap_or_default();
+            deletes.extend(conntrack::cleanups(self.cfg.family, old, &new, known_old));
+            if new.is_empty() {
+                self.udp.remove(&k);
+            } else {
+                self.udp.insert(k, new);
+            }
+        }
+        for args in deletes {
+            let mut argv = vec!["conntrack"];
+            argv.extend(args.iter().map(String::as_str));
+            match self.runner.run(&argv, &[]) {
+                Ok(r) if r.success || conntrack::nothing_matched(&r.stderr) => self.stats.conntrack_deletes += 1,
+                Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
+                Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
+            }
+        }
+    }
+}
+
+impl Apply for NftBackend {
+    fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
+        let full = self.full_reason(changes.full);
+        let full = match self.sync(state, changes, full) {
+            Ok(()) => full.is_some(),
+            Err(error) => {
+                tracing::warn!(family = ?self.cfg.family, %error, "nftables transaction refused; retrying as a full sync");
+                self.sync(state, changes, Some(FullReason::AfterFailure)).map_err(|e| e.to_string())?;
+                true
+            }
+        };
+        self.clean_conntrack(state, changes, full);
+        self.synced_once = true;
+        tracing::debug!(family = ?self.cfg.family, full, ops = self.stats.last_ops, bytes = self.stats.last_bytes, "nftables synced");
+        Ok(())
+    }
+}
+
+type SharedGen = std::sync::Arc<std::sync::Mutex<Option<u32>>>;
+
+fn log_skipped(skipped: &[String]) {
+    if !skipped.is_empty() {
+        tracing::warn!(count = skipped.len(), first = ?&skipped[..skipped.len().min(5)], "parts of services left out of the nftables rules");
+    }
+}
