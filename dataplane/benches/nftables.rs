@@ -6,7 +6,7 @@
 //! (iptables-nft and iptables-legacy) with fewer rounds. Prints figures; asserts nothing.
 //!
 //! `cargo bench -p kpx-dataplane --bench nftables -- [--sizes 1000,10000] [--endpoints-per-service 10]
-//! [--changes 60] [--iptables-rounds 5] [--no-iptables]`
+//! [--changes 60] [--iptables-rounds 5] [--no-iptables] [--settle-ms 0]`
 //!
 //! Without `--bench` (under `cargo test --all-targets`) it only renders a tiny cluster.
 
@@ -31,13 +31,16 @@ struct Args {
     iptables_rounds: usize,
     iptables: bool,
     smoke: bool,
+    /// Pause after the full sync before timing changes (what the kernel still does after a big
+    /// transaction shows as the first changes' latency without it).
+    settle: Duration,
 }
 
 fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let smoke = !argv.iter().any(|a| a == "--bench");
     let mut a =
-        Args { sizes: vec![1000, 10_000], per_service: 10, changes: 60, iptables_rounds: 5, iptables: true, smoke };
+        Args { sizes: vec![1000, 10_000], per_service: 10, changes: 60, iptables_rounds: 5, iptables: true, smoke, settle: Duration::ZERO };
     let mut it = argv.iter();
     while let Some(f) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{f} needs a value")).clone();
@@ -47,6 +50,7 @@ fn parse_args() -> Args {
             "--changes" => a.changes = v().parse().expect("--changes N"),
             "--iptables-rounds" => a.iptables_rounds = v().parse().expect("--iptables-rounds N"),
             "--no-iptables" => a.iptables = false,
+            "--settle-ms" => a.settle = Duration::from_millis(v().parse().expect("--settle-ms MS")),
             _ => {}
         }
     }
@@ -171,6 +175,14 @@ fn pct(v: &[Duration], p: f64) -> Duration {
     s.get(((s.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
 }
 
+/// The N slowest of V with their position: a tail made of the first changes after a full sync
+/// reads differently from one spread over the run.
+fn slowest(v: &[Duration], n: usize) -> String {
+    let mut s: Vec<(usize, Duration)> = v.iter().copied().enumerate().collect();
+    s.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+    s.iter().take(n).map(|(i, d)| format!("#{i}: {:.1}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(", ")
+}
+
 fn timed(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
     f();
@@ -198,6 +210,7 @@ fn run(
     }
     let full = started.elapsed();
     rows.push(("full sync from empty".into(), format!("{:.2} s", full.as_secs_f64())));
+    std::thread::sleep(a.settle);
     let mut ep = Vec::new();
     let mut sizes = Vec::new();
     for n in 0..changes {
@@ -213,6 +226,7 @@ fn run(
     rows.push(("one-endpoint changes timed".into(), ep.len().to_string()));
     rows.push(("one-endpoint change p50".into(), ms(pct(&ep, 0.5))));
     rows.push(("one-endpoint change p99".into(), ms(pct(&ep, 0.99))));
+    rows.push(("slowest one-endpoint changes (#: ms)".into(), slowest(&ep, 4)));
     let max = sizes.iter().max().copied().unwrap_or(0);
     rows.push((
         "netlink bytes per one-endpoint change (max)".into(),
