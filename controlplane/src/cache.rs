@@ -83,6 +83,15 @@ pub struct ClassView {
     pub endpoints: Vec<pb::Endpoint>,
     /// Service entry + endpoint entries: this class's contribution to a node's version.
     pub sum: ContentHash,
+    /// The endpoints encoded for the wire, once for every node of the class (server/chunk.rs);
+    /// dropped with the view when the service or its endpoints change.
+    pub wire: std::sync::OnceLock<crate::server::ViewSegments>,
+}
+
+impl ClassView {
+    pub fn new(endpoints: Vec<pb::Endpoint>, sum: ContentHash) -> Self {
+        ClassView { endpoints, sum, wire: std::sync::OnceLock::new() }
+    }
 }
 
 impl ServiceEntry {
@@ -105,7 +114,7 @@ impl ServiceEntry {
         for e in &endpoints {
             sum.add(version::endpoint_hash(e));
         }
-        let v = Arc::new(ClassView { endpoints, sum });
+        let v = Arc::new(ClassView::new(endpoints, sum));
         views.insert(class.clone(), v.clone());
         v
     }

@@ -174,11 +174,11 @@ pub async fn serve_with_metrics(
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_not_serving::<kpx_proto::v1::sync_server::SyncServer<SyncService>>().await;
+    health_reporter.set_not_serving::<kpx_proto::encoded::server::sync_server::SyncServer<SyncService>>().await;
     let health_cache = cache.clone();
     tokio::spawn(async move {
         health_cache.wait_synced().await;
-        health_reporter.set_serving::<kpx_proto::v1::sync_server::SyncServer<SyncService>>().await;
+        health_reporter.set_serving::<kpx_proto::encoded::server::sync_server::SyncServer<SyncService>>().await;
         health_reporter.set_serving::<kpx_proto::v1::inspect_server::InspectServer<InspectService>>().await;
     });
     let (reflection_v1, reflection_v1alpha) = kpx_proto::reflection::services(&["kpx.v1.Sync", "kpx.v1.Inspect"]);
@@ -192,8 +192,12 @@ pub async fn serve_with_metrics(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            kpx_proto::v1::sync_server::SyncServer::new(SyncService::new(cache.clone(), sync_config, streams_stop))
-                .max_decoding_message_size(max),
+            kpx_proto::encoded::server::sync_server::SyncServer::new(SyncService::new(
+                cache.clone(),
+                sync_config,
+                streams_stop,
+            ))
+            .max_decoding_message_size(max),
         )
         .add_service(
             kpx_proto::v1::inspect_server::InspectServer::new(InspectService::new(cache.clone()))

@@ -6,6 +6,6 @@ mod chunk;
 mod inspect;
 mod sync;
 
-pub use chunk::chunk_update;
+pub use chunk::{ViewSegments, chunk_update};
 pub use inspect::InspectService;
 pub use sync::{SyncConfig, SyncService};

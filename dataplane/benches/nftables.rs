@@ -39,8 +39,15 @@ struct Args {
 fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let smoke = !argv.iter().any(|a| a == "--bench");
-    let mut a =
-        Args { sizes: vec![1000, 10_000], per_service: 10, changes: 60, iptables_rounds: 5, iptables: true, smoke, settle: Duration::ZERO };
+    let mut a = Args {
+        sizes: vec![1000, 10_000],
+        per_service: 10,
+        changes: 60,
+        iptables_rounds: 5,
+        iptables: true,
+        smoke,
+        settle: Duration::ZERO,
+    };
     let mut it = argv.iter();
     while let Some(f) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{f} needs a value")).clone();

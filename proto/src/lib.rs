@@ -2,6 +2,7 @@
 //! inspection service, the encoded descriptor set for server reflection, and the
 //! content-version hash that both planes compute the same way.
 
+pub mod encoded;
 #[cfg(feature = "reflection")]
 pub mod reflection;
 mod update;

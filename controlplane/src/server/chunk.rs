@@ -1,16 +1,42 @@
-//! Splits a planned update into wire messages that stay far below gRPC's 4 MiB limit.
+//! Splits a planned update into wire messages that stay below [`kpx_proto::MAX_CHUNK_BYTES`],
+//! encoded here (see `kpx_proto::encoded`).
 //!
 //! Chunks are produced lazily: the stream task sends one before the next is built, so a node
 //! receiving a large snapshot holds at most a chunk or two in the controlplane, not a copy of
-//! its whole state.
+//! its whole state. The endpoints of a shared view (most of a snapshot) are encoded once per
+//! view and budget, kept on the view ([`ViewSegments`]), and every node of the view's class gets
+//! the same bytes; only the small per-node entries and each message's header are encoded per
+//! node.
 
 use crate::cache::PlannedUpdate;
 use crate::cache::log::UpdateContent;
+use bytes::Bytes;
+use kpx_proto::encoded::{EncodedUpdate, append_field, field, field_len};
 use kpx_proto::v1 as pb;
-use prost::Message;
+use std::borrow::Cow;
 
-/// Per-entry framing overhead on the wire: a field tag and a length prefix.
-const FRAMING: usize = 6;
+/// Room kept in every chunk for its header (nonce, versions, flags): view segments are cut to
+/// the chunk size minus this, so that one always fits a chunk.
+const HEADER_ROOM: usize = 512;
+
+/// Field numbers of `kpx.v1.Update` for the per-node entries.
+const SERVICES_REMOVED: u32 = 7;
+const ENDPOINTS_UPSERTED: u32 = 8;
+const ENDPOINTS_REMOVED: u32 = 9;
+
+/// A view's endpoints encoded as `endpoint_groups` entries of at most `budget` bytes each.
+#[derive(Debug)]
+pub struct ViewSegments {
+    budget: usize,
+    segments: Vec<Bytes>,
+}
+
+impl ViewSegments {
+    /// Cached bytes, for the controlplane's memory accounting.
+    pub fn bytes(&self) -> usize {
+        self.segments.iter().map(Bytes::len).sum()
+    }
+}
 
 /// Where the chunker is in the update's entries, in the order the node applies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +62,6 @@ pub struct Chunks {
     content: UpdateContent,
     section: Section,
     pos: usize,
-    /// The view whose group the chunk being built ends with (its next endpoints join it).
-    open_group: Option<usize>,
     finished: bool,
 }
 
@@ -52,76 +76,131 @@ pub fn chunk_update(plan: PlannedUpdate, max_bytes: usize) -> Chunks {
         content: plan.content,
         section: Section::ServicesRemoved,
         pos: 0,
-        open_group: None,
         finished: false,
     }
 }
 
+/// One chunk being filled: the node's own entries, encoded into one buffer, then shared view
+/// segments.
+#[derive(Default)]
+struct Filling {
+    own: Vec<u8>,
+    shared: Vec<Bytes>,
+    size: usize,
+}
+
+impl Filling {
+    fn fits(&self, len: usize, max: usize) -> bool {
+        self.size == 0 || self.size + len <= max
+    }
+}
+
 impl Chunks {
-    /// Adds the next entry to `chunk` if it fits (or the chunk is empty); false when the
-    /// chunk is full or every entry has been taken.
-    fn take_one(&mut self, chunk: &mut pb::Update, size: &mut usize) -> bool {
+    /// Adds the next entry (or view segment) to the chunk if it fits (or the chunk is empty);
+    /// false when the chunk is full or every entry has been taken.
+    fn take_one(&mut self, chunk: &mut Filling) -> bool {
+        let max = self.max_bytes.saturating_sub(HEADER_ROOM).max(1);
         loop {
-            let c = &self.content;
-            let len = match self.section {
-                Section::ServicesRemoved => c.services_removed.get(self.pos).map(|r| r.encoded_len()),
-                Section::EndpointsRemoved => c.endpoints_removed.get(self.pos).map(|r| r.encoded_len()),
-                Section::ServicesUpserted => c.services_upserted.get(self.pos).map(|s| s.encoded_len()),
-                Section::EndpointsUpserted => c.endpoints_upserted.get(self.pos).map(|e| e.encoded_len()),
-                Section::EndpointViews { view } => match c.endpoint_views.get(view) {
-                    Some(v) => match v.endpoints.get(self.pos) {
-                        Some(e) if self.open_group == Some(view) => Some(grouped_len(e)),
-                        Some(e) => Some(grouped_len(e) + e.service.len() + FRAMING),
-                        None => {
-                            self.section = Section::EndpointViews { view: view + 1 };
-                            self.pos = 0;
-                            continue;
-                        }
-                    },
-                    None => None,
-                },
+            let (c, i) = (&self.content, self.pos);
+            let entry: Option<(u32, &dyn EncodeAs)> = match self.section {
+                Section::ServicesRemoved => c.services_removed.get(i).map(|m| (SERVICES_REMOVED, m as _)),
+                Section::EndpointsRemoved => c.endpoints_removed.get(i).map(|m| (ENDPOINTS_REMOVED, m as _)),
+                Section::ServicesUpserted => {
+                    c.services_upserted.get(i).map(|m| (field::SERVICES_UPSERTED, m.as_ref() as _))
+                }
+                Section::EndpointsUpserted => c.endpoints_upserted.get(i).map(|m| (ENDPOINTS_UPSERTED, m as _)),
+                Section::EndpointViews { view } => {
+                    let Some(v) = c.endpoint_views.get(view) else {
+                        self.section = Section::Done;
+                        return false;
+                    };
+                    let segments = view_segments(v, max);
+                    let Some(seg) = segments.get(i) else {
+                        self.section = Section::EndpointViews { view: view + 1 };
+                        self.pos = 0;
+                        continue;
+                    };
+                    if !chunk.fits(seg.len(), max) {
+                        return false;
+                    }
+                    chunk.size += seg.len();
+                    chunk.shared.push(seg.clone());
+                    self.pos += 1;
+                    return true;
+                }
                 Section::Done => return false,
             };
-            let Some(len) = len else {
+            let Some((tag, m)) = entry else {
                 self.section = match self.section {
                     Section::ServicesRemoved => Section::EndpointsRemoved,
                     Section::EndpointsRemoved => Section::ServicesUpserted,
                     Section::ServicesUpserted => Section::EndpointsUpserted,
-                    Section::EndpointsUpserted => Section::EndpointViews { view: 0 },
-                    _ => Section::Done,
+                    _ => Section::EndpointViews { view: 0 },
                 };
                 self.pos = 0;
                 continue;
             };
-            if *size > 0 && *size + len + FRAMING > self.max_bytes {
+            let len = m.field_len(tag);
+            if !chunk.fits(len, max) {
                 return false;
             }
-            *size += len + FRAMING;
-            let (c, i) = (&mut self.content, self.pos);
-            match self.section {
-                Section::ServicesRemoved => chunk.services_removed.push(std::mem::take(&mut c.services_removed[i])),
-                Section::EndpointsRemoved => chunk.endpoints_removed.push(std::mem::take(&mut c.endpoints_removed[i])),
-                Section::ServicesUpserted => chunk.services_upserted.push((*c.services_upserted[i]).clone()),
-                Section::EndpointsUpserted => {
-                    chunk.endpoints_upserted.push(std::mem::take(&mut c.endpoints_upserted[i]))
-                }
-                Section::EndpointViews { view } => {
-                    let e = &c.endpoint_views[view].endpoints[i];
-                    if self.open_group != Some(view) {
-                        chunk
-                            .endpoint_groups
-                            .push(pb::ServiceEndpoints { service: e.service.clone(), endpoints: Vec::new() });
-                        self.open_group = Some(view);
-                    }
-                    let group = chunk.endpoint_groups.last_mut().expect("opened above");
-                    group.endpoints.push(grouped(e));
-                }
-                Section::Done => unreachable!("returned above"),
-            }
+            chunk.size += len;
+            m.append(tag, &mut chunk.own);
             self.pos += 1;
             return true;
         }
     }
+}
+
+/// The per-node entry kinds, encoded the same way.
+trait EncodeAs {
+    fn field_len(&self, tag: u32) -> usize;
+    fn append(&self, tag: u32, buf: &mut Vec<u8>);
+}
+
+impl<M: prost::Message> EncodeAs for M {
+    fn field_len(&self, tag: u32) -> usize {
+        field_len(tag, self)
+    }
+    fn append(&self, tag: u32, buf: &mut Vec<u8>) {
+        append_field(tag, self, buf)
+    }
+}
+
+/// V's endpoints as `endpoint_groups` segments of at most BUDGET bytes: encoded on first use and
+/// kept on the view for every other node (and snapshot) that sends it with the same budget.
+fn view_segments(v: &crate::cache::ClassView, budget: usize) -> Cow<'_, [Bytes]> {
+    let cached = v.wire.get_or_init(|| ViewSegments { budget, segments: encode_view(&v.endpoints, budget) });
+    if cached.budget == budget {
+        Cow::Borrowed(&cached.segments)
+    } else {
+        Cow::Owned(encode_view(&v.endpoints, budget))
+    }
+}
+
+/// ENDPOINTS (all of one service) as `endpoint_groups` entries, each one group of at most
+/// BUDGET bytes (one endpoint per group at least) naming the service once.
+fn encode_view(endpoints: &[pb::Endpoint], budget: usize) -> Vec<Bytes> {
+    let Some(first) = endpoints.first() else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut group = pb::ServiceEndpoints { service: first.service.clone(), endpoints: Vec::new() };
+    let empty = field_len(field::ENDPOINT_GROUPS, &group);
+    // The group's size without its outer length prefix's growth: exact enough with the slack
+    // below (a length prefix grows by at most 2 bytes under 2 MiB).
+    let mut inner = empty;
+    for e in endpoints {
+        let e = grouped(e);
+        let len = field_len(2, &e);
+        if !group.endpoints.is_empty() && inner + len + 2 > budget {
+            out.push(kpx_proto::encoded::field_bytes(field::ENDPOINT_GROUPS, &group));
+            group.endpoints.clear();
+            inner = empty;
+        }
+        inner += len;
+        group.endpoints.push(e);
+    }
+    out.push(kpx_proto::encoded::field_bytes(field::ENDPOINT_GROUPS, &group));
+    out
 }
 
 /// An endpoint as it travels in its service's group: without its service name.
@@ -136,38 +215,35 @@ fn grouped(e: &pb::Endpoint) -> pb::Endpoint {
     }
 }
 
-/// The encoded length of [`grouped`]`(e)`, without building it.
-fn grouped_len(e: &pb::Endpoint) -> usize {
-    let service = e.service.len();
-    let field = if service == 0 { 0 } else { 1 + prost::encoding::encoded_len_varint(service as u64) + service };
-    e.encoded_len() - field
-}
-
 impl Iterator for Chunks {
-    type Item = pb::Update;
+    type Item = EncodedUpdate;
 
-    fn next(&mut self) -> Option<pb::Update> {
+    fn next(&mut self) -> Option<EncodedUpdate> {
         if self.finished {
             return None;
         }
-        let mut chunk = pb::Update {
+        let mut chunk = Filling::default();
+        while self.take_one(&mut chunk) {}
+        let last = self.section == Section::Done;
+        let header = pb::Update {
             nonce: self.nonce,
             version: self.version.clone(),
             base_version: self.base_version.clone(),
             full: self.full,
-            more: true,
+            more: !last,
             send_digest: self.send_digest,
+            causes: if last { std::mem::take(&mut self.content.causes) } else { Vec::new() },
             ..Default::default()
         };
-        let mut size = 0;
-        self.open_group = None;
-        while self.take_one(&mut chunk, &mut size) {}
-        if self.section == Section::Done {
-            self.finished = true;
-            chunk.more = false;
-            chunk.causes = std::mem::take(&mut self.content.causes);
+        self.finished = last;
+        let mut out = EncodedUpdate::new(&header);
+        if !chunk.own.is_empty() {
+            out.push(chunk.own.into());
         }
-        Some(chunk)
+        for s in chunk.shared {
+            out.push(s);
+        }
+        Some(out)
     }
 }
 
@@ -176,7 +252,19 @@ mod tests {
     use super::*;
     use crate::cache::ClassView;
     use kpx_proto::version::ContentHash;
+    use prost::Message;
     use std::sync::Arc;
+
+    /// The chunks as a node decodes them, with their encoded sizes.
+    fn decoded(p: PlannedUpdate, max: usize) -> Vec<(pb::Update, usize)> {
+        chunk_update(p, max)
+            .map(|c| {
+                let bytes = c.to_vec();
+                assert_eq!(bytes.len(), c.len());
+                (pb::Update::decode(bytes.as_slice()).expect("a chunk decodes as an Update"), bytes.len())
+            })
+            .collect()
+    }
 
     fn endpoint(i: usize) -> pb::Endpoint {
         pb::Endpoint {
@@ -193,7 +281,7 @@ mod tests {
             UpdateContent { endpoints_upserted: (0..listed).map(endpoint).collect(), ..Default::default() };
         for chunk in (0..in_views).collect::<Vec<_>>().chunks(1000) {
             let endpoints = chunk.iter().map(|i| endpoint(listed + i)).collect();
-            content.endpoint_views.push(Arc::new(ClassView { endpoints, sum: ContentHash::EMPTY }));
+            content.endpoint_views.push(Arc::new(ClassView::new(endpoints, ContentHash::EMPTY)));
         }
         content.services_removed.push(pb::ServiceRef { namespace: "a".into(), name: "b".into() });
         content.causes.push(pb::TraceContext { traceparent: "00-1-2-01".into(), ..Default::default() });
@@ -202,10 +290,10 @@ mod tests {
 
     #[test]
     fn big_snapshot_is_split_below_the_limit_and_keeps_every_entry_in_order() {
-        let chunks: Vec<_> = chunk_update(plan(50_000, 50_000), 1 << 20).collect();
+        let (chunks, sizes): (Vec<_>, Vec<_>) = decoded(plan(50_000, 50_000), 1 << 20).into_iter().unzip();
         assert!(chunks.len() > 2, "100k endpoints must not fit one MiB");
+        assert!(sizes.iter().all(|s| *s <= 1 << 20), "{sizes:?}");
         for c in &chunks {
-            assert!(c.encoded_len() <= (1 << 20) + 1024, "chunk of {} bytes", c.encoded_len());
             assert_eq!((c.nonce, c.version.as_str(), c.full), (7, ContentHash(5).to_version().as_str(), true));
         }
         assert!(chunks[..chunks.len() - 1].iter().all(|c| c.more));
@@ -221,7 +309,7 @@ mod tests {
 
     #[test]
     fn small_update_is_one_message() {
-        let chunks: Vec<_> = chunk_update(plan(3, 2), 1 << 20).collect();
+        let chunks: Vec<_> = decoded(plan(3, 2), 1 << 20).into_iter().map(|(c, _)| c).collect();
         assert_eq!(chunks.len(), 1);
         assert!(!chunks[0].more);
         assert_eq!(chunks[0].upserted_endpoint_count(), 5);
@@ -235,10 +323,10 @@ mod tests {
 
     #[test]
     fn groups_are_cut_at_chunk_boundaries_and_reopened() {
-        let chunks: Vec<_> = chunk_update(plan(0, 3000), 20_000).collect();
+        let (chunks, sizes): (Vec<_>, Vec<_>) = decoded(plan(0, 3000), 20_000).into_iter().unzip();
         assert!(chunks.len() > 3);
+        assert!(sizes.iter().all(|s| *s <= 20_000), "{sizes:?}");
         for c in &chunks {
-            assert!(c.encoded_len() <= 20_000 + 1024, "chunk of {} bytes", c.encoded_len());
             assert!(c.endpoint_groups.iter().all(|g| g.service == "default/svc" && !g.endpoints.is_empty()));
         }
         // Three views of 1000: each chunk holds at most one group per view it touches.
@@ -248,12 +336,43 @@ mod tests {
     }
 
     #[test]
-    fn grouped_length_is_exact() {
-        for e in [endpoint(1), endpoint(70_000), pb::Endpoint { service: String::new(), ..endpoint(2) }] {
-            assert_eq!(grouped_len(&e), grouped(&e).encoded_len());
-        }
-        let long = pb::Endpoint { service: "n".repeat(300), ..endpoint(3) };
-        assert_eq!(grouped_len(&long), grouped(&long).encoded_len());
+    fn a_view_is_encoded_once_and_its_bytes_shared_by_every_node() {
+        let p = plan(0, 2000);
+        let views = p.content.endpoint_views.clone();
+        let again = || PlannedUpdate {
+            content: UpdateContent { endpoint_views: views.clone(), ..Default::default() },
+            ..plan(0, 0)
+        };
+        let first: Vec<EncodedUpdate> = chunk_update(p, 20_000).collect();
+        let cached = views[0].wire.get().expect("encoded on first use");
+        assert!(cached.bytes() > 0);
+        let second: Vec<EncodedUpdate> = chunk_update(again(), 20_000).collect();
+        let shared =
+            |u: &[EncodedUpdate]| u.iter().flat_map(|c| c.segments().iter().map(|b| b.as_ptr())).collect::<Vec<_>>();
+        let (a, b) = (shared(&first), shared(&second));
+        assert!(!a.is_empty());
+        assert!(b.iter().all(|p| a.contains(p)), "the second node's view bytes are the first's");
+        // Another chunk size encodes afresh (and still decodes to every endpoint).
+        let other: usize = decoded(again(), 9_000).iter().map(|(c, _)| c.upserted_endpoint_count()).sum();
+        assert_eq!(other, 2000);
+        assert!(shared(&chunk_update(again(), 9_000).collect::<Vec<_>>()).iter().all(|p| !a.contains(p)));
+    }
+
+    #[test]
+    fn an_endpoint_bigger_than_a_chunk_still_travels() {
+        let mut content = UpdateContent::default();
+        let huge = pb::Endpoint {
+            ports: (0..500).map(|i| pb::EndpointPort { name: format!("p{i}"), port: i }).collect(),
+            ..endpoint(1)
+        };
+        content.endpoint_views.push(Arc::new(ClassView::new(vec![huge.clone(), endpoint(2)], ContentHash::EMPTY)));
+        let p = PlannedUpdate { content, ..plan(0, 0) };
+        let chunks = decoded(p, 1024);
+        let ips: Vec<String> = chunks
+            .iter()
+            .flat_map(|(c, _)| c.upserted_endpoints().map(|(_, e)| e.ip.clone()).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(ips, [huge.ip, endpoint(2).ip]);
     }
 
     #[test]
@@ -266,7 +385,7 @@ mod tests {
             content: UpdateContent::default(),
             send_digest: false,
         };
-        let chunks: Vec<_> = chunk_update(p, 1 << 20).collect();
+        let chunks: Vec<_> = decoded(p, 1 << 20).into_iter().map(|(c, _)| c).collect();
         assert_eq!(chunks.len(), 1);
         assert!(!chunks[0].more);
     }
@@ -281,7 +400,7 @@ mod tests {
             content: UpdateContent::default(),
             send_digest: true,
         };
-        let chunks: Vec<_> = chunk_update(p, 1 << 20).collect();
+        let chunks: Vec<_> = decoded(p, 1 << 20).into_iter().map(|(c, _)| c).collect();
         assert_eq!(chunks.len(), 1);
         let c = &chunks[0];
         assert!(c.send_digest && !c.more && !c.full);

@@ -7,11 +7,11 @@ use crate::model::ServiceKey;
 use crate::trace_context::{from_wire, to_wire};
 use futures::Stream;
 use kpx_auth::{Access, Caller};
+use kpx_proto::encoded::EncodedUpdate;
 use kpx_proto::v1 as pb;
 use kpx_proto::v1::node_message::Msg;
 use kpx_proto::version::ContentHash;
 use kpx_telemetry::span::{Attr, DistSpan, Start, W3c};
-use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -59,10 +59,10 @@ impl SyncService {
     }
 }
 
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<EncodedUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl pb::sync_server::Sync for SyncService {
+impl kpx_proto::encoded::server::sync_server::Sync for SyncService {
     type SyncStream = UpdateStream;
 
     async fn sync(&self, request: Request<Streaming<pb::NodeMessage>>) -> Result<Response<UpdateStream>, Status> {
@@ -115,7 +115,7 @@ impl NodeStream {
         mut self,
         mut wake: tokio::sync::watch::Receiver<u64>,
         mut inbound: Streaming<pb::NodeMessage>,
-        tx: mpsc::Sender<Result<pb::Update, Status>>,
+        tx: mpsc::Sender<Result<EncodedUpdate, Status>>,
     ) {
         // The last update's send span: the parent of its ack span when the node sends no trace.
         let mut last_send: Option<W3c> = None;
@@ -147,7 +147,7 @@ impl NodeStream {
                 last_send = send.w3c();
                 let (mut closed, mut bytes) = (false, 0usize);
                 for chunk in chunk_update(plan, self.config.max_chunk_bytes) {
-                    bytes += chunk.encoded_len();
+                    bytes += chunk.len();
                     if tx.send(Ok(chunk)).await.is_err() {
                         closed = true;
                         break;
