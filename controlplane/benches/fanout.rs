@@ -3,7 +3,11 @@
 //! `Session` with a backend that does nothing. Prints figures; asserts nothing.
 //!
 //! `cargo bench -p kpx-controlplane --bench fanout -- [--nodes N] [--services S]
-//! [--endpoints E] [--changes C] [--nodes-per-channel K] [--max-rss-gib G] [--seed X]`
+//! [--endpoints E] [--changes C] [--nodes-per-channel K] [--max-rss-gib G] [--seed X] [--light]
+//! [--controlplane-memory]`
+//!
+//! Phases: the snapshot to every node, one-endpoint changes, memory, and a reconnect storm (the
+//! controlplane restarted with nothing changed: `fanout/restart.rs`).
 //!
 //! Without `--bench` (that is, under `cargo test --all-targets`) it runs a tiny smoke
 //! configuration so it stays a quick sanity check.
@@ -12,9 +16,7 @@
 //! of their state; the figure taken before any node connects is the cluster model alone.
 
 use kpx_auth::client::AuthChannel;
-use kpx_controlplane::cache::CacheConfig;
 use kpx_controlplane::model::*;
-use kpx_controlplane::server::SyncConfig;
 use kpx_controlplane::source::{ClusterSource, SourceError};
 use kpx_dataplane::stream::{NoBackend, NodeIdentity, Session, SyncEvent};
 use kpx_proto::v1 as pb;
@@ -31,11 +33,14 @@ use tokio::sync::mpsc;
 
 #[path = "fanout/light.rs"]
 mod light;
+#[path = "fanout/restart.rs"]
+mod restart;
 
 /// Targets the design is held to (printed, never asserted).
 const TARGET_P99: Duration = Duration::from_millis(250);
 const TARGET_MEMORY: u64 = 1 << 30;
 const TARGET_CHANGE_BYTES: f64 = 256.0;
+const TARGET_STORM: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Args {
@@ -340,30 +345,11 @@ async fn run(a: Args) -> Result<(), String> {
 
     // The controlplane, in process, on loopback.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
-    let (events, rx) = mpsc::unbounded_channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(kpx_controlplane::serve(
-        listener,
-        Box::new(ChannelSource(rx)),
-        Arc::new(Skips::default()),
-        CacheConfig::default(),
-        SyncConfig::default(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let send = |e: ClusterEvent| events.send(e).map_err(|_| "controlplane gone".to_string());
-    for s in &cluster.services {
-        send(ClusterEvent::Service(s.key.clone(), Some(s.clone())))?;
-    }
-    for s in &cluster.slices {
-        send(ClusterEvent::Slice(s.key.clone(), Some(s.clone())))?;
-    }
-    for i in 0..a.nodes {
-        let name = node_name(i);
-        send(ClusterEvent::Node(name.clone(), Some(Node { name, zone: None, addresses: vec![] })))?;
-    }
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let url = format!("http://{addr}");
+    let cp = restart::Controlplane::start(listener);
+    let send = |e: ClusterEvent| cp.send(e);
+    cp.feed(&cluster, a.nodes)?;
     let mut inspect = {
         let channel = kpx_dataplane::stream::connect(&url, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
         pb::inspect_client::InspectClient::new(channel).max_decoding_message_size(256 << 20)
@@ -412,7 +398,12 @@ async fn run(a: Args) -> Result<(), String> {
         session.events = Some(node_tx.clone());
         let channel = conns[i / a.nodes_per_channel].clone();
         sessions.push(tokio::spawn(async move {
-            session.run(channel).await;
+            // As the agent: resubscribe after the stream ends, with backoff and jitter.
+            let mut backoff = kpx_dataplane::stream::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+            loop {
+                session.run(channel.clone()).await;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }));
     }
     drop(node_tx);
@@ -577,16 +568,32 @@ async fn run(a: Args) -> Result<(), String> {
         verdict(hwm <= TARGET_MEMORY)
     );
 
-    let _ = stop.send(());
+    // 5. Reconnect storm: the controlplane restarts with nothing changed.
+    let storm = restart::storm(cp, addr, &cluster, a.nodes, &mut node_rx, &mut inspect).await?;
+    let (rss_storm, _) = memory();
+    println!(
+        "5. controlplane restarted on the same address, nothing changed; every node resubscribes with its applied version:"
+    );
+    println!(
+        "   every node current again: {} after the old one stopped, {} after the new one's Synced   [target <= 5 s: {}]",
+        ms(storm.since_stop),
+        ms(storm.since_synced),
+        verdict(storm.since_stop <= TARGET_STORM),
+    );
+    println!(
+        "   sent to the nodes: {} updates, {} bytes in total ({:.1} B per node)   [target <= 1 KiB per node: {}]; {} reconnections",
+        storm.updates,
+        storm.bytes,
+        storm.bytes as f64 / n,
+        verdict(storm.bytes as f64 / n <= 1024.0),
+        storm.reconnects,
+    );
+    println!("   RSS after the storm: {} (before the restart: {})", mib(rss_storm), mib(rss_end));
+
     for s in sessions {
         s.abort();
     }
-    match tokio::time::timeout(Duration::from_secs(10), server).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(format!("controlplane failed: {e}")),
-        Ok(Err(e)) => Err(format!("controlplane task: {e}")),
-        Err(_) => Err("controlplane did not stop within 10 s".into()),
-    }
+    storm.controlplane.stop().await
 }
 
 /// The controlplane alone, as it stands for a cluster of `a.nodes` nodes once published: the

@@ -18,7 +18,7 @@ use prost::Message;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -289,11 +289,34 @@ pub async fn run(
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<SyncEvent>,
 ) -> Result<(), String> {
+    let mut state = LightState::default();
+    // As the agent: after the stream ends (a controlplane restart), resubscribe with the version
+    // applied, after a pause with jitter (1 to 1.5 s, the agent's first backoff step).
+    let mut backoff = kpx_dataplane::stream::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let ended = stream_once(&name, channel.clone(), &shared, &events, &mut state).await;
+        if state.version.is_none() {
+            return ended;
+        }
+        state.pending = None;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// One Sync stream: subscribes with the applied version and applies what comes until it ends.
+async fn stream_once(
+    name: &str,
+    channel: AuthChannel,
+    shared: &Arc<Shared>,
+    events: &mpsc::UnboundedSender<SyncEvent>,
+    state: &mut LightState,
+) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<pb::NodeMessage>(4);
     let subscribe = pb::Subscribe {
-        node_name: name,
+        node_name: name.to_string(),
         backend: "light".into(),
         ip_families: vec!["IPv4".into()],
+        applied_version: state.version.clone().unwrap_or_default(),
         ..Default::default()
     };
     tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Subscribe(subscribe)) })
@@ -306,13 +329,12 @@ pub async fn run(
     let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut inbound = grpc.streaming(request, path, codec).await.map_err(|e| e.to_string())?.into_inner();
     let _ = events.send(SyncEvent::Connected);
-    let mut state = LightState::default();
     while let Some(chunk) = inbound.message().await.map_err(|e| e.to_string())? {
         if chunk.send_digest {
             return Err("asked for a digest: light nodes never reconnect".into());
         }
         let size = chunk.encoded_len();
-        let Some(result) = state.chunk(&shared, &chunk, size) else { continue };
+        let Some(result) = state.chunk(shared, &chunk, size) else { continue };
         let ack = match result {
             Ok(p) => {
                 let _ = events.send(SyncEvent::Applied {
