@@ -173,49 +173,24 @@ pub fn kube_lines(save: &str) -> Vec<String> {
 
 /// The status message (pure).
 pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: &CoreView) -> pb::DataplaneStatus {
+    let nftables: Vec<_> = view.nftables.iter().map(|(cfg, st)| (cfg.family, st.as_backend_stats())).collect();
     let backends = view
         .iptables
         .iter()
-        .map(|(cfg, st)| pb::BackendStatus {
-            name: format!("{} {}", if cfg.dry_run { "dry-run" } else { "iptables" }, family_name(cfg.family)),
-            last_sync_full: st.last_sync_full,
-            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
-            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
-            last_error: st.last_error.clone().unwrap_or_default(),
-            full_syncs: st.full_syncs,
-            partial_syncs: st.partial_syncs,
-            restore_failures: st.restore_failures,
-            rules_filter: st.rules.filter as u64,
-            rules_nat: st.rules.nat as u64,
+        .map(|(cfg, st)| {
+            backend_status(
+                format!("{} {}", if cfg.dry_run { "dry-run" } else { "iptables" }, family_name(cfg.family)),
+                st,
+            )
         })
         .chain(view.ipvs.as_ref().map(|_| pb::BackendStatus { name: "ipvs".into(), ..Default::default() }))
-        .chain(view.userspace.iter().flat_map(|u| &u.stats).map(|(family, st)| pb::BackendStatus {
-            name: format!("userspace {}", family_name(*family)),
-            last_sync_full: st.last_sync_full,
-            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
-            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
-            last_error: st.last_error.clone().unwrap_or_default(),
-            full_syncs: st.full_syncs,
-            partial_syncs: st.partial_syncs,
-            restore_failures: st.restore_failures,
-            rules_filter: st.rules.filter as u64,
-            rules_nat: st.rules.nat as u64,
-        }))
-        .chain(view.nftables.iter().map(|(cfg, st)| pb::BackendStatus {
-            name: format!("nftables {}", family_name(cfg.family)),
-            last_sync_full: st.last_sync_full,
-            last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-            last_success_unix_ms: st.last_success.map_or(0, unix_ms),
-            last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
-            last_error: st.last_error.clone().unwrap_or_default(),
-            full_syncs: st.full_syncs,
-            partial_syncs: st.partial_syncs,
-            restore_failures: st.failures,
-            rules_filter: 0,
-            rules_nat: st.rules as u64,
-        }))
+        .chain(
+            view.userspace
+                .iter()
+                .flat_map(|u| &u.stats)
+                .map(|(family, st)| backend_status(format!("userspace {}", family_name(*family)), st)),
+        )
+        .chain(nftables.iter().map(|(family, st)| backend_status(format!("nftables {}", family_name(*family)), st)))
         .collect();
     pb::DataplaneStatus {
         node_name: node.to_string(),
@@ -231,6 +206,23 @@ pub fn status_message(node: &str, backend: &str, s: &AdminStatusSnapshot, view: 
         shadow_compared_unix_ms: view.shadow.as_ref().map_or(0, |r| r.compared_unix_ms),
         shadow_differences: view.shadow.as_ref().map(|r| r.differences.clone()).unwrap_or_default(),
         shadow_error: view.shadow.as_ref().and_then(|r| r.error.clone()).unwrap_or_default(),
+    }
+}
+
+/// One backend's line of `GetStatus` from the figures every backend reports.
+fn backend_status(name: String, st: &BackendStats) -> pb::BackendStatus {
+    pb::BackendStatus {
+        name,
+        last_sync_full: st.last_sync_full,
+        last_sync_micros: st.last_sync_duration.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        last_success_unix_ms: st.last_success.map_or(0, unix_ms),
+        last_full_reason: st.last_full_reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+        last_error: st.last_error.clone().unwrap_or_default(),
+        full_syncs: st.full_syncs,
+        partial_syncs: st.partial_syncs,
+        restore_failures: st.restore_failures,
+        rules_filter: st.rules.filter as u64,
+        rules_nat: st.rules.nat as u64,
     }
 }
 

@@ -21,11 +21,10 @@
 //!   sync before the update is NACKed.
 //! - After the rules changed, stale UDP conntrack entries are deleted (see `conntrack`).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::conntrack::{self, UdpPort};
+use super::conntrack;
 use super::exec::{ExecError, Runner};
 use super::jumps;
 use super::render::{self, IpFamily, PreviousRules, RenderConfig, ServiceRules};
@@ -226,7 +225,7 @@ pub struct IptablesBackend {
     render: RenderConfig,
     runner: Runner,
     previous: PreviousRules,
-    udp: BTreeMap<String, Vec<UdpPort>>,
+    udp: conntrack::UdpTracker,
     synced_once: bool,
     failed: bool,
     canary_lost: bool,
@@ -251,7 +250,7 @@ impl IptablesBackend {
             runner: Runner { netns: cfg.netns.clone() },
             cfg,
             previous: PreviousRules::default(),
-            udp: BTreeMap::new(),
+            udp: conntrack::UdpTracker::default(),
             synced_once: false,
             failed: false,
             canary_lost: false,
@@ -635,36 +634,12 @@ impl IptablesBackend {
 
     /// Deletes stale UDP conntrack entries for the services that changed (all on a full sync).
     fn clean_conntrack(&mut self, state: &AppliedState, changes: &ChangeSet, full: bool) {
-        let known_old = self.synced_once;
-        let keys: Vec<String> = if full {
-            self.udp.keys().chain(state.services().keys()).cloned().collect()
-        } else {
-            changes.services.iter().cloned().collect()
-        };
-        let mut deletes = Vec::new();
-        for k in keys {
-            let new = state.services().get(&k).map(|e| conntrack::udp_ports(self.cfg.family, e)).unwrap_or_default();
-            let old = self.udp.get(&k).map(Vec::as_slice).unwrap_or_default();
-            deletes.extend(conntrack::cleanups(self.cfg.family, old, &new, known_old));
-            if new.is_empty() {
-                self.udp.remove(&k);
-            } else {
-                self.udp.insert(k, new);
-            }
-        }
+        let deletes = self.udp.after_sync(self.cfg.family, state, changes, full, self.synced_once);
         if self.cfg.dry_run || deletes.is_empty() {
             return;
         }
         let _span = DistSpan::child("dp.conntrack", vec![Attr::new("deletes", deletes.len() as i64)]);
-        for args in deletes {
-            let mut argv = vec!["conntrack"];
-            argv.extend(args.iter().map(String::as_str));
-            match self.runner.run(&argv, &[]) {
-                Ok(r) if r.success || conntrack::nothing_matched(&r.stderr) => self.stats.conntrack_deletes += 1,
-                Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
-                Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
-            }
-        }
+        self.stats.conntrack_deletes += conntrack::run_deletes(&self.runner, &deletes);
     }
 
     /// Syncs, retrying once as a full sync when the restore fails.

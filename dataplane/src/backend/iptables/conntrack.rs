@@ -15,8 +15,63 @@ use std::net::IpAddr;
 
 use kpx_proto::v1 as pb;
 
+use super::exec::Runner;
 use super::render::IpFamily;
-use crate::state::ServiceEntry;
+use crate::state::{AppliedState, ChangeSet, ServiceEntry};
+
+/// The UDP service ports a backend has programmed, per service: what the next sync's cleanups
+/// are computed against. Shared by the iptables and nftables backends.
+#[derive(Debug, Default)]
+pub struct UdpTracker(BTreeMap<String, Vec<UdpPort>>);
+
+impl UdpTracker {
+    /// The conntrack argv lists to run after a sync of CHANGES (every service on a FULL one) in
+    /// FAMILY, and the new ports remembered. KNOWN_OLD: whether the old ports are what the kernel
+    /// had (false on the first sync, when nothing was programmed by this process yet).
+    pub fn after_sync(
+        &mut self,
+        family: IpFamily,
+        state: &AppliedState,
+        changes: &ChangeSet,
+        full: bool,
+        known_old: bool,
+    ) -> Vec<Vec<String>> {
+        let keys: Vec<String> = if full {
+            self.0.keys().chain(state.services().keys()).cloned().collect()
+        } else {
+            changes.services.iter().cloned().collect()
+        };
+        let mut deletes = Vec::new();
+        for k in keys {
+            let new = state.services().get(&k).map(|e| udp_ports(family, e)).unwrap_or_default();
+            let old = self.0.get(&k).map(Vec::as_slice).unwrap_or_default();
+            deletes.extend(cleanups(family, old, &new, known_old));
+            if new.is_empty() {
+                self.0.remove(&k);
+            } else {
+                self.0.insert(k, new);
+            }
+        }
+        deletes
+    }
+}
+
+/// Runs `conntrack` with each of DELETES (argv, never a shell line); returns how many did their
+/// job (an entry deleted, or none to delete). Failures are logged: stale entries stay, the
+/// rules are right.
+pub fn run_deletes(runner: &Runner, deletes: &[Vec<String>]) -> u64 {
+    let mut done = 0;
+    for args in deletes {
+        let mut argv = vec!["conntrack"];
+        argv.extend(args.iter().map(String::as_str));
+        match runner.run(&argv, &[]) {
+            Ok(r) if r.success || nothing_matched(&r.stderr) => done += 1,
+            Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
+            Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
+        }
+    }
+    done
+}
 
 /// What conntrack cleanup needs to know of one UDP service port.
 #[derive(Debug, Clone, PartialEq, Eq)]

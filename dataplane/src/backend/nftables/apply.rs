@@ -30,7 +30,7 @@ use super::layout::{LElems, Lowered, Objects, TABLE, TABLE_COMMENT};
 use super::owners::Owners;
 use super::plan::{self, PlanStats};
 use crate::backend::iptables::apply::{BackendStats, FullReason, RuleCounts};
-use crate::backend::iptables::conntrack::{self, UdpPort};
+use crate::backend::iptables::conntrack;
 use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::{IpFamily, RenderConfig};
 use crate::state::{AppliedState, ChangeSet};
@@ -116,6 +116,29 @@ pub struct NftStats {
     pub conntrack_deletes: u64,
 }
 
+impl NftStats {
+    /// The figures every backend reports (metrics, admin API), from this backend's.
+    pub fn as_backend_stats(&self) -> BackendStats {
+        let s = self;
+        BackendStats {
+            last_sync_duration: s.last_sync_duration,
+            last_sync_full: s.last_sync_full,
+            last_success: s.last_success,
+            full_syncs: s.full_syncs,
+            partial_syncs: s.partial_syncs,
+            restore_failures: s.failures,
+            last_error: s.last_error.clone(),
+            last_rules_written: s.last_plan.rules_written,
+            last_bytes_written: s.last_bytes,
+            last_restores: usize::from(s.last_ops > 0),
+            rules: RuleCounts { filter: 0, nat: s.rules },
+            conntrack_deletes: s.conntrack_deletes,
+            last_full_reason: s.last_full_reason,
+            ..Default::default()
+        }
+    }
+}
+
 pub struct NftBackend {
     cfg: NftConfig,
     render: RenderConfig,
@@ -138,7 +161,7 @@ pub struct NftBackend {
     failed: bool,
     foreign: bool,
     last_full: Option<Instant>,
-    udp: BTreeMap<String, Vec<UdpPort>>,
+    udp: conntrack::UdpTracker,
     runner: Runner,
     stats: NftStats,
 }
@@ -170,7 +193,7 @@ impl NftBackend {
             failed: false,
             foreign: false,
             last_full: None,
-            udp: BTreeMap::new(),
+            udp: conntrack::UdpTracker::default(),
             stats: NftStats::default(),
         })
     }
@@ -199,23 +222,7 @@ impl NftBackend {
 
     /// The stats in the iptables backend's shape, for the agent's metrics.
     pub fn backend_stats(&self) -> BackendStats {
-        let s = &self.stats;
-        BackendStats {
-            last_sync_duration: s.last_sync_duration,
-            last_sync_full: s.last_sync_full,
-            last_success: s.last_success,
-            full_syncs: s.full_syncs,
-            partial_syncs: s.partial_syncs,
-            restore_failures: s.failures,
-            last_error: s.last_error.clone(),
-            last_rules_written: s.last_plan.rules_written,
-            last_bytes_written: s.last_bytes,
-            last_restores: usize::from(s.last_ops > 0),
-            rules: RuleCounts { filter: 0, nat: s.rules },
-            conntrack_deletes: s.conntrack_deletes,
-            last_full_reason: s.last_full_reason,
-            ..Default::default()
-        }
+        self.stats.as_backend_stats()
     }
 
     /// Everything kpx wants for `state`, as objects (for the admin API and tests).
@@ -375,33 +382,10 @@ impl NftBackend {
         }
     }
 
+    /// Deletes stale UDP conntrack entries for the services that changed (all on a full sync).
     fn clean_conntrack(&mut self, state: &AppliedState, changes: &ChangeSet, full: bool) {
-        let known_old = self.synced_once;
-        let keys: Vec<String> = if full {
-            self.udp.keys().chain(state.services().keys()).cloned().collect()
-        } else {
-            changes.services.iter().cloned().collect()
-        };
-        let mut deletes = Vec::new();
-        for k in keys {
-            let new = state.services().get(&k).map(|e| conntrack::udp_ports(self.cfg.family, e)).unwrap_or_default();
-            let old = self.udp.get(&k).map(Vec::as_slice).unwrap_or_default();
-            deletes.extend(conntrack::cleanups(self.cfg.family, old, &new, known_old));
-            if new.is_empty() {
-                self.udp.remove(&k);
-            } else {
-                self.udp.insert(k, new);
-            }
-        }
-        for args in deletes {
-            let mut argv = vec!["conntrack"];
-            argv.extend(args.iter().map(String::as_str));
-            match self.runner.run(&argv, &[]) {
-                Ok(r) if r.success || conntrack::nothing_matched(&r.stderr) => self.stats.conntrack_deletes += 1,
-                Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
-                Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
-            }
-        }
+        let deletes = self.udp.after_sync(self.cfg.family, state, changes, full, self.synced_once);
+        self.stats.conntrack_deletes += conntrack::run_deletes(&self.runner, &deletes);
     }
 }
 
