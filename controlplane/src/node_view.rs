@@ -35,6 +35,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// A Service entry as every node gets it, encoded for the wire once (server/chunk.rs).
+pub type SharedService = kpx_proto::encoded::Shared<v1::Service>;
+
 /// What the view of a node depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -89,7 +92,7 @@ enum Topology<'a> {
 pub struct PreparedService {
     pub key: ServiceKey,
     /// The Service entry, the same for every node.
-    pub wire: Arc<v1::Service>,
+    pub wire: Arc<SharedService>,
     /// Some node's view depends on its zone (the zone hints are usable).
     pub zone_dependent: bool,
     /// Nodes whose view may differ from the other nodes of their zone.
@@ -143,7 +146,7 @@ impl PreparedService {
 
         PreparedService {
             key: service.key.clone(),
-            wire: Arc::new(wire),
+            wire: Arc::new(SharedService::new(wire)),
             zone_dependent: zone_hints_usable,
             special_nodes,
             service_ref: service.key.to_string(),

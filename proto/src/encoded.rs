@@ -95,6 +95,43 @@ pub fn field_len(tag: u32, message: &impl Message) -> usize {
     prost::encoding::message::encoded_len(tag, message)
 }
 
+/// A message shared by many updates (a Service entry every node gets), with its encoding as
+/// one field of `Update`, made on first use and kept.
+#[derive(Debug, Default)]
+pub struct Shared<M> {
+    message: M,
+    field: std::sync::OnceLock<(u32, Bytes)>,
+}
+
+impl<M: Message> Shared<M> {
+    pub fn new(message: M) -> Self {
+        Shared { message, field: std::sync::OnceLock::new() }
+    }
+
+    /// The message as field TAG (cached for the first tag asked; another tag is encoded afresh).
+    pub fn field(&self, tag: u32) -> Bytes {
+        let (t, b) = self.field.get_or_init(|| (tag, field_bytes(tag, &self.message)));
+        if *t == tag { b.clone() } else { field_bytes(tag, &self.message) }
+    }
+
+    pub fn message(&self) -> &M {
+        &self.message
+    }
+}
+
+impl<M> std::ops::Deref for Shared<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        &self.message
+    }
+}
+
+impl<M: PartialEq> PartialEq for Shared<M> {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message
+    }
+}
+
 /// Encodes [`EncodedUpdate`]s by copying their bytes; decodes what nodes send with prost.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SyncCodec;
@@ -190,6 +227,16 @@ mod tests {
         // Same size as prost's own encoding (only the field order differs).
         assert_eq!(bytes.len(), want.encoded_len());
         assert_eq!(field_len(field::SERVICES_UPSERTED, &service("a")), field_bytes(6, &service("a")).len());
+    }
+
+    #[test]
+    fn a_shared_message_is_encoded_once_per_tag() {
+        let s = Shared::new(service("a"));
+        let (one, two) = (s.field(field::SERVICES_UPSERTED), s.field(field::SERVICES_UPSERTED));
+        assert_eq!(one.as_ptr(), two.as_ptr(), "the same bytes, not a second encode");
+        assert_eq!(one, field_bytes(field::SERVICES_UPSERTED, &service("a")));
+        assert_eq!(s.field(9), field_bytes(9, &service("a")), "another tag is encoded afresh");
+        assert_eq!(s.name, "a");
     }
 
     #[test]

@@ -151,6 +151,6 @@ impl Cache {
                 pb::NodeGroupView { nodes, endpoints: entry.view(&class).endpoints.clone() }
             })
             .collect();
-        Ok(pb::ServiceAcrossNodes { service: Some((*entry.prepared.wire).clone()), views })
+        Ok(pb::ServiceAcrossNodes { service: Some(entry.prepared.wire.message().clone()), views })
     }
 }

@@ -3,6 +3,7 @@
 //! point it has reached instead of a snapshot or a queue of every intermediate version.
 
 use crate::model::ServiceKey;
+use crate::node_view::SharedService;
 use crate::node_view::{NodeInfo, ViewClass};
 use kpx_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -13,7 +14,7 @@ use std::time::Instant;
 #[derive(Debug, Default)]
 pub struct ClassDiff {
     /// The Service entry was added or changed.
-    pub service: Option<Arc<pb::Service>>,
+    pub service: Option<Arc<SharedService>>,
     /// The service is gone (its endpoints go with it on the node).
     pub service_removed: bool,
     pub endpoints_upserted: Vec<pb::Endpoint>,
@@ -128,7 +129,7 @@ pub const MAX_CAUSES: usize = 32;
 #[derive(Debug, Default)]
 struct ServiceOps {
     removed: bool,
-    upsert: Option<Arc<pb::Service>>,
+    upsert: Option<Arc<SharedService>>,
 }
 
 /// Several changes folded into one delta. Applied on the node in the order the protocol sets
@@ -204,7 +205,7 @@ fn service_ref(name: &str) -> pb::ServiceRef {
 /// The entries of one update before it is split into wire chunks.
 #[derive(Debug, Default)]
 pub struct UpdateContent {
-    pub services_upserted: Vec<Arc<pb::Service>>,
+    pub services_upserted: Vec<Arc<SharedService>>,
     pub services_removed: Vec<pb::ServiceRef>,
     pub endpoints_upserted: Vec<pb::Endpoint>,
     /// Whole shared views upserted as they are (snapshots): referenced, not copied, so that
@@ -243,8 +244,8 @@ mod tests {
         pb::Endpoint { service: "ns/web".into(), ip: ip.into(), for_cluster: true, ..Default::default() }
     }
 
-    fn svc() -> Arc<pb::Service> {
-        Arc::new(pb::Service { namespace: "ns".into(), name: "web".into(), ..Default::default() })
+    fn svc() -> Arc<SharedService> {
+        Arc::new(SharedService::new(pb::Service { namespace: "ns".into(), name: "web".into(), ..Default::default() }))
     }
 
     fn entry(seq: u64, diff: ClassDiff) -> LogEntry {

@@ -106,7 +106,20 @@ impl Chunks {
                 Section::ServicesRemoved => c.services_removed.get(i).map(|m| (SERVICES_REMOVED, m as _)),
                 Section::EndpointsRemoved => c.endpoints_removed.get(i).map(|m| (ENDPOINTS_REMOVED, m as _)),
                 Section::ServicesUpserted => {
-                    c.services_upserted.get(i).map(|m| (field::SERVICES_UPSERTED, m.as_ref() as _))
+                    // Encoded once per Service entry, shared by every node's update.
+                    let Some(svc) = c.services_upserted.get(i) else {
+                        self.section = Section::EndpointsUpserted;
+                        self.pos = 0;
+                        continue;
+                    };
+                    let bytes = svc.field(field::SERVICES_UPSERTED);
+                    if !chunk.fits(bytes.len(), max) {
+                        return false;
+                    }
+                    chunk.size += bytes.len();
+                    chunk.shared.push(bytes);
+                    self.pos += 1;
+                    return true;
                 }
                 Section::EndpointsUpserted => c.endpoints_upserted.get(i).map(|m| (ENDPOINTS_UPSERTED, m as _)),
                 Section::EndpointViews { view } => {
@@ -336,11 +349,21 @@ mod tests {
     }
 
     #[test]
-    fn a_view_is_encoded_once_and_its_bytes_shared_by_every_node() {
-        let p = plan(0, 2000);
+    fn views_and_services_are_encoded_once_and_their_bytes_shared_by_every_node() {
+        let mut p = plan(0, 2000);
+        let svc = Arc::new(crate::node_view::SharedService::new(pb::Service {
+            namespace: "default".into(),
+            name: "svc".into(),
+            ..Default::default()
+        }));
+        p.content.services_upserted.push(svc.clone());
         let views = p.content.endpoint_views.clone();
         let again = || PlannedUpdate {
-            content: UpdateContent { endpoint_views: views.clone(), ..Default::default() },
+            content: UpdateContent {
+                endpoint_views: views.clone(),
+                services_upserted: vec![svc.clone()],
+                ..Default::default()
+            },
             ..plan(0, 0)
         };
         let first: Vec<EncodedUpdate> = chunk_update(p, 20_000).collect();
@@ -352,10 +375,13 @@ mod tests {
         let (a, b) = (shared(&first), shared(&second));
         assert!(!a.is_empty());
         assert!(b.iter().all(|p| a.contains(p)), "the second node's view bytes are the first's");
+        let service_bytes = svc.field(kpx_proto::encoded::field::SERVICES_UPSERTED).as_ptr();
+        assert!(a.contains(&service_bytes) && b.contains(&service_bytes), "one encoding of the Service entry");
         // Another chunk size encodes afresh (and still decodes to every endpoint).
         let other: usize = decoded(again(), 9_000).iter().map(|(c, _)| c.upserted_endpoint_count()).sum();
         assert_eq!(other, 2000);
-        assert!(shared(&chunk_update(again(), 9_000).collect::<Vec<_>>()).iter().all(|p| !a.contains(p)));
+        let resized = shared(&chunk_update(again(), 9_000).collect::<Vec<_>>());
+        assert!(resized.iter().all(|p| *p == service_bytes || !a.contains(p)), "views cut afresh");
     }
 
     #[test]
