@@ -12,8 +12,8 @@
 //! updates, and it has no dumps and no generation id; covering that would mean raw libnftnl
 //! calls, i.e. `unsafe` FFI in kpx plus a C library on every node. `rustables` is GPL. The
 //! whole codec here is a few hundred lines of safe Rust on netlink-packet-core/netlink-sys, as
-//! for IPVS, and a one-endpoint transaction costs well under a kilobyte on the wire
-//! (docs/performance.md has the measured figures).
+//! for IPVS, and a one-endpoint transaction is about 1.3 KB on the wire (docs/performance.md
+//! has the measured figures).
 
 mod client;
 pub mod consts;
