@@ -154,7 +154,7 @@ impl Shared {
             return Ok(hit.clone());
         }
         let g = pb::ServiceEndpoints::decode(raw.as_ref()).map_err(|e| e.to_string())?;
-        let hashes = g
+        let mut hashes: Vec<(Arc<str>, u128)> = g
             .endpoints
             .into_iter()
             .map(|mut e| {
@@ -164,6 +164,11 @@ impl Shared {
                 (Arc::from(e.ip.as_str()), version::endpoint_hash(&e).0)
             })
             .collect();
+        // Sorted by IP, the last of a repeated IP kept: what inserting them one by one into a
+        // service's endpoints gives, so a group can become a view's endpoints as it is.
+        hashes.reverse();
+        hashes.sort_by(|a, b| a.0.cmp(&b.0));
+        hashes.dedup_by(|later, earlier| later.0 == earlier.0);
         let group: Group = Arc::new((self.id(&g.service), hashes));
         self.groups.lock().unwrap().insert(key, group.clone());
         Ok(group)
@@ -287,7 +292,15 @@ impl LightState {
         for raw in &c.endpoint_groups {
             let g = shared.group(raw)?;
             p.entries += g.1.len();
-            upserts.extend(g.1.iter().map(|(ip, h)| (g.0, ip.clone(), *h)));
+            self.open(&mut p.open, g.0, false)?;
+            let v = p.open.get_mut(&g.0).expect("opened");
+            if v.endpoints.is_empty() && c.endpoints_upserted.is_empty() {
+                // (A snapshot's usual case: the group, sorted once for every node, is the view;
+                // with listed endpoints in the same chunk, the order they come in decides.)
+                v.endpoints = g.1.clone();
+            } else {
+                upserts.extend(g.1.iter().map(|(ip, h)| (g.0, ip.clone(), *h)));
+            }
         }
         for (id, ip, hash) in upserts {
             self.open(&mut p.open, id, false)?;
