@@ -41,6 +41,8 @@ const TARGET_P99: Duration = Duration::from_millis(250);
 const TARGET_MEMORY: u64 = 1 << 30;
 const TARGET_CHANGE_BYTES: f64 = 256.0;
 const TARGET_STORM: Duration = Duration::from_secs(5);
+/// The name of the controlplane runtime's threads.
+const CP_THREADS: &str = "kpx-cp";
 
 #[derive(Debug)]
 struct Args {
@@ -329,7 +331,7 @@ async fn await_acked(
     }
 }
 
-async fn run(a: Args) -> Result<(), String> {
+async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> {
     println!(
         "fanout{}: {} nodes, {} services, {} endpoints, {} changes, {} nodes per HTTP/2 connection, {} cores",
         if a.smoke { " (smoke run; pass --bench for the real one)" } else { "" },
@@ -344,10 +346,10 @@ async fn run(a: Args) -> Result<(), String> {
     let mut cluster = build_cluster(&a);
 
     // The controlplane, in process, on loopback.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // (A free port: bound once here, then released for the controlplane's own runtime.)
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
     let url = format!("http://{addr}");
-    let cp = restart::Controlplane::start(listener);
+    let cp = restart::Controlplane::start(&cp_runtime, addr).await?;
     let send = |e: ClusterEvent| cp.send(e);
     cp.feed(&cluster, a.nodes)?;
     let mut inspect = {
@@ -422,10 +424,12 @@ async fn run(a: Args) -> Result<(), String> {
 
     // 1. The initial snapshot to every node.
     let started = Instant::now();
+    let cp_cpu_before = restart::cpu_of_threads(CP_THREADS);
     send(ClusterEvent::Synced)?;
     let (snapshot_bytes, snapshot_applying) =
         await_applied(&mut node_rx, a.nodes, true, Duration::from_secs(1800)).await?;
     let snapshot_time = started.elapsed();
+    let snapshot_cp_cpu = restart::cpu_of_threads(CP_THREADS).saturating_sub(cp_cpu_before);
     let (rss_snapshots, hwm_snapshots) = memory();
 
     // 5a. Baseline: one node's whole state, encoded once.
@@ -500,6 +504,13 @@ async fn run(a: Args) -> Result<(), String> {
         ms(encode),
         snapshot_time.as_secs_f64() / encode.as_secs_f64(),
         snapshot_time.as_secs_f64() / encode.as_secs_f64() / n,
+    );
+    println!(
+        "   the controlplane's threads used {:.1} s of CPU in that time ({:.0}% of the phase's 2 x {:.1} s): its own cost of the {} snapshots",
+        snapshot_cp_cpu.as_secs_f64(),
+        100.0 * snapshot_cp_cpu.as_secs_f64() / (2.0 * snapshot_time.as_secs_f64()),
+        snapshot_time.as_secs_f64(),
+        a.nodes,
     );
     println!(
         "   of which the nodes' Session::apply (state + hash check, no backend): {} in total, {} per node",
@@ -634,9 +645,22 @@ async fn controlplane_memory(
 fn main() {
     let args = parse_args();
     watchdog(args.max_rss_gib);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    // The simulated nodes and the controlplane on runtimes of their own (2 threads each, as many
+    // as there are cores), so that the controlplane's CPU time can be told from the nodes'.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sim-nodes")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let cp_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(CP_THREADS)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let started = Instant::now();
-    if let Err(e) = runtime.block_on(run(args)) {
+    if let Err(e) = runtime.block_on(run(args, cp_runtime.handle().clone())) {
         eprintln!("fanout: {e}");
         std::process::exit(1);
     }

@@ -16,28 +16,46 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-/// A controlplane running in this process.
+/// A controlplane running in this process, on its own runtime (its threads' CPU time is the
+/// controlplane's: see `cpu_of_threads`).
 pub struct Controlplane {
     pub events: mpsc::UnboundedSender<ClusterEvent>,
     stop: oneshot::Sender<()>,
-    server: JoinHandle<Result<(), kpx_controlplane::RunError>>,
+    server: JoinHandle<Result<(), String>>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Controlplane {
-    pub fn start(listener: tokio::net::TcpListener) -> Controlplane {
+    /// Serves on ADDR (bound on RUNTIME, with SO_REUSEADDR as tokio binds, so that a restart
+    /// can take the address again, retrying for up to 10 s); returns once it listens.
+    pub async fn start(runtime: &tokio::runtime::Handle, addr: SocketAddr) -> Result<Controlplane, String> {
         let (events, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(kpx_controlplane::serve(
-            listener,
-            Box::new(ChannelSource(rx)),
-            Arc::new(Skips::default()),
-            CacheConfig::default(),
-            SyncConfig::default(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        Controlplane { events, stop, server }
+        let (bound, listening) = oneshot::channel::<()>();
+        let server = runtime.spawn(async move {
+            let listener = rebind(addr).await?;
+            let _ = bound.send(());
+            kpx_controlplane::serve(
+                listener,
+                Box::new(ChannelSource(rx)),
+                Arc::new(Skips::default()),
+                CacheConfig::default(),
+                SyncConfig::default(),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())
+        });
+        let cp = Controlplane { events, stop, server, runtime: runtime.clone() };
+        match listening.await {
+            Ok(()) => Ok(cp),
+            Err(_) => Err(match cp.server.await {
+                Ok(Err(e)) => e,
+                other => format!("controlplane task: {other:?}"),
+            }),
+        }
     }
 
     pub fn send(&self, e: ClusterEvent) -> Result<(), String> {
@@ -93,9 +111,9 @@ pub async fn storm(
     inspect: &mut pb::inspect_client::InspectClient<AuthChannel>,
 ) -> Result<Storm, String> {
     let stopped = Instant::now();
+    let runtime = old.runtime.clone();
     old.stop().await?;
-    let listener = rebind(addr).await?;
-    let cp = Controlplane::start(listener);
+    let cp = Controlplane::start(&runtime, addr).await?;
     // A restarted controlplane lists the cluster before it is Synced; the nodes that reconnect
     // meanwhile wait (it sends nothing before Synced).
     cp.feed(cluster, nodes)?;
@@ -144,6 +162,28 @@ async fn rebind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// CPU time (user + system) used so far by this process's threads whose name starts with PREFIX
+/// (tokio names its worker threads), from /proc/self/task/*/stat.
+pub fn cpu_of_threads(prefix: &str) -> Duration {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command (which may hold spaces) in parentheses: utime and stime are
+        // the 12th and 13th of them.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    // USER_HZ: 100 on Linux for every architecture kpx runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 /// Waits until the new controlplane lists every node (it took in the whole feed).
