@@ -17,16 +17,13 @@
 
 use kpx_auth::client::AuthChannel;
 use kpx_controlplane::model::*;
-use kpx_controlplane::source::{ClusterSource, SourceError};
 use kpx_dataplane::stream::{NoBackend, NodeIdentity, Session, SyncEvent};
 use kpx_proto::v1 as pb;
 use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -110,24 +107,6 @@ fn parse_args() -> Args {
     assert!(a.nodes > 0 && a.services > 0 && a.endpoints >= a.services, "need nodes, services and endpoints");
     a.nodes_per_channel = a.nodes_per_channel.max(1);
     a
-}
-
-/// A source the benchmark feeds by hand.
-struct ChannelSource(mpsc::UnboundedReceiver<ClusterEvent>);
-
-impl ClusterSource for ChannelSource {
-    fn run(
-        self: Box<Self>,
-        events: mpsc::Sender<ClusterEvent>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        let mut rx = self.0;
-        Box::pin(async move {
-            while let Some(e) = rx.recv().await {
-                events.send(e).await.map_err(|_| SourceError::Closed)?;
-            }
-            std::future::pending().await
-        })
-    }
 }
 
 /// The synthetic cluster: one slice per service, endpoints round-robin over the nodes.

@@ -34,3 +34,23 @@ pub trait ClusterSource: Send + 'static {
         events: mpsc::Sender<ClusterEvent>,
     ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
 }
+
+/// A source fed by hand through a channel: for embedding the controlplane in a program that
+/// computes the cluster itself (the benchmarks' synthetic clusters) and for tests. It never
+/// ends on its own; [`ClusterEvent::Synced`] is whatever the sender says.
+pub struct ChannelSource(pub mpsc::UnboundedReceiver<ClusterEvent>);
+
+impl ClusterSource for ChannelSource {
+    fn run(
+        self: Box<Self>,
+        events: mpsc::Sender<ClusterEvent>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
+        let mut rx = self.0;
+        Box::pin(async move {
+            while let Some(e) = rx.recv().await {
+                events.send(e).await.map_err(|_| SourceError::Closed)?;
+            }
+            std::future::pending().await
+        })
+    }
+}

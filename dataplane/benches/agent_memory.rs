@@ -14,11 +14,9 @@
 use kpx_controlplane::cache::CacheConfig;
 use kpx_controlplane::model::*;
 use kpx_controlplane::server::SyncConfig;
-use kpx_controlplane::source::{ClusterSource, SourceError};
+use kpx_controlplane::source::ChannelSource;
 use kpx_proto::v1 as pb;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,23 +56,6 @@ fn parse_args() -> Args {
     }
     assert!(matches!(a.variant.as_str(), "nft" | "legacy"), "--variant nft|legacy");
     a
-}
-
-struct ChannelSource(mpsc::UnboundedReceiver<ClusterEvent>);
-
-impl ClusterSource for ChannelSource {
-    fn run(
-        self: Box<Self>,
-        events: mpsc::Sender<ClusterEvent>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        let mut rx = self.0;
-        Box::pin(async move {
-            while let Some(e) = rx.recv().await {
-                events.send(e).await.map_err(|_| SourceError::Closed)?;
-            }
-            std::future::pending().await
-        })
-    }
 }
 
 fn pod_ip(n: u32) -> IpAddr {

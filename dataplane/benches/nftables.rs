@@ -123,9 +123,8 @@ impl Model {
         self.state.apply(&u).expect("delta")
     }
 
-    /// Removes one endpoint of service `i`, or adds it back: alternating one-endpoint changes.
-    fn flip_endpoint(&mut self, i: usize, e: &pb::Endpoint, add: bool) -> ChangeSet {
-        let _ = i;
+    /// Removes endpoint E, or adds it back: alternating one-endpoint changes.
+    fn flip_endpoint(&mut self, e: &pb::Endpoint, add: bool) -> ChangeSet {
         self.delta(|h, u| {
             if add {
                 h.add(version::endpoint_hash(e));
@@ -225,7 +224,7 @@ fn run(
         let key = format!("ns-{}/svc-{i}", i % 50);
         let e = m.state.services()[&key].endpoints.values().next().expect("endpoint").clone();
         for add in [false, true] {
-            let c = m.flip_endpoint(i, &e, add);
+            let c = m.flip_endpoint(&e, add);
             ep.push(timed(|| backend.apply(&m.state, &c).expect("endpoint change")));
             sizes.push(bytes());
         }

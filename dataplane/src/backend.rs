@@ -5,5 +5,6 @@
 pub mod iptables;
 pub mod ipvs;
 pub mod nftables;
+pub mod policy;
 pub mod shadow;
 pub mod userspace;

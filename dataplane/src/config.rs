@@ -6,7 +6,6 @@
 //! Unknown fields and invalid values are an error naming the field (`iptables.syncPeriod:
 //! "3x" is not a duration ...`): a typo must not quietly fall back to a default.
 
-mod duration;
 mod file;
 #[cfg(test)]
 mod tests;
@@ -14,8 +13,8 @@ mod tests;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-pub use duration::parse as parse_go_duration;
 use file::KubeProxyConfiguration;
+use kpx_telemetry::flags::parse_go_duration;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";

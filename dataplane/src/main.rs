@@ -70,13 +70,13 @@ struct Flags {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     ipvs_strict_arp: bool,
     /// IPVS idle timeout of TCP connections (0: the kernel's).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = kpx_telemetry::flags::parse_duration)]
     ipvs_tcp_timeout: Duration,
     /// IPVS timeout of TCP connections after a FIN (0: the kernel's).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = kpx_telemetry::flags::parse_duration)]
     ipvs_tcpfin_timeout: Duration,
     /// IPVS timeout of UDP flows (0: the kernel's).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = kpx_telemetry::flags::parse_duration)]
     ipvs_udp_timeout: Duration,
     /// IPVS virtual servers in these CIDRs are never deleted, even when no service wants them.
     #[arg(long, value_delimiter = ',', value_name = "CIDR")]
@@ -111,10 +111,10 @@ struct Flags {
     #[arg(long, default_value_t = 131072)]
     conntrack_min: u32,
     /// Idle timeout of established TCP conntrack entries (0: the kernel's).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = kpx_telemetry::flags::parse_duration)]
     conntrack_tcp_timeout_established: Duration,
     /// Timeout of TCP conntrack entries in CLOSE_WAIT (0: the kernel's).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = kpx_telemetry::flags::parse_duration)]
     conntrack_tcp_timeout_close_wait: Duration,
     /// /healthz and /livez.
     #[arg(long, default_value = "0.0.0.0:10256")]
@@ -130,10 +130,10 @@ struct Flags {
     #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
     ip_families: Vec<IpFamily>,
     /// Rewrite every rule this often even when nothing went wrong.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = kpx_telemetry::flags::parse_duration)]
     full_resync_period: Duration,
     /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = kpx_telemetry::flags::parse_duration)]
     sync_period: Duration,
     /// Testing: program the named network namespace instead of this process's (with
     /// --backend userspace, the proxy's sockets live there too).
@@ -152,11 +152,6 @@ struct Flags {
     /// The admin API's TLS and callers.
     #[command(flatten, next_help_heading = "Admin API security")]
     admin_security: ServerFlags,
-}
-
-/// kpx's durations (`500ms`, `2s`) and Go's (`1m0s`, `1h30m`), as kube-proxy's flags take.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    kpx_telemetry::flags::parse_duration(s).or_else(|_| config::parse_go_duration(s))
 }
 
 fn parse_family(s: &str) -> Result<IpFamily, String> {

@@ -3,11 +3,12 @@
 //! Measured: time until every node is current again on the new controlplane, and what the new
 //! controlplane sent (every update a node receives is an Applied or Rejected event here).
 
-use super::{ChannelSource, Cluster, node_name};
+use super::{Cluster, node_name};
 use kpx_auth::client::AuthChannel;
 use kpx_controlplane::cache::CacheConfig;
 use kpx_controlplane::model::{ClusterEvent, Node, Skips};
 use kpx_controlplane::server::SyncConfig;
+use kpx_controlplane::source::ChannelSource;
 use kpx_dataplane::stream::SyncEvent;
 use kpx_proto::v1 as pb;
 use std::net::SocketAddr;

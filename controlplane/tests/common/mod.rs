@@ -5,35 +5,15 @@
 use kpx_controlplane::cache::CacheConfig;
 use kpx_controlplane::model::*;
 use kpx_controlplane::server::SyncConfig;
-use kpx_controlplane::source::{ClusterSource, SourceError};
+pub use kpx_controlplane::source::ChannelSource;
 use kpx_dataplane::stream::{Apply, NodeIdentity, Session, SyncEvent};
 use kpx_proto::v1 as pb;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub mod secure;
-
-/// A source the test feeds by hand.
-pub struct ChannelSource(pub mpsc::UnboundedReceiver<ClusterEvent>);
-
-impl ClusterSource for ChannelSource {
-    fn run(
-        self: Box<Self>,
-        events: mpsc::Sender<ClusterEvent>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        let mut rx = self.0;
-        Box::pin(async move {
-            while let Some(e) = rx.recv().await {
-                events.send(e).await.map_err(|_| SourceError::Closed)?;
-            }
-            std::future::pending().await
-        })
-    }
-}
 
 pub struct Controlplane {
     pub addr: SocketAddr,

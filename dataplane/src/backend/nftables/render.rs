@@ -20,6 +20,7 @@ use super::names::PortNames;
 use super::stmt::{RuleSpec, Stmt};
 use crate::backend::iptables::render::check::{self, Cidr};
 use crate::backend::iptables::render::{IpFamily, RenderConfig};
+use crate::backend::policy;
 use crate::state::ServiceEntry;
 
 /// Kubernetes' longest ClientIP affinity (the iptables render caps it the same way).
@@ -192,17 +193,15 @@ fn render_port(
     }
 
     let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
-    let has_cluster = eps.iter().any(|e| e.cluster);
-    let has_local = eps.iter().any(|e| e.local);
     let has_ext = node_port.is_some() || !a.external.is_empty() || !a.lb.is_empty();
-    let svc_used = has_cluster && (!itp || has_ext);
-    let svl_used = has_local && (itp || (etp && has_ext));
-    let internal = if itp { svl_used.then_some(&names.local) } else { svc_used.then_some(&names.service) };
-    let external = if etp { has_local.then_some(&names.local) } else { has_cluster.then_some(&names.service) };
-    let ext_used = has_ext && (external.is_some() || (etp && svc_used));
-    let exists_elsewhere = has_cluster
-        || has_local
-        || s.families_with_endpoints.iter().any(|x| x == if f == IpFamily::V4 { "IPv4" } else { "IPv6" });
+    let d = policy::decide(s, f, eps.iter().any(|e| e.cluster), eps.iter().any(|e| e.local), has_ext);
+    let (svc_used, svl_used, ext_used, exists_elsewhere) =
+        (d.cluster_used, d.local_used, d.external_used, d.exists_elsewhere);
+    let chain = |set: policy::Set| match set {
+        policy::Set::Cluster => &names.service,
+        policy::Set::Local => &names.local,
+    };
+    let (internal, external) = (d.internal.map(chain), d.external.map(chain));
     let reject = goto(REJECT_CHAIN);
     let int_verdict = if itp && exists_elsewhere { Verdict::Drop } else { reject.clone() };
     let ext_verdict = match external {

@@ -169,15 +169,6 @@ pub struct PlanConfig {
 /// Kubernetes' longest ClientIP affinity (as in the iptables backend).
 const MAX_AFFINITY_SECONDS: u32 = 86400;
 
-/// `families_with_endpoints` names `family`.
-fn listed(families: &[String], family: IpFamily) -> bool {
-    let name = match family {
-        IpFamily::V4 => "IPv4",
-        IpFamily::V6 => "IPv6",
-    };
-    families.iter().any(|f| f == name)
-}
-
 /// The addresses of `family` in `list`, validated, each kept once.
 fn of_family(family: IpFamily, list: &[String], name: &str, skipped: &mut Vec<String>) -> Vec<IpAddr> {
     let mut out = Vec::new();
@@ -251,7 +242,9 @@ pub fn plan_service(cfg: &PlanConfig, family: IpFamily, entry: &ServiceEntry) ->
         let eps = endpoints(entry, family, &port.name, &name, &mut plan.skipped);
         let has = |class: Class| eps.iter().any(|(_, c, l)| if class == Class::Cluster { *c } else { *l });
         let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
-        let exists_elsewhere = has(Class::Cluster) || has(Class::Local) || listed(&s.families_with_endpoints, family);
+        let exists_elsewhere = has(Class::Cluster)
+            || has(Class::Local)
+            || crate::backend::policy::lists_family(&s.families_with_endpoints, family);
         let route = |local: bool| {
             let class = if local { Class::Local } else { Class::Cluster };
             match () {

@@ -21,6 +21,7 @@ use kpx_proto::v1 as pb;
 use super::check::{self, Cidr};
 use super::{IpFamily, RenderConfig, ServiceRules};
 use crate::backend::iptables::chains::{self, MARK_MASQ, PortChains};
+use crate::backend::policy;
 use crate::state::ServiceEntry;
 
 /// The addresses of one service in the family being rendered, validated.
@@ -181,15 +182,6 @@ fn addrs(cfg: &RenderConfig, s: &pb::Service, skipped: &mut Vec<String>) -> Opti
     Some(Addrs { cluster, external, lb, ranges, cluster_cidr })
 }
 
-/// `families_with_endpoints` (of pb::Service) names `family`.
-fn listed(families: &[String], family: IpFamily) -> bool {
-    let name = match family {
-        IpFamily::V4 => "IPv4",
-        IpFamily::V6 => "IPv6",
-    };
-    families.iter().any(|f| f == name)
-}
-
 /// The endpoints of `port` in `family`. Invalid ones (of either family) are dropped and
 /// reported in `skipped`; validating and collecting in one pass parses every address once.
 fn endpoints(
@@ -275,19 +267,19 @@ fn render_port(
     let ch = PortChains::new(&name, proto);
     let host = cfg.family.host_suffix();
     let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
-    let has_cluster = eps.iter().any(|e| e.cluster);
-    let has_local = eps.iter().any(|e| e.local);
     let has_ext = node_port.is_some() || !a.external.is_empty() || !a.lb.is_empty();
-    let svc_used = has_cluster && (!itp || has_ext);
-    let svl_used = has_local && (itp || (etp && has_ext));
-    let internal = if itp { svl_used.then_some(&ch.svl) } else { svc_used.then_some(&ch.svc) };
-    let external = if etp { has_local.then_some(&ch.svl) } else { has_cluster.then_some(&ch.svc) };
-    let ext_used = has_ext && (external.is_some() || (etp && svc_used));
+    let d = policy::decide(s, cfg.family, eps.iter().any(|e| e.cluster), eps.iter().any(|e| e.local), has_ext);
+    let (svc_used, svl_used, ext_used) = (d.cluster_used, d.local_used, d.external_used);
+    let chain = |set: policy::Set| match set {
+        policy::Set::Cluster => &ch.svc,
+        policy::Set::Local => &ch.svl,
+    };
+    let (internal, external) = (d.internal.map(chain), d.external.map(chain));
     let fw_used = ext_used && a.ranges.is_some() && !a.lb.is_empty();
     // Under a Local policy this node only receives its own endpoints (and cluster ones when
     // some traffic is routed cluster-wide), so "none here" is told from "none anywhere" by the
     // controlplane's per-family hint, as kube-proxy drops the former and rejects the latter.
-    let exists_elsewhere = has_cluster || has_local || listed(&s.families_with_endpoints, cfg.family);
+    let exists_elsewhere = d.exists_elsewhere;
     // What filter does with traffic no chain DNATs: (comment suffix, verdict).
     let no_local = ("has no local endpoints", "DROP");
     let no_endpoints = ("has no endpoints", "REJECT");
