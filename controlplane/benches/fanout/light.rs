@@ -6,6 +6,10 @@
 //! nodes that see a service the same way share one copy of its hashes (interned by content);
 //! and a service entry or endpoint group whose wire bytes another node already hashed is not
 //! decoded and hashed again (the hash is a function of those bytes, so the result is the same).
+//! A view made of one group shares the group's endpoint list itself, so a snapshot costs a node
+//! no per-endpoint work beyond summing the hashes, and the shared maps are locked once per chunk
+//! rather than once per entry (the simulated nodes share the controlplane's cores: their cost
+//! must stay well below its own).
 //! Updates are decoded with a wire-compatible message whose upserted services and endpoint
 //! groups stay raw bytes, to fingerprint them.
 
@@ -52,12 +56,21 @@ struct RawUpdate {
     send_digest: bool,
 }
 
+/// (IP as text, endpoint hash), sorted by IP; shared by every view and group that holds it.
+type Endpoints = Arc<Vec<(Arc<str>, u128)>>;
+
 /// One service as a node sees it: its entry's hash and its endpoints' (by IP).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Eq)]
 struct ServiceHashes {
     service: u128,
-    /// (IP as text, endpoint hash), sorted by IP.
-    endpoints: Vec<(Arc<str>, u128)>,
+    endpoints: Endpoints,
+}
+
+impl PartialEq for ServiceHashes {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && (Arc::ptr_eq(&self.endpoints, &other.endpoints) || self.endpoints == other.endpoints)
+    }
 }
 
 impl ServiceHashes {
@@ -69,7 +82,7 @@ impl ServiceHashes {
 }
 
 /// An endpoint group, hashed: its service and its endpoints' hashes.
-type Group = Arc<(u32, Vec<(Arc<str>, u128)>)>;
+type Group = (u32, Endpoints);
 
 /// The maps here are keyed by small ids or by values that are hashes already: one multiply per
 /// word is enough. (With std's SipHash they were 11% of a 1,000-node run, time the
@@ -122,37 +135,56 @@ impl Shared {
         id
     }
 
-    fn intern(&self, view: ServiceHashes, sum: u128) -> Arc<ServiceHashes> {
+    /// The shared copy of each view (with its content sum), one lock for all of them.
+    fn intern(&self, fresh: impl Iterator<Item = (ServiceHashes, u128)>) -> Vec<Arc<ServiceHashes>> {
         let mut views = self.views.lock().unwrap();
-        let same = views.entry(sum).or_default();
-        same.retain(|w| w.strong_count() > 0);
-        if let Some(v) = same.iter().filter_map(Weak::upgrade).find(|v| **v == view) {
-            return v;
-        }
-        let v = Arc::new(view);
-        same.push(Arc::downgrade(&v));
-        v
+        let mut intern_one = |view: ServiceHashes, sum: u128| {
+            let same = views.entry(sum).or_default();
+            same.retain(|w| w.strong_count() > 0);
+            if let Some(v) = same.iter().filter_map(Weak::upgrade).find(|v| **v == view) {
+                return v;
+            }
+            let v = Arc::new(view);
+            same.push(Arc::downgrade(&v));
+            v
+        };
+        fresh.map(|(view, sum)| intern_one(view, sum)).collect()
     }
 
-    /// (service id, entry hash) of a service entry's wire bytes.
-    fn service(&self, raw: &Bytes) -> Result<(u32, u128), String> {
-        let key = xxh3_128(raw);
-        if let Some(hit) = self.services.lock().unwrap().get(&key) {
-            return Ok(*hit);
-        }
-        let s = pb::Service::decode(raw.as_ref()).map_err(|e| e.to_string())?;
-        let found = (self.id(&format!("{}/{}", s.namespace, s.name)), version::service_hash(&s).0);
-        self.services.lock().unwrap().insert(key, found);
-        Ok(found)
+    /// (service id, entry hash) of each service entry's wire bytes, one lock for all of them.
+    fn services(&self, raws: &[Bytes]) -> Result<Vec<(u32, u128)>, String> {
+        let mut known = self.services.lock().unwrap();
+        let mut one = |raw: &Bytes| {
+            let key = xxh3_128(raw);
+            if let Some(hit) = known.get(&key) {
+                return Ok(*hit);
+            }
+            let s = pb::Service::decode(raw.as_ref()).map_err(|e| e.to_string())?;
+            let found = (self.id(&format!("{}/{}", s.namespace, s.name)), version::service_hash(&s).0);
+            known.insert(key, found);
+            Ok(found)
+        };
+        raws.iter().map(&mut one).collect()
+    }
+
+    /// The hashes of each endpoint group's wire bytes, one lock for all of them.
+    fn groups(&self, raws: &[Bytes]) -> Result<Vec<Group>, String> {
+        let mut known = self.groups.lock().unwrap();
+        let mut one = |raw: &Bytes| {
+            let key = xxh3_128(raw);
+            if let Some(hit) = known.get(&key) {
+                return Ok(hit.clone());
+            }
+            let group = self.group(raw)?;
+            known.insert(key, group.clone());
+            Ok(group)
+        };
+        raws.iter().map(&mut one).collect()
     }
 
     /// The hashes of an endpoint group's wire bytes, each endpoint hashed with its service
     /// named (as the agent stores it).
     fn group(&self, raw: &Bytes) -> Result<Group, String> {
-        let key = xxh3_128(raw);
-        if let Some(hit) = self.groups.lock().unwrap().get(&key) {
-            return Ok(hit.clone());
-        }
         let g = pb::ServiceEndpoints::decode(raw.as_ref()).map_err(|e| e.to_string())?;
         let mut hashes: Vec<(Arc<str>, u128)> = g
             .endpoints
@@ -169,9 +201,7 @@ impl Shared {
         hashes.reverse();
         hashes.sort_by(|a, b| a.0.cmp(&b.0));
         hashes.dedup_by(|later, earlier| later.0 == earlier.0);
-        let group: Group = Arc::new((self.id(&g.service), hashes));
-        self.groups.lock().unwrap().insert(key, group.clone());
-        Ok(group)
+        Ok((self.id(&g.service), Arc::new(hashes)))
     }
 
     /// Distinct service views held (for the report).
@@ -219,7 +249,7 @@ impl LightState {
                     slot.insert(v);
                 }
                 false if create => {
-                    slot.insert(ServiceHashes { service: 0, endpoints: Vec::new() });
+                    slot.insert(ServiceHashes { service: 0, endpoints: Endpoints::default() });
                 }
                 false => return Err(format!("an endpoint of service #{id}, which this node does not have")),
             }
@@ -276,11 +306,10 @@ impl LightState {
             if self.open(&mut p.open, id, false).is_ok()
                 && let Some(v) = p.open.get_mut(&id)
             {
-                v.endpoints.retain(|(ip, _)| **ip != *r.ip);
+                Arc::make_mut(&mut v.endpoints).retain(|(ip, _)| **ip != *r.ip);
             }
         }
-        for raw in &c.services_upserted {
-            let (id, hash) = shared.service(raw)?;
+        for (id, hash) in shared.services(&c.services_upserted)? {
             self.open(&mut p.open, id, true)?;
             p.open.get_mut(&id).expect("opened").service = hash;
         }
@@ -289,8 +318,7 @@ impl LightState {
             (shared.id(&e.service), Arc::<str>::from(e.ip.as_str()), hash)
         });
         let mut upserts: Vec<(u32, Arc<str>, u128)> = listed.collect();
-        for raw in &c.endpoint_groups {
-            let g = shared.group(raw)?;
+        for g in shared.groups(&c.endpoint_groups)? {
             p.entries += g.1.len();
             self.open(&mut p.open, g.0, false)?;
             let v = p.open.get_mut(&g.0).expect("opened");
@@ -305,20 +333,26 @@ impl LightState {
         for (id, ip, hash) in upserts {
             self.open(&mut p.open, id, false)?;
             let v = p.open.get_mut(&id).expect("opened");
-            match v.endpoints.binary_search_by(|(e, _)| (**e).cmp(&*ip)) {
-                Ok(i) => v.endpoints[i].1 = hash,
-                Err(i) => v.endpoints.insert(i, (ip, hash)),
+            let endpoints = Arc::make_mut(&mut v.endpoints);
+            match endpoints.binary_search_by(|(e, _)| (**e).cmp(&*ip)) {
+                Ok(i) => endpoints[i].1 = hash,
+                Err(i) => endpoints.insert(i, (ip, hash)),
             }
         }
         Ok(())
     }
 
     fn finish(&mut self, shared: &Shared, mut p: Pending, version: &str) -> Result<Pending, String> {
-        for (id, v) in p.open.drain() {
-            let sum = v.sum().0;
-            self.total.add(EntryHash(sum));
-            self.services.insert(id, shared.intern(v, sum));
-        }
+        let (ids, fresh): (Vec<u32>, Vec<(ServiceHashes, u128)>) = p
+            .open
+            .drain()
+            .map(|(id, v)| {
+                let sum = v.sum().0;
+                (id, (v, sum))
+            })
+            .unzip();
+        fresh.iter().for_each(|(_, sum)| self.total.add(EntryHash(*sum)));
+        self.services.extend(ids.into_iter().zip(shared.intern(fresh.into_iter())));
         if self.total.to_version() != version {
             return Err(format!("state hashes to {} instead of {version}", self.total.to_version()));
         }
