@@ -234,8 +234,8 @@ pub struct IptablesBackend {
     buf: String,
     filter_extra: String,
     nat_extra: String,
-    /// Where the extras go into `buf` in the last full sync (None after a partial one).
-    splits: Option<(usize, usize)>,
+    /// How the last full sync's `buf` is written out (None after a partial one).
+    splits: Option<Layout>,
     /// Restores that run before `buf` in a split full sync (empty otherwise).
     chunks: Vec<String>,
     /// Whether the restore command is iptables-nft, once known.
@@ -318,9 +318,15 @@ impl IptablesBackend {
     }
 
     fn pieces(&self) -> Vec<&str> {
-        match self.splits {
-            Some((f, n)) => {
-                vec![&self.buf[..f], &self.filter_extra, &self.buf[f..n], &self.nat_extra, &self.buf[n..]]
+        match &self.splits {
+            Some(l) => {
+                let mut pieces = Vec::with_capacity(l.filter.len() + l.nat.len() + 3);
+                pieces.extend(l.filter.iter().map(|r| &self.buf[r.clone()]));
+                pieces.push(self.filter_extra.as_str());
+                pieces.extend(l.nat.iter().map(|r| &self.buf[r.clone()]));
+                pieces.push(self.nat_extra.as_str());
+                pieces.push(&self.buf[l.nat_commit..]);
+                pieces
             }
             None => vec![&self.buf],
         }
@@ -552,7 +558,13 @@ impl IptablesBackend {
         for c in &stale {
             self.nat_extra.push_str(&format!("-X {c}\n"));
         }
-        self.splits = Some((f, n));
+        // One restore (legacy): its lines go out in iptables-save's order, which libiptc
+        // restores faster (apply/order.rs); written from `buf` as it is, range by range.
+        let (filter_order, nat_order) = match split {
+            true => (std::iter::once(0..f).collect(), std::iter::once(f..n).collect()),
+            false => (order::in_chain_order(&self.buf[..f], 0), order::in_chain_order(&self.buf[f..n], f)),
+        };
+        self.splits = Some(Layout { filter: filter_order, nat: nat_order, nat_commit: n });
         if added_filter + added_nat > 0 || !stale.is_empty() {
             tracing::info!(family = ?self.cfg.family, jumps_added = added_filter + added_nat, stale_chains = stale.len(), "full sync adopts the kernel's rules");
         }
@@ -675,6 +687,15 @@ impl Apply for IptablesBackend {
     }
 }
 
+/// How a full sync's rendering is written to the restore: `filter` (ranges of `buf`, in write
+/// order), the filter extras, `nat`, the nat extras, then `buf[nat_commit..]` (its COMMIT).
+#[derive(Debug)]
+struct Layout {
+    filter: Vec<std::ops::Range<usize>>,
+    nat: Vec<std::ops::Range<usize>>,
+    nat_commit: usize,
+}
+
 /// What `prepare_full` decided, for the bookkeeping after the restore.
 struct FullPlan {
     /// Rule lines of the whole rendered ruleset (filter, nat), whatever the restore writes.
@@ -713,6 +734,7 @@ fn log_skipped(skipped: &[String]) {
     }
 }
 
+mod order;
 mod split;
 #[cfg(test)]
 mod tests;

@@ -64,14 +64,17 @@ impl Runner {
         // Write stdin from another thread: a child that fills its stderr pipe before it has
         // read all of its input would otherwise deadlock with us.
         let output = std::thread::scope(|s| {
-            if let Some(mut pipe) = child.stdin.take() {
+            if let Some(pipe) = child.stdin.take() {
                 s.spawn(move || {
+                    // Buffered: a full sync on legacy is written as ~100k pieces (apply/order.rs).
+                    let mut pipe = std::io::BufWriter::with_capacity(64 << 10, pipe);
                     for piece in stdin {
                         // A child that exits early closes the pipe; its status tells why.
                         if pipe.write_all(piece.as_bytes()).is_err() {
-                            break;
+                            return;
                         }
                     }
+                    let _ = pipe.flush(); // then closed: the child reads its end of input
                 });
             }
             child.wait_with_output()

@@ -213,7 +213,14 @@ pub fn render_full(cfg: &RenderConfig, state: &AppliedState, out: &mut String) -
     for c in [chains::SERVICES, chains::NODEPORTS, chains::POSTROUTING, chains::MARK_MASQ] {
         declare(h, c);
     }
-    h.push_str(&decl);
+    // Declared in name order, as iptables-save prints them: libiptc keeps its chains in a
+    // sorted list and inserts a chain that sorts last at the tail, but walks the list for any
+    // other. In hash order (services come in key order, their chain names are hashes) a
+    // legacy restore of 10k services / 100k endpoints took ~40% longer (7.2 s against 5.1 s
+    // of user time in a fresh namespace, the same rules otherwise).
+    let mut declared: Vec<&str> = decl.lines().collect();
+    declared.sort_unstable();
+    declared.iter().for_each(|l| push(h, l));
     push(h, &format!("-A {} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN", chains::POSTROUTING));
     push(h, &format!("-A {} -j MARK --xor-mark {MASQ_MARK}", chains::POSTROUTING));
     push(

@@ -486,10 +486,10 @@ COMMIT
 :KUBE-NODEPORTS - [0:0]
 :KUBE-POSTROUTING - [0:0]
 :KUBE-MARK-MASQ - [0:0]
-:KUBE-SVC-YN5D6RYVEVZOH44Q - [0:0]
 :KUBE-SEP-IQV2T7WZFFJMSXMA - [0:0]
-:KUBE-SEP-VVQPNQCRNAQTZLWG - [0:0]
 :KUBE-SEP-PR3FG6SU5SIGDY7O - [0:0]
+:KUBE-SEP-VVQPNQCRNAQTZLWG - [0:0]
+:KUBE-SVC-YN5D6RYVEVZOH44Q - [0:0]
 -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
 -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
 -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
@@ -509,6 +509,27 @@ COMMIT
 COMMIT
 "#
     );
+}
+
+/// libiptc inserts a chain that sorts last at the tail of its sorted list and walks the list
+/// for any other, so the per-service chains of every service are declared in one name order.
+#[test]
+fn full_sync_declares_every_service_chain_in_name_order() {
+    let (st, _) = synced(vec![svc("ns2", "other", "172.30.0.99", &[("p", pb::Protocol::Udp, 53, 5353)])]);
+    let mut out = String::new();
+    render_full(&cfg(), &st, &mut out);
+    let nat = &out[out.find("*nat\n").expect("nat table")..];
+    let declared: Vec<&str> = nat
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter(|l| l.contains("-SEP-") || l.contains("-SVC-"))
+        .collect();
+    assert!(declared.len() >= 4, "{out}");
+    assert!(declared.windows(2).all(|w| w[0] < w[1]), "not in name order: {declared:#?}");
+    // Every chain a rule appends to is declared, once.
+    for chain in nat.lines().filter_map(|l| l.strip_prefix("-A ")).filter_map(|l| l.split(' ').next()) {
+        assert_eq!(nat.matches(&format!("\n:{chain} ")).count(), 1, "{chain} in {out}");
+    }
 }
 
 #[test]
