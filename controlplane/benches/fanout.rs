@@ -4,7 +4,10 @@
 //!
 //! `cargo bench -p kpx-controlplane --bench fanout -- [--nodes N] [--services S]
 //! [--endpoints E] [--changes C] [--nodes-per-channel K] [--max-rss-gib G] [--seed X] [--light]
-//! [--controlplane-memory]`
+//! [--controlplane-process] [--controlplane-memory]`
+//!
+//! With `--controlplane-process` the controlplane runs in a child process (this binary again,
+//! `fanout/cp.rs`): its memory and CPU time are then measured on their own, throughout.
 //!
 //! Phases: the snapshot to every node, one-endpoint changes, memory, and a reconnect storm (the
 //! controlplane restarted with nothing changed: `fanout/restart.rs`).
@@ -28,6 +31,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+// The controlplane binary's allocator (controlplane/src/main.rs), here for both the child
+// controlplane and the simulated nodes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[path = "fanout/cp.rs"]
+mod cp;
 #[path = "fanout/light.rs"]
 mod light;
 #[path = "fanout/restart.rs"]
@@ -40,10 +50,8 @@ const TARGET_CHANGE_BYTES: f64 = 256.0;
 const TARGET_STORM: Duration = Duration::from_secs(5);
 /// Every node's snapshot delivered and verified, at 5,000 nodes on the full-size cluster.
 const TARGET_SNAPSHOTS: Duration = Duration::from_secs(60);
-/// The name of the controlplane runtime's threads.
-const CP_THREADS: &str = "kpx-cp";
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Args {
     nodes: usize,
     services: usize,
@@ -57,6 +65,28 @@ struct Args {
     controlplane_memory: bool,
     /// Light simulated nodes (hashes only, shared views), one in 1,000 a full-state node.
     light: bool,
+    /// The controlplane in a child process (`fanout/cp.rs`).
+    controlplane_process: bool,
+    /// Set in that child: the address to serve on, and the changes to replay first.
+    serve: Option<std::net::SocketAddr>,
+    replay_changes: usize,
+}
+
+impl Args {
+    /// What the child controlplane needs to build the same cluster.
+    fn child_args(&self) -> Vec<String> {
+        let mut v = vec!["--bench".to_string()];
+        for (flag, value) in [
+            ("--nodes", self.nodes as u64),
+            ("--services", self.services as u64),
+            ("--endpoints", self.endpoints as u64),
+            ("--seed", self.seed),
+        ] {
+            v.push(flag.into());
+            v.push(value.to_string());
+        }
+        v
+    }
 }
 
 fn parse_args() -> Args {
@@ -74,6 +104,9 @@ fn parse_args() -> Args {
             smoke,
             controlplane_memory: false,
             light: false,
+            controlplane_process: false,
+            serve: None,
+            replay_changes: 0,
         }
     } else {
         Args {
@@ -87,6 +120,9 @@ fn parse_args() -> Args {
             smoke,
             controlplane_memory: false,
             light: false,
+            controlplane_process: false,
+            serve: None,
+            replay_changes: 0,
         }
     };
     let mut it = argv.iter();
@@ -102,6 +138,9 @@ fn parse_args() -> Args {
             "--seed" => a.seed = value(flag).parse().expect("--seed X"),
             "--controlplane-memory" => a.controlplane_memory = true,
             "--light" => a.light = true,
+            "--controlplane-process" => a.controlplane_process = true,
+            cp::SERVE_FLAG => a.serve = Some(value(flag).parse().expect("--serve-controlplane ADDR")),
+            "--replay-changes" => a.replay_changes = value(flag).parse().expect("--replay-changes N"),
             // cargo passes --bench; libtest-style filters and flags are ignored.
             _ => {}
         }
@@ -216,7 +255,12 @@ impl Cluster {
 
 /// Resident and peak memory of this process (kB values of /proc/self/status, in bytes).
 fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    memory_of("/proc/self/status")
+}
+
+/// (VmRSS, VmHWM) in bytes from a /proc/PID/status file.
+fn memory_of(path: &str) -> (u64, u64) {
+    let status = std::fs::read_to_string(path).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()
@@ -314,7 +358,7 @@ async fn await_acked(
 
 async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> {
     println!(
-        "fanout{}: {} nodes, {} services, {} endpoints, {} changes, {} nodes per HTTP/2 connection, {} cores",
+        "fanout{}: {} nodes, {} services, {} endpoints, {} changes, {} nodes per HTTP/2 connection, {} cores, the controlplane {}",
         if a.smoke { " (smoke run; pass --bench for the real one)" } else { "" },
         a.nodes,
         a.services,
@@ -322,6 +366,7 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         a.changes,
         a.nodes_per_channel,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        if a.controlplane_process { "in a process of its own" } else { "in this process" },
     );
     let (rss_start, _) = memory();
     let mut cluster = build_cluster(&a);
@@ -330,9 +375,7 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
     // (A free port: bound once here, then released for the controlplane's own runtime.)
     let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
     let url = format!("http://{addr}");
-    let cp = restart::Controlplane::start(&cp_runtime, addr).await?;
-    let send = |e: ClusterEvent| cp.send(e);
-    cp.feed(&cluster, a.nodes)?;
+    let mut cp = cp::Cp::start(&a, &cp_runtime, addr, &cluster).await?;
     let mut inspect = {
         let channel = kpx_dataplane::stream::connect(&url, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
         pb::inspect_client::InspectClient::new(channel).max_decoding_message_size(256 << 20)
@@ -348,8 +391,9 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (rss_model, _) = memory();
+    let cp_model = cp.memory();
     if a.controlplane_memory {
-        return controlplane_memory(&a, &mut inspect, send, rss_start, rss_model).await;
+        return controlplane_memory(&a, &mut inspect, cp, rss_start, rss_model).await;
     }
 
     // The nodes subscribe before the cache publishes, so the snapshot phase starts at Synced.
@@ -402,16 +446,18 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (rss_subscribed, _) = memory();
+    let cp_subscribed = cp.memory();
 
     // 1. The initial snapshot to every node.
     let started = Instant::now();
-    let cp_cpu_before = restart::cpu_of_threads(CP_THREADS);
-    send(ClusterEvent::Synced)?;
+    let cp_cpu_before = cp.cpu();
+    cp.synced().await?;
     let (snapshot_bytes, snapshot_applying) =
         await_applied(&mut node_rx, a.nodes, true, Duration::from_secs(1800)).await?;
     let snapshot_time = started.elapsed();
-    let snapshot_cp_cpu = restart::cpu_of_threads(CP_THREADS).saturating_sub(cp_cpu_before);
+    let snapshot_cp_cpu = cp.cpu().saturating_sub(cp_cpu_before);
     let (rss_snapshots, hwm_snapshots) = memory();
+    let cp_snapshots = cp.memory();
 
     // 5a. Baseline: one node's whole state, encoded once.
     let state = inspect
@@ -453,7 +499,7 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         let slice = cluster.slices[i].clone();
         naive_bytes.push(naive_by_service.get(&slice.service.to_string()).copied().unwrap_or(0));
         let t = Instant::now();
-        send(ClusterEvent::Slice(slice.key.clone(), Some(slice)))?;
+        cp.changed(slice).await?;
         // Every change here alters the view every node shares, so every node is affected.
         let (bytes, _) = await_applied(&mut node_rx, a.nodes, false, Duration::from_secs(120)).await?;
         applied_lat.push(t.elapsed());
@@ -462,6 +508,7 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         change_bytes.extend(bytes);
     }
     let (rss_end, hwm_end) = memory();
+    let cp_end = cp.memory();
 
     // Report.
     let n = a.nodes as f64;
@@ -492,7 +539,8 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         snapshot_time.as_secs_f64() / encode.as_secs_f64() / n,
     );
     println!(
-        "   the controlplane's threads used {:.1} s of CPU in that time ({:.0}% of the phase's 2 x {:.1} s): its own cost of the {} snapshots",
+        "   the controlplane's {} used {:.1} s of CPU in that time ({:.0}% of the phase's 2 x {:.1} s): its own cost of the {} snapshots",
+        if a.controlplane_process { "process" } else { "threads" },
         snapshot_cp_cpu.as_secs_f64(),
         100.0 * snapshot_cp_cpu.as_secs_f64() / (2.0 * snapshot_time.as_secs_f64()),
         snapshot_time.as_secs_f64(),
@@ -543,6 +591,64 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         );
     }
     let hwm = hwm_end.max(hwm_snapshots);
+    if let (Some(model), Some(subscribed), Some(snapshots), Some(end)) = (cp_model, cp_subscribed, cp_snapshots, cp_end)
+    {
+        println!("4. memory of the controlplane process alone:");
+        println!(
+            "   RSS with the cluster model taken in {}; every node subscribed {}; after the snapshots {}; after the changes {}",
+            mib(model.0),
+            mib(subscribed.0),
+            mib(snapshots.0),
+            mib(end.0)
+        );
+        println!(
+            "   peak (VmHWM) throughout, the snapshots included: {}   [target <= 1 GiB: {}]",
+            mib(end.1),
+            verdict(end.1 <= TARGET_MEMORY)
+        );
+        println!("   this process (the {} simulated nodes): peak {}", a.nodes, mib(hwm));
+    } else {
+        print_shared_memory(&a, &shared, [rss_start, rss_model, rss_subscribed, rss_snapshots, rss_end], hwm);
+    }
+    // 5. Reconnect storm: the controlplane restarts with nothing changed.
+    let storm = restart::storm(cp, &cluster, a.nodes, &mut node_rx, &mut inspect).await?;
+    let (rss_storm, _) = match storm.controlplane.memory() {
+        Some(cp) => cp,
+        None => memory(),
+    };
+    println!(
+        "5. controlplane restarted on the same address, nothing changed; every node resubscribes with its applied version:"
+    );
+    println!(
+        "   every node current again: {} after the old one stopped, {} after the new one's Synced   [target <= 5 s: {}]",
+        ms(storm.since_stop),
+        ms(storm.since_synced),
+        verdict(storm.since_stop <= TARGET_STORM),
+    );
+    println!(
+        "   sent to the nodes: {} updates, {} bytes in total ({:.1} B per node)   [target <= 1 KiB per node: {}]; {} reconnections",
+        storm.updates,
+        storm.bytes,
+        storm.bytes as f64 / n,
+        verdict(storm.bytes as f64 / n <= 1024.0),
+        storm.reconnects,
+    );
+    println!(
+        "   RSS after the storm: {} (before the restart: {}){}",
+        mib(rss_storm),
+        mib(cp_end.map_or(rss_end, |m| m.0)),
+        if a.controlplane_process { ", the new controlplane process" } else { "" }
+    );
+
+    for s in sessions {
+        s.abort();
+    }
+    storm.controlplane.stop().await
+}
+
+/// Memory when the controlplane and the simulated nodes share this process.
+fn print_shared_memory(a: &Args, shared: &light::Shared, rss: [u64; 5], hwm: u64) {
+    let [rss_start, rss_model, rss_subscribed, rss_snapshots, rss_end] = rss;
     println!("4. memory (controlplane and the {} simulated nodes share this process):", a.nodes);
     println!("   RSS at start {}", mib(rss_start));
     println!("   RSS with the cluster model taken in, before any node connects: {}", mib(rss_model));
@@ -564,33 +670,6 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         mib(hwm),
         verdict(hwm <= TARGET_MEMORY)
     );
-
-    // 5. Reconnect storm: the controlplane restarts with nothing changed.
-    let storm = restart::storm(cp, addr, &cluster, a.nodes, &mut node_rx, &mut inspect).await?;
-    let (rss_storm, _) = memory();
-    println!(
-        "5. controlplane restarted on the same address, nothing changed; every node resubscribes with its applied version:"
-    );
-    println!(
-        "   every node current again: {} after the old one stopped, {} after the new one's Synced   [target <= 5 s: {}]",
-        ms(storm.since_stop),
-        ms(storm.since_synced),
-        verdict(storm.since_stop <= TARGET_STORM),
-    );
-    println!(
-        "   sent to the nodes: {} updates, {} bytes in total ({:.1} B per node)   [target <= 1 KiB per node: {}]; {} reconnections",
-        storm.updates,
-        storm.bytes,
-        storm.bytes as f64 / n,
-        verdict(storm.bytes as f64 / n <= 1024.0),
-        storm.reconnects,
-    );
-    println!("   RSS after the storm: {} (before the restart: {})", mib(rss_storm), mib(rss_end));
-
-    for s in sessions {
-        s.abort();
-    }
-    storm.controlplane.stop().await
 }
 
 /// The controlplane alone, as it stands for a cluster of `a.nodes` nodes once published: the
@@ -599,12 +678,12 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
 async fn controlplane_memory(
     a: &Args,
     inspect: &mut pb::inspect_client::InspectClient<AuthChannel>,
-    send: impl Fn(ClusterEvent) -> Result<(), String>,
+    mut cp: cp::Cp,
     rss_start: u64,
     rss_model: u64,
 ) -> Result<(), String> {
     let started = Instant::now();
-    send(ClusterEvent::Synced)?;
+    cp.synced().await?;
     loop {
         let nodes = inspect.list_nodes(pb::ListNodesRequest {}).await.map_err(|e| e.to_string())?.into_inner().nodes;
         if nodes.len() >= a.nodes && nodes.iter().all(|n| !n.desired_version.is_empty()) {
@@ -625,11 +704,19 @@ async fn controlplane_memory(
     println!("   publish (Synced -> every node's version computed): {}", ms(publish));
     println!("   RSS at start {}, with the model {}, published {}", mib(rss_start), mib(rss_model), mib(rss));
     println!("   peak (VmHWM) {}   [target <= 1 GiB: {}]", mib(hwm), verdict(hwm <= 1 << 30));
-    Ok(())
+    cp.stop().await
 }
 
 fn main() {
     let args = parse_args();
+    if let Some(addr) = args.serve {
+        let replay = args.replay_changes;
+        if let Err(e) = cp::child_main(args, addr, replay) {
+            eprintln!("fanout controlplane process: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     watchdog(args.max_rss_gib);
     // The simulated nodes and the controlplane on runtimes of their own (2 threads each, as many
     // as there are cores), so that the controlplane's CPU time can be told from the nodes'.
@@ -641,14 +728,19 @@ fn main() {
         .expect("tokio runtime");
     let cp_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_name(CP_THREADS)
+        .thread_name(cp::CP_THREADS)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let started = Instant::now();
-    if let Err(e) = runtime.block_on(run(args, cp_runtime.handle().clone())) {
-        eprintln!("fanout: {e}");
-        std::process::exit(1);
+    // The smoke run tries both places for the controlplane.
+    let places = if args.smoke { vec![false, true] } else { vec![args.controlplane_process] };
+    for in_child in places {
+        let started = Instant::now();
+        let args = Args { controlplane_process: in_child, ..args.clone() };
+        if let Err(e) = runtime.block_on(run(args, cp_runtime.handle().clone())) {
+            eprintln!("fanout: {e}");
+            std::process::exit(1);
+        }
+        println!("total run time {}", ms(started.elapsed()));
     }
-    println!("total run time {}", ms(started.elapsed()));
 }

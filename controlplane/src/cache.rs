@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 use track::NodeTrack;
-pub use track::{ConnId, Subscription};
+pub use track::{ConnId, Planned, Subscription};
 
 #[derive(Clone, Debug)]
 pub struct CacheConfig {

@@ -434,6 +434,40 @@ async fn snapshots_beyond_the_concurrency_limit_wait_their_turn() {
     cp.stop().await;
 }
 
+/// A snapshot keeps its turn until the node answers it: a node that reads its snapshot and
+/// never acknowledges it holds the only turn for `snapshot_hold`, then the next node gets its
+/// snapshot (and an answered one gives its turn back at once: the test above).
+#[tokio::test]
+async fn an_unanswered_snapshot_keeps_its_turn_only_for_the_hold_time() {
+    use kpx_proto::v1 as pb;
+    let hold = Duration::from_millis(700);
+    let cp = cluster(SyncConfig { max_concurrent_snapshots: 1, snapshot_hold: hold, ..fast() }, &[]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let subscribe = pb::Subscribe { node_name: "mute".into(), backend: "test".into(), ..Default::default() };
+    tx.send(pb::NodeMessage { msg: Some(pb::node_message::Msg::Subscribe(subscribe)) }).await.unwrap();
+    let channel = kpx_dataplane::stream::connect(&cp.url(), Duration::from_secs(5)).await.unwrap();
+    let mut client = pb::sync_client::SyncClient::new(channel);
+    let mut mute = client.sync(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let got_snapshot = std::time::Instant::now();
+    loop {
+        let chunk = mute.message().await.unwrap().expect("the snapshot");
+        assert!(chunk.full);
+        if !chunk.more {
+            break;
+        }
+    }
+    let mut node = SimNode::new("node-1", Box::new(Accept));
+    node.connect(&cp.url()).await;
+    let (full, entries, _, _) = applied(node.next().await);
+    let waited = got_snapshot.elapsed();
+    assert!(full && entries == 3);
+    assert!(waited >= hold - Duration::from_millis(100), "node-1 got its snapshot after {waited:?}, within the hold");
+    assert!(waited < hold * 4, "node-1 waited {waited:?}: the turn was not given back");
+    drop(tx);
+    node.disconnect().await;
+    cp.stop().await;
+}
+
 /// The Local-policy hint (`families_with_endpoints`) reaches nodes that host nothing: when the
 /// service loses its last endpoint they must switch from DROP to REJECT, and back.
 #[tokio::test]

@@ -135,6 +135,15 @@ impl NodeTrack {
     }
 }
 
+/// What a stream should do next (`Cache::plan_update`).
+#[derive(Debug)]
+pub enum Planned {
+    Update(Box<PlannedUpdate>),
+    /// The node needs a snapshot: take a snapshot turn, then plan again.
+    SnapshotNeedsTurn,
+    Nothing,
+}
+
 /// What a Sync stream holds on to: its identity and a signal that something changed.
 #[derive(Debug)]
 pub struct Subscription {
@@ -237,6 +246,21 @@ impl Cache {
     /// published, while an update is in flight (flow control: changes coalesce meanwhile), or
     /// when the node already runs its desired version.
     pub fn next_update(&self, node: &str, conn: ConnId) -> Option<PlannedUpdate> {
+        match self.plan_update(node, conn, true) {
+            Planned::Update(plan) => Some(*plan),
+            Planned::Nothing | Planned::SnapshotNeedsTurn => None,
+        }
+    }
+
+    /// As `next_update`, but a snapshot is only built when the stream holds a snapshot turn
+    /// (`have_turn`); without one the answer is `SnapshotNeedsTurn`, and nothing is built or
+    /// marked in flight. A snapshot's content (a reference per service) is built when it is
+    /// about to be sent, not while thousands of streams queue for their turn.
+    pub fn plan_update(&self, node: &str, conn: ConnId, have_turn: bool) -> Planned {
+        self.plan_update_inner(node, conn, have_turn).unwrap_or(Planned::Nothing)
+    }
+
+    fn plan_update_inner(&self, node: &str, conn: ConnId, have_turn: bool) -> Option<Planned> {
         let mut st = self.lock();
         if !st.synced {
             return None;
@@ -252,7 +276,7 @@ impl Cache {
         }
         if !track.force_snapshot && track.acked.is_none() {
             if let Some(digest) = track.digest.take() {
-                return self.delta_from_digest(st, node, digest, head);
+                return self.delta_from_digest(st, node, digest, head).map(|p| Planned::Update(Box::new(p)));
             }
             if let Some(reported) = track.unknown_reported {
                 let nonce = self.next_nonce();
@@ -260,14 +284,14 @@ impl Cache {
                 track.in_flight =
                     Some(InFlight { nonce, version: reported, seq: head, generation, digest_request: true });
                 tracing::info!(node, %reported, "node runs a version this controlplane does not know: asking for its digest");
-                return Some(PlannedUpdate {
+                return Some(Planned::Update(Box::new(PlannedUpdate {
                     nonce,
                     version: reported,
                     base_version: None,
                     full: false,
                     content: UpdateContent::default(),
                     send_digest: true,
-                });
+                })));
             }
         }
         let delta = match (track.force_snapshot, track.acked) {
@@ -282,6 +306,9 @@ impl Cache {
             }
             _ => None,
         };
+        if delta.is_none() && !have_turn {
+            return Some(Planned::SnapshotNeedsTurn);
+        }
         let nonce = self.next_nonce();
         let (base_version, full, content) = match delta {
             Some((a, d)) => (Some(a.version), false, d.into_content()),
@@ -293,7 +320,14 @@ impl Cache {
         let generation = track.generation;
         track.in_flight =
             Some(InFlight { nonce, version: track.version, seq: head, generation, digest_request: false });
-        Some(PlannedUpdate { nonce, version: track.version, base_version, full, content, send_digest: false })
+        Some(Planned::Update(Box::new(PlannedUpdate {
+            nonce,
+            version: track.version,
+            base_version,
+            full,
+            content,
+            send_digest: false,
+        })))
     }
 
     /// The delta that brings a node from what its digest says to its desired state: every

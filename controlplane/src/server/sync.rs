@@ -2,7 +2,7 @@
 
 use super::chunk::chunk_update;
 use crate::cache::log::UpdateContent;
-use crate::cache::{Cache, NodeDigest, PlannedUpdate};
+use crate::cache::{Cache, NodeDigest, Planned, PlannedUpdate};
 use crate::model::ServiceKey;
 use crate::trace_context::{from_wire, to_wire};
 use futures::Stream;
@@ -27,9 +27,15 @@ pub struct SyncConfig {
     /// After a NACK, how long before the same version is offered again.
     pub nack_retry: Duration,
     pub max_chunk_bytes: usize,
-    /// Snapshots being streamed at once. Each one in flight holds a chunk or two of memory;
-    /// the limit keeps a mass reconnect of thousands of nodes from holding thousands of them.
+    /// Snapshots in flight at once: the limit keeps a mass reconnect of thousands of nodes from
+    /// buffering thousands of snapshots. A snapshot keeps its turn until the node acknowledges
+    /// it (or `snapshot_hold` passes), not only until its last chunk is queued: the queued bytes
+    /// wait in HTTP/2 and socket buffers until the node has read them, so releasing the turn
+    /// earlier bounded nothing (5,000 full-size snapshots peaked at 1.5 GiB).
     pub max_concurrent_snapshots: usize,
+    /// How long an unacknowledged snapshot keeps its turn (a node that never answers must not
+    /// hold one for ever).
+    pub snapshot_hold: Duration,
 }
 
 impl Default for SyncConfig {
@@ -39,6 +45,7 @@ impl Default for SyncConfig {
             nack_retry: Duration::from_secs(30),
             max_chunk_bytes: kpx_proto::MAX_CHUNK_BYTES,
             max_concurrent_snapshots: 64,
+            snapshot_hold: Duration::from_secs(60),
         }
     }
 }
@@ -125,17 +132,31 @@ impl NodeStream {
         tokio::pin!(expiry);
         // A digest being received (it may span several messages).
         let mut digest: Option<(u64, NodeDigest)> = None;
+        // A snapshot turn taken, for the snapshot about to be planned.
+        let mut turn: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        // The turn of the snapshot in flight, kept until its ack or the deadline.
+        let mut snapshot_turn: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
         let end = loop {
             wake.borrow_and_update();
             if !self.cache.is_current(&self.node, self.conn) {
                 break "superseded by a newer stream";
             }
-            if let Some(mut plan) = self.cache.next_update(&self.node, self.conn) {
-                // Held until the last chunk is handed to the stream.
-                let _permit = match plan.full {
-                    true => Some(self.snapshot_permits.clone().acquire_owned().await.expect("never closed")),
-                    false => None,
-                };
+            // A snapshot is planned (its content built) only once the stream has its turn.
+            let planned = match self.cache.plan_update(&self.node, self.conn, turn.is_some()) {
+                Planned::SnapshotNeedsTurn => {
+                    turn = Some(self.snapshot_permits.clone().acquire_owned().await.expect("never closed"));
+                    continue;
+                }
+                Planned::Update(plan) => Some(*plan),
+                Planned::Nothing => {
+                    turn = None; // (the node no longer needs the snapshot it waited for)
+                    None
+                }
+            };
+            if let Some(mut plan) = planned {
+                // Held until the node acknowledges the snapshot (below).
+                let permit = if plan.full { turn.take() } else { None };
+                turn = None;
                 tracing::debug!(version = %plan.version, full = plan.full, entries = plan.content.entry_count(), "sending update");
                 carried = plan.content.oldest_change.map(|t| (plan.nonce, t));
                 let kind = match (plan.full, plan.send_digest) {
@@ -159,12 +180,16 @@ impl NodeStream {
                     break "stream closed";
                 }
                 self.cache.metrics().sent(kind, bytes);
+                snapshot_turn = permit.map(|p| (p, tokio::time::Instant::now() + self.config.snapshot_hold));
             }
             let rejected = self.cache.is_rejected(&self.node);
+            let turn_ends = snapshot_turn.as_ref().map(|(_, deadline)| *deadline);
             tokio::select! {
                 changed = wake.changed() => if changed.is_err() { break "node record removed" },
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::NodeMessage { msg: Some(Msg::Ack(ack)) })) => {
+                        // One update in flight at a time: this answers the snapshot, if one is.
+                        snapshot_turn = None;
                         let _span = ack_span(&self.node, &ack, last_send.take());
                         self.cache.on_ack(&self.node, self.conn, &ack);
                         let oldest = carried.take().filter(|(n, _)| *n == ack.nonce).map(|(_, t)| t);
@@ -189,6 +214,10 @@ impl NodeStream {
                     }
                 },
                 _ = tokio::time::sleep(self.config.nack_retry), if rejected => self.cache.retry_rejected(&self.node, self.conn),
+                _ = tokio::time::sleep_until(turn_ends.unwrap_or_else(tokio::time::Instant::now)), if turn_ends.is_some() => {
+                    tracing::debug!("snapshot not acknowledged in time; its turn goes to the next node");
+                    snapshot_turn = None;
+                }
                 _ = tx.closed() => break "stream closed",
                 _ = shutting_down(&mut self.shutdown) => break "controlplane shutting down",
                 _ = &mut expiry => {
