@@ -612,7 +612,7 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
     }
     // 5. Reconnect storm: the controlplane restarts with nothing changed.
     let storm = restart::storm(cp, &cluster, a.nodes, &mut node_rx, &mut inspect).await?;
-    let (rss_storm, _) = match storm.controlplane.memory() {
+    let (rss_storm, hwm_storm) = match storm.controlplane.memory() {
         Some(cp) => cp,
         None => memory(),
     };
@@ -633,12 +633,15 @@ async fn run(a: Args, cp_runtime: tokio::runtime::Handle) -> Result<(), String> 
         verdict(storm.bytes as f64 / n <= 1024.0),
         storm.reconnects,
     );
-    println!(
-        "   RSS after the storm: {} (before the restart: {}){}",
-        mib(rss_storm),
-        mib(cp_end.map_or(rss_end, |m| m.0)),
-        if a.controlplane_process { ", the new controlplane process" } else { "" }
-    );
+    match a.controlplane_process {
+        true => println!(
+            "   the new controlplane process: RSS after the storm {}, peak {} (the old one before the restart: {})",
+            mib(rss_storm),
+            mib(hwm_storm),
+            mib(cp_end.map_or(rss_end, |m| m.0)),
+        ),
+        false => println!("   RSS after the storm: {} (before the restart: {})", mib(rss_storm), mib(rss_end)),
+    }
 
     for s in sessions {
         s.abort();

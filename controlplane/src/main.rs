@@ -42,8 +42,8 @@ struct Flags {
     /// After a node rejects (NACKs) a version, wait this long before offering it again.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = kpx_telemetry::flags::parse_duration)]
     nack_retry_interval: Duration,
-    /// Snapshots streamed at once; more nodes needing one wait their turn (bounds memory when
-    /// thousands of nodes reconnect together).
+    /// Snapshots in flight at once, each until its node acknowledges it (at most 60 s); more
+    /// nodes needing one wait their turn (bounds memory when thousands of nodes connect together).
     #[arg(long, default_value_t = SyncConfig::default().max_concurrent_snapshots)]
     max_concurrent_snapshots: usize,
     /// Log format.
