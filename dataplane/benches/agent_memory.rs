@@ -369,6 +369,7 @@ async fn run(a: Args) {
     // N endpoint changes, one at a time (each ACKed before the next, as a busy cluster's).
     let mut next = a.endpoints as u32 + 1;
     let change_started = Instant::now();
+    let mut trend = Vec::new();
     for i in 0..a.changes {
         let n = slices.len();
         let slice = &mut slices[(i * 7919) % n];
@@ -380,6 +381,13 @@ async fn run(a: Args) {
         }
         tx.send(ClusterEvent::Slice(slice.key.clone(), Some(slice.clone()))).unwrap();
         wait_current(&url, &node, Duration::from_secs(60)).await;
+        // The trend, to tell growth that levels off from a leak.
+        if (i + 1) % 100 == 0 && i + 1 < a.changes {
+            trend.push(format!("{}: {:.1}", i + 1, memory(pid).0));
+        }
+    }
+    if !trend.is_empty() {
+        println!("RSS (MiB) after so many changes: {}", trend.join(", "));
     }
     let per_change = change_started.elapsed() / a.changes.max(1) as u32;
     let (rss, hwm) = memory(pid);
