@@ -65,9 +65,12 @@ impl Runner {
         // read all of its input would otherwise deadlock with us.
         let output = std::thread::scope(|s| {
             if let Some(pipe) = child.stdin.take() {
+                // Buffered when there are many pieces (a full sync on legacy is written as ~100k
+                // of them: apply/order.rs). The buffer is allocated here, not in the short-lived
+                // writer thread, whose allocator pages would outlive it.
+                let capacity = if stdin.len() > 64 { 64 << 10 } else { 0 };
+                let mut pipe = std::io::BufWriter::with_capacity(capacity, pipe);
                 s.spawn(move || {
-                    // Buffered: a full sync on legacy is written as ~100k pieces (apply/order.rs).
-                    let mut pipe = std::io::BufWriter::with_capacity(64 << 10, pipe);
                     for piece in stdin {
                         // A child that exits early closes the pipe; its status tells why.
                         if pipe.write_all(piece.as_bytes()).is_err() {
