@@ -87,7 +87,7 @@ clientConnection:
     )
     .unwrap();
     let extra_args = vec!["--config".into(), path.display().to_string(), "--iptables-localhost-nodeports=true".into()];
-    let c = Cluster::start_with(topo, &[web], Options { node_ip: false, extra_args });
+    let c = Cluster::start_with(topo, &[web], Options { node_ip: false, extra_args, ..Options::default() });
     let node_a = &c.topo.nodes[0];
     let nat = c.save(0, false, "nat");
     // masqueradeAll: every cluster IP connection is marked, not only those from outside the pods.

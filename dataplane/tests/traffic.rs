@@ -481,7 +481,11 @@ fn localhost_node_ports_can_be_turned_off() {
     }
     let topo = two_nodes();
     let service = web("10.96.0.11", &topo, &["a-1", "b-1"]).node_port(30080, false);
-    let options = Options { node_ip: false, extra_args: vec!["--iptables-localhost-nodeports=false".into()] };
+    let options = Options {
+        node_ip: false,
+        extra_args: vec!["--iptables-localhost-nodeports=false".into()],
+        ..Options::default()
+    };
     let c = Cluster::start_with(topo, &[service], options);
     let node_a = &c.topo.nodes[0];
     assert_eq!(node_a.ns.run(&["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).trim(), "0");

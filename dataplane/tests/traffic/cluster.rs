@@ -63,11 +63,14 @@ pub struct Options {
     /// 127.0.0.1 included (localhost node ports).
     pub node_ip: bool,
     pub extra_args: Vec<String>,
+    /// `--sync-period`: short in tests, so that a flushed table is noticed quickly; benchmarks
+    /// use the agent's default, since every tick runs canary checks (processes) beside the load.
+    pub sync_period: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { node_ip: true, extra_args: Vec::new() }
+        Options { node_ip: true, extra_args: Vec::new(), sync_period: SYNC_PERIOD }
     }
 }
 
@@ -88,7 +91,8 @@ impl Cluster {
         Cluster::start_full(topo, services, backend, Options::default())
     }
 
-    fn start_full(topo: Topology, services: &[Svc], backend: &[&str], options: Options) -> Cluster {
+    /// [`Cluster::start_with_backend`] with dataplane OPTIONS.
+    pub fn start_full(topo: Topology, services: &[Svc], backend: &[&str], options: Options) -> Cluster {
         for node in &topo.nodes {
             prepare_node(&node.ns);
         }
@@ -144,7 +148,7 @@ impl Cluster {
             .args(["--netns", n.ns.name(), "--cluster-cidr", "10.244.0.0/16", "--ip-families", "IPv4,IPv6"])
             .args(node_ip)
             .args(&self.options.extra_args)
-            .args(["--sync-period", SYNC_PERIOD])
+            .args(["--sync-period", self.options.sync_period])
             .args(["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
