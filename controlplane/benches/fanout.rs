@@ -673,6 +673,11 @@ fn print_shared_memory(a: &Args, shared: &light::Shared, rss: [u64; 5], hwm: u64
         mib(hwm),
         verdict(hwm <= TARGET_MEMORY)
     );
+    // Once per distinct view and Service entry, whatever the number of nodes.
+    println!(
+        "   of the controlplane's: encoded once and kept for every node (kpx_controlplane_encoded_cache_bytes) {}",
+        mib(kpx_proto::encoded::cached_bytes().max(0) as u64)
+    );
 }
 
 /// The controlplane alone, as it stands for a cluster of `a.nodes` nodes once published: the

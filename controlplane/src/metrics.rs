@@ -37,6 +37,7 @@ struct ResultLabel {
 struct ScrapeView {
     connected: i64,
     versions_behind: Vec<u64>,
+    encoded_cache_bytes: i64,
     skips: BTreeMap<(ObjectKind, SkipReason), u64>,
 }
 
@@ -59,7 +60,9 @@ impl Collector for ScrapeCollector {
         connected.set(view.connected);
         let behind = Histogram::new(BEHIND_BUCKETS);
         view.versions_behind.iter().for_each(|b| behind.observe(*b as f64));
-        let metrics: [(&str, &str, &dyn EncodeMetric); 3] = [
+        let cached = Gauge::<i64>::default();
+        cached.set(view.encoded_cache_bytes);
+        let metrics: [(&str, &str, &dyn EncodeMetric); 4] = [
             (
                 "kpx_controlplane_skipped_objects",
                 "Objects (or parts of them) skipped as invalid, by kind and reason",
@@ -70,6 +73,11 @@ impl Collector for ScrapeCollector {
                 "kpx_controlplane_node_versions_behind",
                 "Connected nodes by how many desired-state versions they are behind (0: in sync)",
                 &behind,
+            ),
+            (
+                "kpx_controlplane_encoded_cache_bytes",
+                "Bytes of Service entries and endpoint views encoded once and kept for every node that gets them",
+                &cached,
             ),
         ];
         for (name, help, metric) in metrics {
@@ -186,6 +194,7 @@ impl Metrics {
             connected: nodes.iter().filter(|n| n.connected).count() as i64,
             versions_behind: nodes.iter().filter(|n| n.connected).map(|n| n.versions_behind).collect(),
             skips: cache.skips().snapshot(),
+            encoded_cache_bytes: kpx_proto::encoded::cached_bytes(),
         };
         let mut out = String::new();
         // Held while encoding so that concurrent scrapes each see their own view.

@@ -66,6 +66,10 @@ async fn scrape_after_a_change_and_readiness() {
     let mut node = SimNode::new("node-a", Box::new(Accept));
     node.connect(&url).await;
     assert!(matches!(node.next().await, SyncEvent::Applied { full: true, .. }));
+    // The snapshot's Service entry and endpoint view were encoded once and are kept.
+    let text = get(maddr, "/metrics").await.1;
+    let cached = value(&text, "kpx_controlplane_encoded_cache_bytes ").expect("encoded cache gauge");
+    assert!(cached > 0.0, "{text}");
 
     // A change with a trigger time 2 s ago: the node learns when the change really started.
     let trigger = SystemTime::now() - Duration::from_secs(2);

@@ -12,6 +12,8 @@
 //! Why by hand: tonic's generated server takes a message type and encodes it per call; no
 //! crate sends pre-encoded protobuf through it, but tonic lets a service name its own codec.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use bytes::{BufMut, Bytes};
 use prost::Message;
 use tonic::Status;
@@ -95,12 +97,41 @@ pub fn field_len(tag: u32, message: &impl Message) -> usize {
     prost::encoding::message::encoded_len(tag, message)
 }
 
+/// Bytes of encodings kept for sharing, in this process: what encode-once costs in memory
+/// (the controlplane reports it as `kpx_controlplane_encoded_cache_bytes`). A process-wide
+/// count rather than a walk of the cache at scrape time: the cache is 10k services and their
+/// views behind a lock that the sync path needs.
+static CACHED_BYTES: AtomicI64 = AtomicI64::new(0);
+
+/// The bytes of encodings currently kept for sharing (see [`CacheAccount`]).
+pub fn cached_bytes() -> i64 {
+    CACHED_BYTES.load(Ordering::Relaxed)
+}
+
+/// Counts LEN bytes as cached for as long as it lives: held beside cached encodings. Bytes
+/// already handed to a stream stay allocated until sent; this counts what the cache keeps.
+#[derive(Debug)]
+pub struct CacheAccount(usize);
+
+impl CacheAccount {
+    pub fn new(len: usize) -> Self {
+        CACHED_BYTES.fetch_add(len as i64, Ordering::Relaxed);
+        CacheAccount(len)
+    }
+}
+
+impl Drop for CacheAccount {
+    fn drop(&mut self) {
+        CACHED_BYTES.fetch_sub(self.0 as i64, Ordering::Relaxed);
+    }
+}
+
 /// A message shared by many updates (a Service entry every node gets), with its encoding as
 /// one field of `Update`, made on first use and kept.
 #[derive(Debug, Default)]
 pub struct Shared<M> {
     message: M,
-    field: std::sync::OnceLock<(u32, Bytes)>,
+    field: std::sync::OnceLock<(u32, Bytes, CacheAccount)>,
 }
 
 impl<M: Message> Shared<M> {
@@ -110,7 +141,11 @@ impl<M: Message> Shared<M> {
 
     /// The message as field TAG (cached for the first tag asked; another tag is encoded afresh).
     pub fn field(&self, tag: u32) -> Bytes {
-        let (t, b) = self.field.get_or_init(|| (tag, field_bytes(tag, &self.message)));
+        let (t, b, _) = self.field.get_or_init(|| {
+            let b = field_bytes(tag, &self.message);
+            let account = CacheAccount::new(b.len());
+            (tag, b, account)
+        });
         if *t == tag { b.clone() } else { field_bytes(tag, &self.message) }
     }
 

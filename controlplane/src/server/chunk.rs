@@ -29,9 +29,15 @@ const ENDPOINTS_REMOVED: u32 = 9;
 pub struct ViewSegments {
     budget: usize,
     segments: Vec<Bytes>,
+    _account: kpx_proto::encoded::CacheAccount,
 }
 
 impl ViewSegments {
+    fn new(budget: usize, segments: Vec<Bytes>) -> Self {
+        let account = kpx_proto::encoded::CacheAccount::new(segments.iter().map(Bytes::len).sum());
+        ViewSegments { budget, segments, _account: account }
+    }
+
     /// Cached bytes, for the controlplane's memory accounting.
     pub fn bytes(&self) -> usize {
         self.segments.iter().map(Bytes::len).sum()
@@ -183,7 +189,7 @@ impl<M: prost::Message> EncodeAs for M {
 /// V's endpoints as `endpoint_groups` segments of at most BUDGET bytes: encoded on first use and
 /// kept on the view for every other node (and snapshot) that sends it with the same budget.
 fn view_segments(v: &crate::cache::ClassView, budget: usize) -> Cow<'_, [Bytes]> {
-    let cached = v.wire.get_or_init(|| ViewSegments { budget, segments: encode_view(&v.endpoints, budget) });
+    let cached = v.wire.get_or_init(|| ViewSegments::new(budget, encode_view(&v.endpoints, budget)));
     if cached.budget == budget {
         Cow::Borrowed(&cached.segments)
     } else {
