@@ -216,8 +216,8 @@ pub fn render_full(cfg: &RenderConfig, state: &AppliedState, out: &mut String) -
     // Declared in name order, as iptables-save prints them: libiptc keeps its chains in a
     // sorted list and inserts a chain that sorts last at the tail, but walks the list for any
     // other. In hash order (services come in key order, their chain names are hashes) a
-    // legacy restore of 10k services / 100k endpoints took ~40% longer (7.2 s against 5.1 s
-    // of user time in a fresh namespace, the same rules otherwise).
+    // legacy restore of 10k services / 100k endpoints took 30-40% more user time in a fresh
+    // namespace, the same rules otherwise (docs/performance.md, "Agent memory and cold start").
     let mut declared: Vec<&str> = decl.lines().collect();
     declared.sort_unstable();
     declared.iter().for_each(|l| push(h, l));

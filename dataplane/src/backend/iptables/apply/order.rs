@@ -6,8 +6,9 @@
 //! come chain after chain in name order keep that walk in the CPU cache; in kpx's rendering
 //! order (services by key, their chains named by hashes) every chain's first rule walks cold
 //! memory. Measured at 10k services / 100k endpoints in a fresh namespace: the same rules
-//! restored in 3.1–3.8 s of user time in this order against 3.5–4.6 s as rendered (about 10%),
-//! on top of the ~40% that declaring the chains in name order saved (`render_full`).
+//! restored in about 10% less user time in this order than as rendered, on top of what
+//! declaring the chains in name order saved (`render_full`; figures in docs/performance.md,
+//! "Agent memory and cold start").
 //! Reordering costs one pass over the input and a sort of its chains (tens of ms at that size).
 
 use std::ops::Range;
