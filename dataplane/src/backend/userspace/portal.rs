@@ -27,7 +27,11 @@ pub struct Settings {
     pub udp_timeout: Duration,
     /// UDP flows per portal at most; datagrams of new clients beyond it are dropped.
     pub max_udp_flows: usize,
-    /// Bytes each splice pipe may hold (one pipe per direction and connection).
+    /// Bytes each splice pipe may hold (one pipe per direction and connection, only while bytes
+    /// are on their way). 1 MiB, the kernel's default `pipe-max-size`: one stream moved 15%
+    /// more than with 256 KiB (docs/performance.md, "Userspace backend"), as each splice pair
+    /// moves four times the bytes for the same wake-ups and system calls. Pipes past a budget
+    /// keep the kernel's default size (`splice::Pipe::new`).
     pub pipe_size: usize,
 }
 
@@ -38,7 +42,7 @@ impl Default for Settings {
             tcp_idle_timeout: Some(Duration::from_secs(3600)),
             udp_timeout: Duration::from_secs(30),
             max_udp_flows: 16384,
-            pipe_size: 256 * 1024,
+            pipe_size: 1024 * 1024,
         }
     }
 }

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::sys::socket::{Shutdown, shutdown};
@@ -27,11 +27,26 @@ use tokio::net::TcpStream;
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Bytes of capacity above the kernel's default this pipe holds, counted in `held`.
+    enlarged: usize,
+    held: &'static AtomicUsize,
 }
 
 /// Empty pipes kept per thread for the next transfers: making one is three system calls
 /// (pipe2, F_SETPIPE_SZ, and a close for each end later).
-const POOL: usize = 256;
+const POOL: usize = 64;
+
+/// What a pipe holds unless resized: 16 pages.
+const DEFAULT_PIPE: usize = 64 * 1024;
+
+/// Capacity above [`DEFAULT_PIPE`] that this process's pipes (pooled or in use) may hold
+/// together. The kernel counts pipe pages per user (`fs.pipe-user-pages-soft`, 64 MiB by
+/// default) and an agent without CAP_SYS_RESOURCE shares that count with every other process of
+/// uid 0 on the node (kubelet, the container runtime): past it, their new pipes too get 8 KiB.
+/// Pipes made beyond the budget keep the default size.
+const ENLARGED_BUDGET: usize = 16 << 20;
+
+static ENLARGED: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static PIPES: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -58,14 +73,39 @@ impl Pipe {
         });
     }
 
-    /// A non-blocking pipe of (at least) `size` bytes; a size the kernel refuses (above
-    /// /proc/sys/fs/pipe-max-size for an unprivileged process) leaves its default 64 KiB.
+    /// A non-blocking pipe of (at least) `size` bytes while [`ENLARGED_BUDGET`] allows, else of
+    /// the kernel's default 64 KiB (as when the kernel refuses the size: above
+    /// /proc/sys/fs/pipe-max-size, or past the user's pipe pages).
     pub fn new(size: usize) -> io::Result<Pipe> {
+        Pipe::within(size, &ENLARGED, ENLARGED_BUDGET)
+    }
+
+    fn within(size: usize, held: &'static AtomicUsize, budget: usize) -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        if size > 65536 {
-            let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(i32::try_from(size).unwrap_or(i32::MAX)));
+        let mut pipe = Pipe { read, write, enlarged: 0, held };
+        let extra = size.saturating_sub(DEFAULT_PIPE);
+        if extra > 0 && held.fetch_add(extra, Ordering::Relaxed) + extra <= budget {
+            let wanted = i32::try_from(size).unwrap_or(i32::MAX);
+            match fcntl(&pipe.write, FcntlArg::F_SETPIPE_SZ(wanted)) {
+                Ok(_) => pipe.enlarged = extra,
+                Err(_) => _ = held.fetch_sub(extra, Ordering::Relaxed),
+            }
+        } else if extra > 0 {
+            held.fetch_sub(extra, Ordering::Relaxed);
         }
-        Ok(Pipe { read, write })
+        Ok(pipe)
+    }
+
+    /// The pipe's capacity in bytes, as the kernel reports it.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        fcntl(&self.write, FcntlArg::F_GETPIPE_SZ).map_or(0, |n| n as usize)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.enlarged, Ordering::Relaxed);
     }
 }
 
@@ -149,5 +189,40 @@ pub async fn pump(
         pipe.give_back();
         bytes.inc_by(n as u64);
         activity.touch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_past_the_budget_keep_the_default_size_until_one_is_closed() {
+        static HELD: AtomicUsize = AtomicUsize::new(0);
+        let mib = 1 << 20;
+        let budget = 2 * (mib - DEFAULT_PIPE);
+        let first = Pipe::within(mib, &HELD, budget).unwrap();
+        let second = Pipe::within(mib, &HELD, budget).unwrap();
+        let third = Pipe::within(mib, &HELD, budget).unwrap();
+        assert_eq!((first.capacity(), second.capacity()), (mib, mib));
+        assert_eq!(third.capacity(), DEFAULT_PIPE, "the budget is spent");
+        assert_eq!(HELD.load(Ordering::Relaxed), budget);
+
+        drop(third);
+        assert_eq!(HELD.load(Ordering::Relaxed), budget, "a default-size pipe held nothing");
+        drop(first);
+        assert_eq!(HELD.load(Ordering::Relaxed), mib - DEFAULT_PIPE);
+        let again = Pipe::within(mib, &HELD, budget).unwrap();
+        assert_eq!(again.capacity(), mib, "a closed pipe gives its share back");
+    }
+
+    #[test]
+    fn a_size_the_kernel_refuses_leaves_the_default_and_holds_nothing() {
+        static HELD: AtomicUsize = AtomicUsize::new(0);
+        // i32::MAX bytes: EPERM for an unprivileged process (above fs.pipe-max-size), ENOMEM for
+        // root (a ring of half a million slots is past what the kernel allocates in one piece).
+        let pipe = Pipe::within(usize::MAX / 2, &HELD, usize::MAX).unwrap();
+        assert_eq!(pipe.capacity(), DEFAULT_PIPE);
+        assert_eq!(HELD.load(Ordering::Relaxed), 0);
     }
 }
