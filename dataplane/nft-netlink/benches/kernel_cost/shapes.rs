@@ -26,6 +26,11 @@ pub enum Shape {
     Cascade,
     /// No map at all: `goto ep0` (isolates chains and jumps).
     Flat,
+    /// No per-service chain: `service-ips` sends a service to the chain shared by every service
+    /// with as many endpoints (`goto lb-N`), whose one rule is `dnat to ip daddr . meta l4proto .
+    /// th dport . numgen random mod N map @backends` (one hash map of every endpoint, exact keys).
+    /// A new service is elements only; an endpoint change also moves its `goto`.
+    Compact,
 }
 
 impl Shape {
@@ -38,7 +43,8 @@ impl Shape {
             "ranges" => Shape::Ranges,
             "pipapo" => Shape::Pipapo,
             "flat" => Shape::Flat,
-            _ => panic!("shape: anon, named, shared, ranges, pipapo, cascade or flat"),
+            "compact" => Shape::Compact,
+            _ => panic!("shape: anon, named, shared, ranges, pipapo, cascade, flat or compact"),
         }
     }
 }
@@ -153,6 +159,9 @@ pub fn base(b: &mut Batch, shape: Shape) {
             timeout_ms: None,
         });
     }
+    if shape == Shape::Compact {
+        compact_base(b);
+    }
     for c in ["nat-prerouting", "nat-output"] {
         b.add_rule(&rule(c, vec![Expr::Verdict(Verdict::Jump("services".into()))]));
     }
@@ -166,6 +175,65 @@ pub fn base(b: &mut Batch, shape: Shape) {
         ],
     ));
     b.add_rule(&rule("mark-for-masquerade", vec![Expr::Meta { key: 3, dreg: 1 }]));
+}
+
+/// The most endpoints a `Compact` service has in the probe (its `lb-N` chains exist up to it).
+pub const COMPACT_MAX: usize = 64;
+
+fn compact_base(b: &mut Batch) {
+    // `address . proto . port . index : address . port`, typed so that nft can print it.
+    b.add_set(&Set {
+        name: "backends".into(),
+        flags: NFT_SET_MAP,
+        key_type: (((7 << 6 | 12) << 6 | 13) << 6) | 19,
+        key_len: 16,
+        data_type: Some((7 << 6) | 13),
+        data_len: 8,
+        fields: Vec::new(),
+        udata: Vec::new(),
+        timeout_ms: None,
+    });
+    for n in 1..=COMPACT_MAX {
+        let c = lb_chain(n);
+        b.add_chain(&Chain { name: c.clone(), hook: None });
+        b.add_rule(&rule(
+            &c,
+            vec![
+                Expr::Meta { key: 16, dreg: 1 },
+                Expr::Cmp { sreg: 1, op: 0, data: vec![6] },
+                Expr::Payload { base: 1, offset: 16, len: 4, dreg: 1 },
+                Expr::Meta { key: 16, dreg: 9 },
+                Expr::Payload { base: 2, offset: 2, len: 2, dreg: 10 },
+                Expr::Numgen { dreg: 11, modulus: n as u32, offset: 0 },
+                Expr::Lookup { sreg: 1, set: SetRef::Named("backends".into()), dreg: Some(12), invert: false },
+                Expr::Dnat { family: 2, reg_addr: 12, reg_proto: 13, flags: 3 },
+            ],
+        ));
+    }
+}
+
+pub fn lb_chain(n: usize) -> String {
+    format!("lb-{n}")
+}
+
+fn service_key(i: usize) -> Vec<u8> {
+    [vec![172, 16, (i / 256 % 256) as u8, (i % 256) as u8], vec![6, 0, 0, 0, 0, 80, 0, 0]].concat()
+}
+
+/// Service `i`'s `service-ips` element when it has `e` endpoints: `goto lb-E`.
+pub fn compact_dispatch(i: usize, e: usize) -> Element {
+    Element { key: service_key(i), verdict: Some(Verdict::Goto(lb_chain(e))), ..Default::default() }
+}
+
+/// Service `i`'s `backends` elements `from..to`.
+pub fn compact_backends(i: usize, from: usize, to: usize) -> Vec<Element> {
+    (from..to)
+        .map(|j| Element {
+            key: [service_key(i), (j as u32).to_ne_bytes().to_vec()].concat(),
+            value: Some([ep_ip(i, j), vec![0x1f, 0x90, 0, 0]].concat()),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Slots of a service in the shared interval map: `[i * 65536, i * 65536 + 65535)`.
@@ -295,6 +363,8 @@ pub fn pick(shape: Shape, i: usize, e: usize) -> Vec<Expr> {
         ],
         Shape::Flat | Shape::Cascade => vec![Expr::Verdict(Verdict::Goto(ep_chain(i, 0)))],
         Shape::Pipapo => vec![Expr::Verdict(Verdict::Goto("endpoints".into()))],
+        // No service chain: `lb-N` picks for every service (`compact_base`).
+        Shape::Compact => Vec::new(),
         Shape::Ranges => vec![
             Expr::Meta { key: 16, dreg: 1 },
             Expr::Cmp { sreg: 1, op: 0, data: vec![6] },
@@ -320,6 +390,11 @@ pub fn gotos(i: usize, e: usize, offset: u32) -> Vec<Element> {
 /// (a full sync adds them after every rule: each rule that binds a map from a new chain makes
 /// the kernel walk the map's elements).
 pub fn service(b: &mut Batch, shape: Shape, i: usize, e: usize, elements: bool) {
+    if shape == Shape::Compact {
+        b.add_elements("backends", &compact_backends(i, 0, e));
+        b.add_elements("service-ips", &[compact_dispatch(i, e)]);
+        return;
+    }
     if !matches!(shape, Shape::Ranges | Shape::Pipapo) {
         for j in 0..e {
             endpoint(b, i, j, true);
@@ -347,6 +422,16 @@ pub fn service(b: &mut Batch, shape: Shape, i: usize, e: usize, elements: bool) 
 /// Service `i` goes from `from` to `to` endpoints (one more or one less), the way each shape
 /// has to write it.
 pub fn endpoint_change(b: &mut Batch, shape: Shape, i: usize, from: usize, to: usize) {
+    if shape == Shape::Compact {
+        if to > from {
+            b.add_elements("backends", &compact_backends(i, from, to));
+        } else {
+            b.del_elements("backends", &compact_backends(i, to, from));
+        }
+        b.del_elements("service-ips", &[compact_dispatch(i, from)]);
+        b.add_elements("service-ips", &[compact_dispatch(i, to)]);
+        return;
+    }
     if shape == Shape::Pipapo {
         b.del_elements("service-endpoints", &concat_ranges(i, from));
         b.add_elements("service-endpoints", &concat_ranges(i, to));
@@ -380,6 +465,11 @@ pub fn endpoint_change(b: &mut Batch, shape: Shape, i: usize, from: usize, to: u
 }
 
 pub fn remove_service(b: &mut Batch, shape: Shape, i: usize, e: usize) {
+    if shape == Shape::Compact {
+        b.del_elements("service-ips", &[compact_dispatch(i, e)]);
+        b.del_elements("backends", &compact_backends(i, 0, e));
+        return;
+    }
     let key = [vec![172, 16, (i / 256 % 256) as u8, (i % 256) as u8], vec![6, 0, 0, 0, 0, 80, 0, 0]].concat();
     b.del_elements("service-ips", &[Element { key, verdict: Some(Verdict::Goto(svc_chain(i))), ..Default::default() }]);
     match shape {
