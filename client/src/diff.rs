@@ -286,6 +286,7 @@ mod tests {
             ports: vec![EndpointPort { name: "http".into(), port }],
             for_cluster: true,
             for_local: false,
+            node_tag: 0,
         }
     }
 

@@ -66,6 +66,8 @@ struct Merged {
     ready: bool,
     serving_terminating: bool,
     node_name: Option<String>,
+    /// `kpx_proto::node_tag` of `node_name` (0 without one), computed once.
+    node_tag: u32,
     zone: Option<String>,
     /// Empty when the endpoint has no zone hints (kube-proxy treats an empty list the same).
     zone_hints: BTreeSet<String>,
@@ -209,6 +211,7 @@ impl PreparedService {
                 ports: e.ports.clone(),
                 for_cluster,
                 for_local,
+                node_tag: e.node_tag,
             })
             .collect()
     }
@@ -291,6 +294,7 @@ fn merge(service: &model::Service, slices: &[&model::EndpointSlice]) -> Vec<Merg
                 ports: ports.clone(),
                 ready: ep.ready,
                 serving_terminating: ep.serving && ep.terminating,
+                node_tag: ep.node_name.as_deref().map_or(0, kpx_proto::node_tag),
                 node_name: ep.node_name.clone(),
                 zone: ep.zone.clone(),
                 zone_hints: ep.zone_hints.iter().flatten().cloned().collect(),

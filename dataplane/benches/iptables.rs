@@ -129,6 +129,7 @@ fn endpoint(service: &str, ip: u32) -> pb::Endpoint {
         ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
         for_cluster: true,
         for_local: false,
+        node_tag: 0,
     }
 }
 

@@ -109,6 +109,7 @@ fn endpoint(i: usize, n: u32) -> pb::Endpoint {
         ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
         for_cluster: true,
         for_local: false,
+        node_tag: 0,
     }
 }
 
@@ -170,7 +171,12 @@ fn delta(st: &mut AppliedState, upsert: Vec<pb::Service>, eps: Vec<pb::Endpoint>
 }
 
 fn plan_config() -> PlanConfig {
-    PlanConfig { scheduler: "rr".into(), node_ips: vec![NODE_IP.parse().unwrap()], families: vec![Family::Inet] }
+    PlanConfig {
+        scheduler: "rr".into(),
+        node_ips: vec![NODE_IP.parse().unwrap()],
+        families: vec![Family::Inet],
+        node_tag: 0,
+    }
 }
 
 /// The median of `rounds` runs of `f` (each on fresh input from `setup`).

@@ -24,6 +24,10 @@ use kpx_dataplane::stream::Apply;
 use kpx_proto::v1 as pb;
 use kpx_proto::version::{self, ContentHash};
 
+/// Nodes the endpoints run on, round robin (a cluster of 44,000 services has thousands): the
+/// node under test hosts one endpoint in NODES.
+const NODES: usize = 5000;
+
 // The agent binary's allocator (dataplane/src/main.rs): render and plan allocate heavily, and
 // glibc's allocator made them about twice as slow as in the agent.
 #[global_allocator]
@@ -117,6 +121,8 @@ impl Model {
             ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
             for_cluster: true,
             for_local: false,
+            // Pods spread over the cluster's nodes; the benchmark's node is node-0.
+            node_tag: kpx_proto::node_tag(&format!("node-{}", self.next_ip as usize % NODES)),
         }
     }
 

@@ -490,6 +490,7 @@ mod tests {
                         ports: vec![pb::EndpointPort { name: port_name.into(), port: 8080 }],
                         for_cluster: *cluster,
                         for_local: *local,
+                        node_tag: 0,
                     };
                     (ip.to_string(), ep)
                 })

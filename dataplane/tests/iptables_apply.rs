@@ -89,6 +89,7 @@ fn ep(service: &str, ip: &str, port: u32) -> pb::Endpoint {
         ports: vec![pb::EndpointPort { name: "p".into(), port }],
         for_cluster: true,
         for_local: false,
+        node_tag: 0,
     }
 }
 

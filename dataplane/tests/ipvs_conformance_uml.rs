@@ -12,11 +12,10 @@
 //! - `iptables-save` (IPv4): every KUBE-* chain but kubelet's, rule by rule in order, and the
 //!   jumps into them from the built-in chains (`ruleset::compare_ipvs`).
 //!
-//! KUBE-LOOP-BACK keeps two differences, each checked to be only that and to change no packet
-//! (docs/kube-proxy-differences.md): for services without a Local policy the node does not know
-//! which endpoints are its own, so kpx also lists the other nodes' endpoints (whose entries
-//! never match on this node); and kube-proxy lists every endpoint of the node, ready or not,
-//! where kpx lists those traffic may reach (the others are no real server anywhere).
+//! KUBE-LOOP-BACK keeps one difference, checked to be only that and to change no packet
+//! (docs/kube-proxy-differences.md): kube-proxy lists every endpoint of the node, ready or not,
+//! where kpx lists those traffic may reach (the others are no real server anywhere). Other
+//! nodes' endpoints are not listed: the controlplane tags each endpoint with its node.
 //! Between cases, `kpx-dataplane --cleanup`'s code empties the kernel again.
 
 mod conformance;
@@ -35,8 +34,6 @@ use kpx_ipvs_netlink::Family;
 
 /// kube-proxy's second address in the reference captures.
 const APISERVER_VETH: &str = "169.254.10.2";
-/// node-1's pod CIDR in the cases: the endpoints that run on node-1.
-const NODE1_PODS: &str = "10.244.1.";
 
 fn run(argv: &[&str]) -> String {
     let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
@@ -88,12 +85,6 @@ fn ipsets(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
         out.insert(field("Name:").to_string(), (format!("{} {}", field("Type:"), kept.join(" ")), members));
     }
     out
-}
-
-/// A KUBE-LOOP-BACK member of an endpoint that does not run on node-1 (kpx lists those for
-/// services without a Local policy).
-fn loop_back_of_another_node(set: &str, member: &str) -> bool {
-    set.ends_with("LOOP-BACK") && !member.starts_with(NODE1_PODS)
 }
 
 /// A KUBE-LOOP-BACK member of an endpoint that is no real server anywhere in kube-proxy's table
@@ -158,7 +149,7 @@ fn ipvs_mode_matches_kube_proxy() {
                 for missing in m.difference(have_m).filter(|e| !loop_back_without_traffic(name, e, &kube_proxy_table)) {
                     problems.push(format!("{}: ipset {name}: missing {missing}", case.name));
                 }
-                for extra in have_m.difference(m).filter(|e| !loop_back_of_another_node(name, e)) {
+                for extra in have_m.difference(m) {
                     problems.push(format!("{}: ipset {name}: extra {extra}", case.name));
                 }
             }

@@ -108,6 +108,12 @@ fn map_elements(v: &Value, name: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// Elements of set NAME as nft writes them ("10.244.1.2 . 10.244.1.2").
+fn set_elements(v: &Value, name: &str) -> BTreeSet<String> {
+    let set = objects(v, "set").into_iter().find(|m| m["name"] == name).expect("the set");
+    set["elem"].as_array().into_iter().flatten().map(nft_text).collect()
+}
+
 /// The rule handles of every chain (unchanged handles: the rule was not rewritten).
 fn handles(c: &Cluster, node: usize) -> BTreeMap<String, Vec<u64>> {
     let v = nft_json(c, node, "ip");
@@ -260,6 +266,14 @@ fn node_ports_snat_under_cluster_policy_and_drop_without_local_endpoints() {
     assert_eq!(got, Outcome::TimedOut, "node-b has no local endpoint: dropped");
     let v = nft_json(&c, 1, "ip");
     assert_eq!(map_elements(&v, "no-endpoint-nodeports").get("tcp . 30081").map(String::as_str), Some("drop"));
+    // Hairpin pairs (the controlplane tags each endpoint with its node): node-a has its own
+    // pod's, not b-1's (under web's Cluster policy traffic from elsewhere is masqueraded);
+    // node-b has its own and a-1's too: web-local's Local policy lets pods on other nodes
+    // reach a-1 through node-b's node port unmasqueraded.
+    let pair = |pod: &str| format!("{0} . {0}", c.topo.pod(pod).ip4);
+    let pairs = |node| set_elements(&nft_json(&c, node, "ip"), "hairpin-endpoints");
+    assert_eq!(pairs(0), BTreeSet::from([pair("a-1")]));
+    assert_eq!(pairs(1), BTreeSet::from([pair("a-1"), pair("b-1")]));
 }
 
 #[test]

@@ -27,3 +27,25 @@ pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// Largest message a kpx client or server decodes: gRPC's default. A chunk holds at least one
 /// entry, and one entry (a Service with thousands of source ranges) may exceed a chunk.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// `Endpoint.node_tag` of a node name: the low 32 bits of its XXH3-64 hash, 1 for the one name
+/// whose bits are 0 (0 means "no node named").
+pub fn node_tag(node_name: &str) -> u32 {
+    match xxhash_rust::xxh3::xxh3_64(node_name.as_bytes()) as u32 {
+        0 => 1,
+        t => t,
+    }
+}
+
+#[cfg(test)]
+mod node_tag_tests {
+    #[test]
+    fn tags_are_stable_and_never_zero() {
+        // Both planes and every replica must agree: pinned values, not just self-consistency.
+        assert_eq!(super::node_tag("node-a"), super::node_tag("node-a"));
+        assert_ne!(super::node_tag("node-a"), super::node_tag("node-b"));
+        assert_ne!(super::node_tag(""), 0);
+        // The low bits of XXH3-64("kind-worker"), 0xbba8_7969: another hash would split the planes.
+        assert_eq!(super::node_tag("kind-worker"), 3_148_380_521);
+    }
+}

@@ -25,6 +25,7 @@ fn ep(service: &str, ip: &str, for_cluster: bool, for_local: bool) -> Endpoint {
         ports: vec![EndpointPort { name: "http".into(), port: 8080 }],
         for_cluster,
         for_local,
+        node_tag: 0,
     }
 }
 

@@ -32,6 +32,7 @@ fn ep(service: &str, ip: &str, ports: &[(&str, u32)], for_cluster: bool, for_loc
         ports: ports.iter().map(|(n, p)| EndpointPort { name: n.to_string(), port: *p }).collect(),
         for_cluster,
         for_local,
+        node_tag: 0,
     }
 }
 

@@ -301,3 +301,17 @@ fn local_services_say_in_which_families_they_have_endpoints_anywhere() {
     assert_eq!(families(&dual, &[v6]), Vec::<String>::new());
     assert_eq!(families(&dual, &[]), Vec::<String>::new());
 }
+
+#[test]
+fn endpoints_carry_their_nodes_tag_and_views_stay_shared() {
+    let mut nameless = ep("10.0.0.9", "c1", "zone-c");
+    nameless.node_name = None;
+    let s = slice("web-1", vec![ep("10.0.0.1", "a1", "zone-a"), nameless]);
+    let p = PreparedService::prepare(&svc(), &[&s]);
+    let tags = |n: &NodeInfo| p.view(n).iter().map(|e| (e.ip.clone(), e.node_tag)).collect::<Vec<_>>();
+    let want = vec![("10.0.0.1".to_string(), kpx_proto::node_tag("a1")), ("10.0.0.9".to_string(), 0)];
+    // The tag says where the endpoint runs, not who looks: a1 and b1 share the one view.
+    assert_eq!(tags(&node("a1", Some("zone-a"))), want);
+    assert_eq!(tags(&node("b1", Some("zone-b"))), want);
+    assert_eq!(p.class_of(&node("a1", Some("zone-a"))), ViewClass::All);
+}

@@ -231,6 +231,7 @@ fn grouped(e: &pb::Endpoint) -> pb::Endpoint {
         ports: e.ports.clone(),
         for_cluster: e.for_cluster,
         for_local: e.for_local,
+        node_tag: e.node_tag,
     }
 }
 
@@ -292,6 +293,7 @@ mod tests {
             ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
             for_cluster: true,
             for_local: false,
+            node_tag: 0,
         }
     }
 

@@ -107,6 +107,7 @@ mod tests {
                         ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
                         for_cluster: *cluster,
                         for_local: *local,
+                        node_tag: 0,
                     };
                     (ip, ep)
                 })

@@ -246,6 +246,7 @@ impl Gen {
                 .collect(),
             for_cluster: self.chance(0.8),
             for_local: self.chance(0.4),
+            node_tag: 0,
         }
     }
 

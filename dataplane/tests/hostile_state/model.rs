@@ -93,6 +93,7 @@ pub(crate) fn ep(ip: &str, port_name: &str, port: u32, for_cluster: bool, for_lo
         ports: vec![pb::EndpointPort { name: port_name.into(), port }],
         for_cluster,
         for_local,
+        node_tag: 0,
     }
 }
 

@@ -181,6 +181,7 @@ pub fn ep(name: &str, i: usize, v6: bool) -> pb::Endpoint {
         ports: vec![pb::EndpointPort { name: "http".into(), port: 8080 }],
         for_cluster: true,
         for_local: false,
+        node_tag: 0,
     }
 }
 

@@ -76,6 +76,7 @@ impl IpvsConfig {
             scheduler: self.scheduler.clone(),
             node_ips: self.node_ips.clone(),
             families: self.families.clone(),
+            node_tag: kpx_proto::node_tag(&self.node_name),
         }
     }
 

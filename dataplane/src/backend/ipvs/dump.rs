@@ -262,6 +262,7 @@ mod tests {
             ports: vec![pb::EndpointPort { name: name.into(), port }],
             for_cluster: true,
             for_local: false,
+            node_tag: 0,
         };
         let entry = |service: pb::Service, eps: Vec<pb::Endpoint>| {
             std::sync::Arc::new(ServiceEntry {
@@ -290,6 +291,7 @@ mod tests {
             scheduler: "rr".into(),
             node_ips: vec!["192.168.0.10".parse().unwrap()],
             families: vec![Family::Inet, Family::Inet6],
+            node_tag: 0,
         };
         plan::desired(&cfg, &AppliedState::from_services(services))
     }

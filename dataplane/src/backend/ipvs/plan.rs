@@ -61,9 +61,10 @@ pub struct DesiredService {
     /// that address (kube-proxy's allowFromNode, KUBE-LOAD-BALANCER-SOURCE-IP).
     pub allow_from_node: bool,
     /// ClusterIP virtual servers: the endpoints of the service port that run on this node, for
-    /// the hairpin masquerade (KUBE-LOOP-BACK). The node knows which endpoints are its own only
-    /// under a Local policy (`for_local`); otherwise every endpoint is listed (an entry of
-    /// another node's endpoint never matches here: its source would have to be that endpoint).
+    /// the hairpin masquerade (KUBE-LOOP-BACK), as kube-proxy lists them: under a Local policy
+    /// the `for_local` ones, otherwise those tagged with this node, and those whose node is not
+    /// known (an entry of another node's endpoint never matches here: its source would have to
+    /// be that endpoint).
     pub loop_back: Vec<SocketAddr>,
     /// ClusterIP virtual servers of a service with a healthCheckNodePort.
     pub health_check_port: Option<u16>,
@@ -84,6 +85,8 @@ pub struct PlanConfig {
     /// Addresses that accept NodePorts.
     pub node_ips: Vec<IpAddr>,
     pub families: Vec<Family>,
+    /// `kpx_proto::node_tag` of this node: which endpoints run here (KUBE-LOOP-BACK).
+    pub node_tag: u32,
 }
 
 /// A virtual server as the kernel has it.
@@ -317,7 +320,11 @@ fn add_service(cfg: &PlanConfig, entry: &ServiceEntry, d: &mut Desired) {
                 let allow_from_node =
                     source_ranges.as_ref().is_some_and(|r| node_ips.iter().any(|n| super::host::in_cidrs(*n, r)));
                 let (loop_back, health_check_port) = if kind == VipKind::Cluster {
-                    let eps = real_servers_of(entry, &port.name, family, local_known);
+                    let here = |e: &pb::Endpoint| e.node_tag == 0 || e.node_tag == cfg.node_tag;
+                    let eps = match local_known {
+                        true => real_servers_of(entry, &port.name, family, |e| e.for_local),
+                        false => real_servers_of(entry, &port.name, family, |e| e.for_cluster && here(e)),
+                    };
                     let hc = port16(s.health_check_node_port).filter(|_| s.external_policy_local);
                     (eps.into_keys().collect(), hc)
                 } else {
@@ -374,18 +381,18 @@ fn real_servers(
     family: Family,
     local: bool,
 ) -> BTreeMap<SocketAddr, Destination> {
-    let out = real_servers_of(entry, port_name, family, local);
-    if local && out.is_empty() { real_servers_of(entry, port_name, family, false) } else { out }
+    let out = real_servers_of(entry, port_name, family, |e| if local { e.for_local } else { e.for_cluster });
+    if local && out.is_empty() { real_servers_of(entry, port_name, family, |e| e.for_cluster) } else { out }
 }
 
 fn real_servers_of(
     entry: &ServiceEntry,
     port_name: &str,
     family: Family,
-    local: bool,
+    pick: impl Fn(&pb::Endpoint) -> bool,
 ) -> BTreeMap<SocketAddr, Destination> {
     let mut out = BTreeMap::new();
-    for e in entry.endpoints.values().filter(|e| if local { e.for_local } else { e.for_cluster }) {
+    for e in entry.endpoints.values().filter(|e| pick(e)) {
         let Ok(ip) = e.ip.parse::<IpAddr>() else { continue };
         if Family::of(ip) != family {
             continue;

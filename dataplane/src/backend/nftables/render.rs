@@ -56,6 +56,17 @@ fn valid_part(s: &str) -> bool {
     !s.is_empty() && !s.contains('/') && !s.chars().any(|c| c.is_control() || c == '"')
 }
 
+/// Whether an endpoint needs its hairpin pair on this node: a connection from the endpoint to
+/// itself through a service is DNATed here only when the endpoint runs here (the connection
+/// starts on this node), or when it arrives from another node unmasqueraded: pod traffic to a
+/// node port, external or load-balancer IP under externalTrafficPolicy Local (the short-circuit
+/// to the service chain). Under the Cluster policy such traffic is masqueraded anyway. An
+/// endpoint whose node is not known (tag 0: no nodeName, or a controlplane older than the tag)
+/// gets its pair, as every endpoint does in kube-proxy's layout.
+fn hairpin_here(node_tag: u32, my_tag: u32, external_local: bool) -> bool {
+    node_tag == 0 || node_tag == my_tag || external_local
+}
+
 struct Ep {
     ip: IpAddr,
     port: u16,
@@ -63,6 +74,8 @@ struct Ep {
     affinity: String,
     cluster: bool,
     local: bool,
+    /// May be reached by its own traffic here (hairpin): see `hairpin_here`.
+    hairpin: bool,
 }
 
 /// The objects of one service for `cfg.family`, and why parts of it were left out. A service
@@ -174,6 +187,9 @@ fn render_port(
         format!("{}/{}:{}", s.namespace, s.name, port.name)
     };
 
+    let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
+    let has_ext = node_port.is_some() || !a.external.is_empty() || !a.lb.is_empty();
+    let (my_tag, external_local) = (kpx_proto::node_tag(&cfg.node_name), etp && has_ext);
     let mut eps: Vec<Ep> = Vec::new();
     let mut seen = HashSet::new();
     for e in entry.endpoints.values() {
@@ -189,11 +205,10 @@ fn render_port(
         if chain.len() > MAX_NAME {
             return Err(format!("endpoint {ip}: the names of its chain and affinity set are too long for nftables"));
         }
-        eps.push(Ep { ip, port: ep_port, chain, affinity, cluster: e.for_cluster, local: e.for_local });
+        let hairpin = hairpin_here(e.node_tag, my_tag, external_local);
+        eps.push(Ep { ip, port: ep_port, chain, affinity, cluster: e.for_cluster, local: e.for_local, hairpin });
     }
 
-    let (itp, etp) = (s.internal_policy_local, s.external_policy_local);
-    let has_ext = node_port.is_some() || !a.external.is_empty() || !a.lb.is_empty();
     let d = policy::decide(s, f, eps.iter().any(|e| e.cluster), eps.iter().any(|e| e.local), has_ext);
     let (svc_used, svl_used, ext_used, exists_elsewhere) =
         (d.cluster_used, d.local_used, d.external_used, d.exists_elsewhere);
@@ -265,7 +280,9 @@ fn render_port(
             rules.push(RuleSpec::new(vec![Stmt::DnatMap { proto, offset: base, map: map.clone() }]));
             for (e, (lo, hi)) in chosen.iter().zip(endpoints::ranges(chosen.len())) {
                 o.value(&map, Key::Range(base + lo, base + hi), Val::Endpoint(e.ip, e.port));
-                o.element(HAIRPIN, Key::Pair(e.ip, e.ip), None);
+                if e.hairpin {
+                    o.element(HAIRPIN, Key::Pair(e.ip, e.ip), None);
+                }
             }
         }
         o.chain(chain, rules);

@@ -52,6 +52,7 @@ fn entry(s: pb::Service, eps: &[(&str, bool, bool)]) -> Arc<ServiceEntry> {
                 ports: vec![pb::EndpointPort { name: "p80".into(), port: 80 }],
                 for_cluster: *cluster,
                 for_local: *local,
+                node_tag: 0,
             };
             (ip.to_string(), e)
         })
@@ -212,6 +213,7 @@ fn names_past_255_bytes_leave_the_port_out() {
             ports: vec![pb::EndpointPort { name: long.clone(), port: 80 }],
             for_cluster: true,
             for_local: false,
+            node_tag: 0,
         },
     );
     let (o, skipped) = render_service(&cfg(), &e, &mut Slots::default());
@@ -278,4 +280,45 @@ fn last_endpoint_gone_swaps_the_service_ips_element_for_a_reject() {
     let st = plan(&before, &after, &mut b);
     // service-ips and the range's two elements go; no-endpoint-services comes.
     assert_eq!((st.elements_deleted, st.elements_added, st.chains_deleted), (3, 1, 1), "{}", st.describe());
+}
+
+/// The hairpin pairs a service renders, with each endpoint's node: `Some(name)` or unknown.
+fn hairpin_pairs(f: impl FnOnce(&mut pb::Service), nodes: &[(&str, Option<&str>)]) -> Vec<String> {
+    let mut e = entry(svc("ns1", "svc1", "172.30.0.41", f), &[]);
+    let eps = &mut Arc::get_mut(&mut e).unwrap().endpoints;
+    for (ip, node) in nodes {
+        let ep = pb::Endpoint {
+            service: "ns1/svc1".into(),
+            ip: ip.to_string(),
+            ports: vec![pb::EndpointPort { name: "p80".into(), port: 80 }],
+            for_cluster: true,
+            node_tag: node.map_or(0, kpx_proto::node_tag),
+            ..Default::default()
+        };
+        eps.insert(ip.to_string(), ep);
+    }
+    let t = text(&e);
+    t.lines().filter(|l| l.contains("hairpin-endpoints {")).map(|l| l.split('{').nth(1).unwrap().into()).collect()
+}
+
+#[test]
+fn hairpin_pairs_only_for_endpoints_this_node_can_see_reach_themselves() {
+    let nodes = [("10.180.0.1", Some("test-node")), ("10.180.0.2", Some("other-node")), ("10.180.0.3", None)];
+    // Cluster IP: a connection from an endpoint to itself starts where the endpoint runs.
+    let pairs = hairpin_pairs(|_| {}, &nodes);
+    assert_eq!(pairs, [" 10.180.0.1 . 10.180.0.1 }", " 10.180.0.3 . 10.180.0.3 }"], "mine and the unknown one");
+    // A node port under the Cluster policy: traffic from other nodes is masqueraded anyway.
+    assert_eq!(hairpin_pairs(|s| s.ports[0].node_port = 30080, &nodes).len(), 2);
+    // Under the Local policy, pod traffic from another node short-circuits to the service
+    // chain unmasqueraded and may pick its own pod: every endpoint keeps its pair.
+    let local = hairpin_pairs(
+        |s| {
+            s.ports[0].node_port = 30080;
+            s.external_policy_local = true;
+        },
+        &nodes,
+    );
+    assert_eq!(local.len(), 3, "{local:?}");
+    // Local policy without any external address: nothing arrives from other nodes.
+    assert_eq!(hairpin_pairs(|s| s.external_policy_local = true, &nodes).len(), 2);
 }

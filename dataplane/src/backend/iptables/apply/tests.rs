@@ -129,6 +129,7 @@ fn udp_service(eps: &[&str]) -> ServiceEntry {
                 ports: vec![pb::EndpointPort { name: "dns".into(), port: 5353 }],
                 for_cluster: true,
                 for_local: false,
+                node_tag: 0,
             };
             (e.ip.clone(), e)
         })
@@ -231,6 +232,7 @@ fn many(n: usize, eps: usize) -> AppliedState {
                 ports: vec![pb::EndpointPort { name: "p".into(), port: 8080 }],
                 for_cluster: true,
                 for_local: false,
+                node_tag: 0,
             });
         }
     }

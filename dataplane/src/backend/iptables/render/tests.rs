@@ -55,6 +55,7 @@ fn ep(service: &str, ip: &str, port_name: &str, port: u32, local: bool) -> pb::E
         ports: vec![pb::EndpointPort { name: port_name.into(), port }],
         for_cluster: true,
         for_local: local,
+        node_tag: 0,
     }
 }
 

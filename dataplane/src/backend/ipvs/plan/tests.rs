@@ -10,6 +10,7 @@ fn cfg() -> PlanConfig {
         scheduler: "rr".into(),
         node_ips: vec![NODE.parse().unwrap()],
         families: vec![Family::Inet, Family::Inet6],
+        node_tag: kpx_proto::node_tag("node-1"),
     }
 }
 
@@ -30,6 +31,7 @@ fn ep(service: &str, ip: &str) -> pb::Endpoint {
         ports: vec![pb::EndpointPort { name: "p".into(), port: 8080 }],
         for_cluster: true,
         for_local: false,
+        node_tag: 0,
     }
 }
 
@@ -418,4 +420,19 @@ fn a_virtual_server_two_services_claim_needs_the_whole_table() {
     let after = state(vec![a, b], vec![]);
     let changes = BTreeSet::from(["ns/b".to_string()]);
     assert_eq!(update_desired(&cfg, &after, &changes, &mut d, &mut index), None);
+}
+
+#[test]
+fn loop_back_lists_this_nodes_endpoints_and_those_of_no_known_node() {
+    let on =
+        |ip: &str, node: Option<&str>| pb::Endpoint { node_tag: node.map_or(0, kpx_proto::node_tag), ..ep("web", ip) };
+    let s = state(
+        vec![svc("web", "10.96.0.10", pb::Protocol::Tcp, 80, 0)],
+        vec![on("10.244.1.5", Some("node-1")), on("10.244.2.5", Some("node-2")), on("10.244.3.5", None)],
+    );
+    let d = desired(&cfg(), &s);
+    let vs = d.services.values().find(|v| v.kind == VipKind::Cluster).expect("the cluster IP");
+    assert_eq!(vs.loop_back, [sa("10.244.1.5:8080"), sa("10.244.3.5:8080")]);
+    // Every endpoint still serves the cluster IP, wherever it runs.
+    assert_eq!(vs.dests.len(), 3);
 }

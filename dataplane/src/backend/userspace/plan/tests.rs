@@ -18,6 +18,7 @@ pub(crate) fn endpoint(ip: &str, cluster: bool, local: bool) -> pb::Endpoint {
         ports: vec![pb::EndpointPort { name: "p".into(), port: 8080 }],
         for_cluster: cluster,
         for_local: local,
+        node_tag: 0,
     }
 }
 
