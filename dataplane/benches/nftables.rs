@@ -250,7 +250,7 @@ fn run(
         if max > 0 { format!("{max} B") } else { "-".into() },
     ));
     let (mut add, mut del) = (Vec::new(), Vec::new());
-    for k in 0..changes.min(20) {
+    for k in 0..changes {
         let s = service(services + 100 + k);
         let eps: Vec<pb::Endpoint> = (0..a.per_service).map(|_| m.endpoint(&s)).collect();
         let c = m.add_service(&s, &eps);
@@ -259,6 +259,7 @@ fn run(
         del.push(timed(|| backend.apply(&m.state, &c).expect("service remove")));
     }
     rows.push(("service add p50 / p99".into(), format!("{} / {}", ms(pct(&add, 0.5)), ms(pct(&add, 0.99)))));
+    rows.push(("slowest service adds (#: ms)".into(), slowest(&add, 4)));
     rows.push(("service remove p50 / p99".into(), format!("{} / {}", ms(pct(&del, 0.5)), ms(pct(&del, 0.99)))));
     let resync =
         timed(|| backend.apply(&m.state, &ChangeSet { full: true, services: Default::default() }).expect("resync"));

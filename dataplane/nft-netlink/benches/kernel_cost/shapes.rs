@@ -82,6 +82,19 @@ pub fn rule(chain: &str, exprs: Vec<Expr>) -> Rule {
     Rule { chain: chain.into(), exprs, comment: None, handle: 0 }
 }
 
+/// `meta l4proto tcp`, then `ip daddr . meta l4proto . th dport . numgen random mod MODULUS`
+/// in registers 1, 9, 10 and 11 (a lookup key of 16 bytes from register 1).
+fn tcp_service_and_pick(modulus: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta { key: 16, dreg: 1 },
+        Expr::Cmp { sreg: 1, op: 0, data: vec![6] },
+        Expr::Payload { base: 1, offset: 16, len: 4, dreg: 1 },
+        Expr::Meta { key: 16, dreg: 9 },
+        Expr::Payload { base: 2, offset: 2, len: 2, dreg: 10 },
+        Expr::Numgen { dreg: 11, modulus, offset: 0 },
+    ]
+}
+
 pub fn base(b: &mut Batch, shape: Shape) {
     b.add_table("rules for kube-proxy");
     let hook = |n, p| Some(Hook { kind: "nat".into(), hooknum: n, priority: p });
@@ -133,17 +146,20 @@ pub fn base(b: &mut Batch, shape: Shape) {
         b.add_chain(&Chain { name: "endpoints".into(), hook: None });
         b.add_rule(&rule(
             "endpoints",
-            vec![
-                Expr::Meta { key: 16, dreg: 1 },
-                Expr::Cmp { sreg: 1, op: 0, data: vec![6] },
-                Expr::Payload { base: 1, offset: 16, len: 4, dreg: 1 },
-                Expr::Meta { key: 16, dreg: 9 },
-                Expr::Payload { base: 2, offset: 2, len: 2, dreg: 10 },
-                Expr::Numgen { dreg: 11, modulus: SLOTS, offset: 0 },
-                Expr::Byteorder { sreg: 11, dreg: 11, op: 1, len: 4, size: 4 },
-                Expr::Lookup { sreg: 1, set: SetRef::Named("service-endpoints".into()), dreg: Some(1), invert: false },
-                Expr::Dnat { family: 2, reg_addr: 1, reg_proto: 9, flags: 3 },
-            ],
+            [
+                tcp_service_and_pick(SLOTS),
+                vec![
+                    Expr::Byteorder { sreg: 11, dreg: 11, op: 1, len: 4, size: 4 },
+                    Expr::Lookup {
+                        sreg: 1,
+                        set: SetRef::Named("service-endpoints".into()),
+                        dreg: Some(1),
+                        invert: false,
+                    },
+                    Expr::Dnat { family: 2, reg_addr: 1, reg_proto: 9, flags: 3 },
+                ],
+            ]
+            .concat(),
         ));
     }
     for k in 0..if shape == Shape::Ranges { buckets() } else { 0 } {
@@ -198,16 +214,14 @@ fn compact_base(b: &mut Batch) {
         b.add_chain(&Chain { name: c.clone(), hook: None });
         b.add_rule(&rule(
             &c,
-            vec![
-                Expr::Meta { key: 16, dreg: 1 },
-                Expr::Cmp { sreg: 1, op: 0, data: vec![6] },
-                Expr::Payload { base: 1, offset: 16, len: 4, dreg: 1 },
-                Expr::Meta { key: 16, dreg: 9 },
-                Expr::Payload { base: 2, offset: 2, len: 2, dreg: 10 },
-                Expr::Numgen { dreg: 11, modulus: n as u32, offset: 0 },
-                Expr::Lookup { sreg: 1, set: SetRef::Named("backends".into()), dreg: Some(12), invert: false },
-                Expr::Dnat { family: 2, reg_addr: 12, reg_proto: 13, flags: 3 },
-            ],
+            [
+                tcp_service_and_pick(n as u32),
+                vec![
+                    Expr::Lookup { sreg: 1, set: SetRef::Named("backends".into()), dreg: Some(12), invert: false },
+                    Expr::Dnat { family: 2, reg_addr: 12, reg_proto: 13, flags: 3 },
+                ],
+            ]
+            .concat(),
         ));
     }
 }
