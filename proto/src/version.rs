@@ -97,8 +97,16 @@ pub fn service_hash(s: &Service) -> EntryHash {
     hash_tagged(b'S', s)
 }
 
+/// An endpoint's hash, without its `node_tag`: an agent built before that field drops it when it
+/// decodes an update, and must still compute the version the controlplane computes (a rolling
+/// upgrade runs both). What that leaves uncovered: an endpoint whose tag alone changes (its
+/// address reappearing on another node within one update) keeps its version, so the new tag
+/// reaches a node with the service's next change or the node's next snapshot.
 pub fn endpoint_hash(e: &Endpoint) -> EntryHash {
-    hash_tagged(b'E', e)
+    match e.node_tag {
+        0 => hash_tagged(b'E', e),
+        _ => hash_tagged(b'E', &Endpoint { node_tag: 0, ..e.clone() }),
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +115,33 @@ mod tests {
 
     fn ep(ip: &str) -> Endpoint {
         Endpoint { service: "ns/a".into(), ip: ip.into(), for_cluster: true, ..Default::default() }
+    }
+
+    /// `Endpoint` as agents built before `node_tag` know it (fields 1 to 5).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EndpointBeforeNodeTag {
+        #[prost(string, tag = "1")]
+        service: String,
+        #[prost(string, tag = "2")]
+        ip: String,
+        #[prost(message, repeated, tag = "3")]
+        ports: Vec<crate::v1::EndpointPort>,
+        #[prost(bool, tag = "4")]
+        for_cluster: bool,
+        #[prost(bool, tag = "5")]
+        for_local: bool,
+    }
+
+    #[test]
+    fn an_agent_that_drops_the_node_tag_computes_the_same_version() {
+        let port = crate::v1::EndpointPort { name: "http".into(), port: 8080 };
+        let tagged = Endpoint { ports: vec![port], node_tag: crate::node_tag("node-a"), ..ep("10.0.0.1") };
+        // What an older agent decodes from the controlplane's bytes, and hashes.
+        let old = EndpointBeforeNodeTag::decode(tagged.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(endpoint_hash(&tagged), hash_tagged(b'E', &old));
+        assert_eq!(endpoint_hash(&tagged), endpoint_hash(&Endpoint { node_tag: 0, ..tagged.clone() }));
+        // Everything else still counts.
+        assert_ne!(endpoint_hash(&tagged), endpoint_hash(&Endpoint { for_local: true, ..tagged.clone() }));
     }
 
     #[test]
