@@ -160,6 +160,16 @@ fn cluster_ip_balances_and_nft_lists_kube_proxys_layout() {
     let c = start(topo, &[service]);
     let tally = c.topo.pod("sender").ns.tally(Proto::Tcp, at(ip("10.96.0.10"), 80), 60, WAIT);
     assert_eq!(tally.keys().map(String::as_str).collect::<Vec<_>>(), ["web-1", "web-2", "web-3"], "{tally:?}");
+    // A pod keeps its address; a client outside the cluster CIDR is masqueraded (the rule in
+    // `services`, kube-proxy's service-chain rule).
+    let sender = IpAddr::from(c.topo.pod("sender").ip4);
+    let from_pod = c.topo.pod("sender").ns.tcp_request(at(ip("10.96.0.10"), 80), WAIT).expect_answer("from a pod");
+    assert_eq!(from_pod.peer.ip(), sender);
+    let client = IpAddr::from(c.topo.client.ip4);
+    for _ in 0..6 {
+        let r = c.topo.client.ns.tcp_request(at(ip("10.96.0.10"), 80), WAIT).expect_answer("from outside");
+        assert_ne!(r.peer.ip(), client, "off-cluster traffic to a cluster IP is masqueraded: {r:?}");
+    }
 
     // The real nft, parsed: exactly the base chains and the service chain, whose endpoints are
     // three equal ranges of an endpoint map (kpx's difference from kube-proxy: no endpoint

@@ -6,6 +6,12 @@
 //! same version for the same content, which is what lets a node reconnect to another replica
 //! without a resend. Entries are hashed over their protobuf encoding, which prost produces
 //! deterministically for messages without map fields (ours have none).
+//!
+//! A field added to `Service` or `Endpoint` changes the hash of every entry that sets it, and an
+//! agent built before the field drops it when decoding: it would compute another version than
+//! the controlplane and NACK every update during a rolling upgrade. So a new field is either left
+//! out of the hash (as `Endpoint.node_tag` is, see [`endpoint_hash`]) or sent only to agents
+//! that announce they know it.
 
 use crate::v1::{Endpoint, Service};
 use prost::Message;

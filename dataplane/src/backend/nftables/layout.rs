@@ -12,6 +12,7 @@ use kpx_nft_netlink::{Element, Expr, Hook, Set, Verdict};
 
 use super::endpoints::HAIRPIN;
 use super::stmt::{RuleSpec, Stmt, proto_name};
+use crate::backend::iptables::render::check::Cidr;
 use crate::backend::iptables::render::{IpFamily, RenderConfig};
 
 pub const TABLE: &str = "kube-proxy";
@@ -355,6 +356,25 @@ fn jump(c: &str) -> Stmt {
     Stmt::Verdict(Verdict::Jump(c.into()))
 }
 
+/// Traffic to a cluster IP from outside the cluster CIDR (every source with
+/// `--masquerade-all`) is marked for masquerade. kube-proxy puts this rule, with the one cluster
+/// IP, at the top of each service chain; kpx puts it once in `services`, before the dispatch,
+/// because every rule in a service chain is one more object the kernel walks when it validates
+/// the table on a service add (a quarter of that walk: docs/nftables.md, "Where kpx differs").
+/// The same packets are marked: a service chain's rule matched only its own cluster IP, and
+/// traffic to a cluster IP that no service port takes is rejected (`cluster-ips-check`).
+fn masquerade_to_cluster_ips(cfg: &RenderConfig) -> Option<RuleSpec> {
+    let to_cluster_ip = Stmt::DaddrInSet(CLUSTER_IPS);
+    let stmts = if cfg.masquerade_all {
+        vec![to_cluster_ip, jump(MARK_FOR_MASQUERADE)]
+    } else {
+        let cidr =
+            cfg.cluster_cidr.as_deref().and_then(|c| Cidr::parse(c).ok()).filter(|c| c.family() == cfg.family)?;
+        vec![to_cluster_ip, Stmt::SaddrCidr { cidr, negate: true }, jump(MARK_FOR_MASQUERADE)]
+    };
+    Some(RuleSpec::new(stmts).comment("masquerade traffic to cluster IPs from outside the cluster"))
+}
+
 /// The fixed part of the table: everything but the services' own chains and elements.
 pub fn base(cfg: &RenderConfig) -> Objects {
     let f = cfg.family;
@@ -421,13 +441,10 @@ pub fn base(cfg: &RenderConfig) -> Objects {
         vec![RuleSpec::new(vec![local.clone(), Stmt::VmapProtoPort(NO_ENDPOINT_NODEPORTS)])],
     );
     o.chain(REJECT_CHAIN, vec![RuleSpec::new(vec![Stmt::Reject])]);
-    o.chain(
-        "services",
-        vec![
-            RuleSpec::new(vec![Stmt::VmapAddrProtoPort(SERVICE_IPS)]),
-            RuleSpec::new(vec![local, Stmt::VmapProtoPort(SERVICE_NODEPORTS)]),
-        ],
-    );
+    let mut services: Vec<RuleSpec> = masquerade_to_cluster_ips(cfg).into_iter().collect();
+    services.push(RuleSpec::new(vec![Stmt::VmapAddrProtoPort(SERVICE_IPS)]));
+    services.push(RuleSpec::new(vec![local, Stmt::VmapProtoPort(SERVICE_NODEPORTS)]));
+    o.chain("services", services);
     o.chain("service-endpoints-check", vec![RuleSpec::new(vec![Stmt::VmapAddrProtoPort(NO_ENDPOINT_SERVICES)])]);
     o
 }

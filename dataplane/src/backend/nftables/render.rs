@@ -250,21 +250,10 @@ fn render_port(
         }
     }
 
-    // Policy chains: masquerade (internal traffic), affinity, then the random pick.
-    let masq = if cfg.masquerade_all {
-        Some(vec![Stmt::Daddr(a.cluster), jump(MARK_FOR_MASQUERADE)])
-    } else {
-        a.cidr.map(|c| {
-            vec![Stmt::Daddr(a.cluster), Stmt::SaddrCidr { cidr: c.clone(), negate: true }, jump(MARK_FOR_MASQUERADE)]
-        })
-    };
+    // Policy chains: affinity, then the random pick. (Off-cluster traffic to the cluster IP is
+    // marked for masquerade in `services`: layout::masquerade_to_cluster_ips.)
     let mut policy = |chain: &String, pick: fn(&Ep) -> bool| {
         let mut rules = Vec::new();
-        if internal == Some(chain)
-            && let Some(m) = &masq
-        {
-            rules.push(RuleSpec::new(m.clone()));
-        }
         let mut chosen: Vec<&Ep> = eps.iter().filter(|e| pick(e)).collect();
         if a.affinity.is_some() {
             // kube-proxy's way: the timed set of each endpoint sends a client back to it.

@@ -69,10 +69,10 @@ fn text(e: &ServiceEntry) -> String {
 #[test]
 fn cluster_ip_service_reads_like_kube_proxy() {
     let e = entry(svc("ns1", "svc1", "172.30.0.41", |_| {}), &[("10.180.0.1", true, false)]);
-    // kube-proxy's service chain; its endpoints are a range of an endpoint map, not chains.
+    // kube-proxy's service chain; its endpoints are a range of an endpoint map, not chains, and
+    // its masquerade rule is the one in `services` (next test).
     let want = "\
 add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80
-add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade
 add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 meta l4proto tcp dnat ip to numgen random mod 65535 map @endpoints-0
 add element ip kube-proxy cluster-ips { 172.30.0.41 }
 add element ip kube-proxy endpoints-0 { 0-65534 : 10.180.0.1 . 80 }
@@ -80,6 +80,23 @@ add element ip kube-proxy hairpin-endpoints { 10.180.0.1 . 10.180.0.1 }
 add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }
 ";
     assert_eq!(text(&e), want);
+}
+
+#[test]
+fn off_cluster_traffic_to_cluster_ips_is_marked_once_before_the_dispatch() {
+    let services = |cfg: &RenderConfig| -> Vec<String> {
+        let t = layout::base(cfg).text(IpFamily::V4);
+        t.lines().filter(|l| l.starts_with("add rule ip kube-proxy services ")).map(String::from).collect()
+    };
+    let masq = "add rule ip kube-proxy services ip daddr @cluster-ips ip saddr != 10.0.0.0/8 jump mark-for-masquerade comment \"masquerade traffic to cluster IPs from outside the cluster\"";
+    let rules = services(&cfg());
+    assert_eq!(rules.len(), 3, "{rules:#?}");
+    assert_eq!(rules[0], masq, "first, before `services` goes to a service chain");
+    let all = RenderConfig { masquerade_all: true, ..cfg() };
+    assert!(services(&all)[0].contains("ip daddr @cluster-ips jump mark-for-masquerade"), "{:?}", services(&all));
+    // Neither a cluster CIDR of this family nor --masquerade-all: nothing to mark.
+    let none = RenderConfig { cluster_cidr: Some("fd00::/48".into()), ..cfg() };
+    assert_eq!(services(&none).len(), 2);
 }
 
 #[test]
