@@ -118,6 +118,15 @@ impl CacheAccount {
         CACHED_BYTES.fetch_add(len as i64, Ordering::Relaxed);
         CacheAccount(len)
     }
+
+    /// The bytes this account counts.
+    pub fn len(&self) -> usize {
+        self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
 }
 
 impl Drop for CacheAccount {

@@ -93,9 +93,13 @@ impl From<EntryHash> for ContentHash {
 fn hash_tagged(tag: u8, msg: &impl Message) -> EntryHash {
     // Encoding into a reused buffer would save an allocation, but this is called once per
     // changed entry, not per node: the controlplane shares entry hashes between nodes.
+    hash_bytes(tag, &msg.encode_to_vec())
+}
+
+fn hash_bytes(tag: u8, encoded: &[u8]) -> EntryHash {
     let mut h = Xxh3::new();
     h.update(&[tag]);
-    h.update(&msg.encode_to_vec());
+    h.update(encoded);
     EntryHash(h.digest128())
 }
 
@@ -109,10 +113,16 @@ pub fn service_hash(s: &Service) -> EntryHash {
 /// address reappearing on another node within one update) keeps its version, so the new tag
 /// reaches a node with the service's next change or the node's next snapshot.
 pub fn endpoint_hash(e: &Endpoint) -> EntryHash {
-    match e.node_tag {
-        0 => hash_tagged(b'E', e),
-        _ => hash_tagged(b'E', &Endpoint { node_tag: 0, ..e.clone() }),
+    let mut bytes = e.encode_to_vec();
+    // prost writes fields in tag order, so a set `node_tag` (field 6, fixed32) is the last five
+    // bytes: its key 0x35, then the value. Dropping them hashes what an older agent re-encodes,
+    // without copying the endpoint (this runs for every endpoint of a snapshot, on both planes).
+    const NODE_TAG_KEY: u8 = (6 << 3) | 5;
+    let at = bytes.len().saturating_sub(5);
+    if e.node_tag != 0 && bytes.get(at) == Some(&NODE_TAG_KEY) {
+        bytes.truncate(at);
     }
+    hash_bytes(b'E', &bytes)
 }
 
 #[cfg(test)]

@@ -29,18 +29,19 @@ const ENDPOINTS_REMOVED: u32 = 9;
 pub struct ViewSegments {
     budget: usize,
     segments: Vec<Bytes>,
-    _account: kpx_proto::encoded::CacheAccount,
+    /// Counts the segments in `kpx_controlplane_encoded_cache_bytes` while the view keeps them.
+    account: kpx_proto::encoded::CacheAccount,
 }
 
 impl ViewSegments {
     fn new(budget: usize, segments: Vec<Bytes>) -> Self {
         let account = kpx_proto::encoded::CacheAccount::new(segments.iter().map(Bytes::len).sum());
-        ViewSegments { budget, segments, _account: account }
+        ViewSegments { budget, segments, account }
     }
 
-    /// Cached bytes, for the controlplane's memory accounting.
+    /// Cached bytes, as counted in the controlplane's memory accounting.
     pub fn bytes(&self) -> usize {
-        self.segments.iter().map(Bytes::len).sum()
+        self.account.len()
     }
 }
 

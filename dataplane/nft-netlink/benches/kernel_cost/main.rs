@@ -53,6 +53,8 @@ fn probe(c: &mut NftClient, rounds: usize, build: &dyn Fn(&mut Batch), undo: &dy
 }
 
 fn run(shape: Shape, n: usize, e: usize, chunk: usize) {
+    // The endpoint-add probe needs `lb-(E+1)`.
+    assert!(shape != Shape::Compact || e < COMPACT_MAX, "--shapes compact takes --endpoints below {COMPACT_MAX}");
     let ns = Ns(format!("kpxcost-{}", std::process::id()));
     assert!(
         Command::new("ip").args(["netns", "add", &ns.0]).status().is_ok_and(|s| s.success()),
@@ -92,13 +94,11 @@ fn run(shape: Shape, n: usize, e: usize, chunk: usize) {
     let goto_elem =
         vec![Element { key: key(1), verdict: Some(Verdict::Goto(svc_chain(target))), ..Default::default() }];
     let drop_elem = vec![Element { key: key(2), verdict: Some(Verdict::Drop), ..Default::default() }];
-    // A compact table has no service chain to go to, nor rules to rewrite.
+    // A compact table has no service chain to go to, nor rules to rewrite: those print "-".
     let compact = shape == Shape::Compact;
-    let elem_goto = if compact {
-        Duration::ZERO
-    } else {
+    let elem_goto = (!compact).then(|| {
         probe(&mut c, r, &|b| b.add_elements("service-ips", &goto_elem), &|b| b.del_elements("service-ips", &goto_elem))
-    };
+    });
     let elem_drop = probe(&mut c, r, &|b| b.add_elements("service-ips", &drop_elem), &|b| {
         b.del_elements("service-ips", &drop_elem)
     });
@@ -111,7 +111,7 @@ fn run(shape: Shape, n: usize, e: usize, chunk: usize) {
             b.add_rule(&rule(&svc_chain(target), r));
         }
     };
-    let rule_rewrite = if compact { Duration::ZERO } else { probe(&mut c, r, &rewrite, &|_| {}) };
+    let rule_rewrite = (!compact).then(|| probe(&mut c, r, &rewrite, &|_| {}));
     if compact {
         // What `nft list` makes of the compact table's rules (nft reads them back itself).
         for chain in ["services", "lb-10"] {
@@ -142,10 +142,10 @@ fn run(shape: Shape, n: usize, e: usize, chunk: usize) {
         bytes as f64 / 1e6,
         ms(chain_jump),
         ms(chain_plain),
-        ms(elem_goto),
+        elem_goto.map_or("-".into(), ms),
         ms(elem_drop),
         ms(elem_plain),
-        ms(rule_rewrite),
+        rule_rewrite.map_or("-".into(), ms),
         ms(gen_t),
         ms(ep_add),
         ms(ep_del),

@@ -84,13 +84,15 @@ impl Pipe {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let mut pipe = Pipe { read, write, enlarged: 0, held };
         let extra = size.saturating_sub(DEFAULT_PIPE);
-        if extra > 0 && held.fetch_add(extra, Ordering::Relaxed) + extra <= budget {
-            let wanted = i32::try_from(size).unwrap_or(i32::MAX);
-            match fcntl(&pipe.write, FcntlArg::F_SETPIPE_SZ(wanted)) {
-                Ok(_) => pipe.enlarged = extra,
-                Err(_) => _ = held.fetch_sub(extra, Ordering::Relaxed),
-            }
-        } else if extra > 0 {
+        if extra == 0 {
+            return Ok(pipe);
+        }
+        // Reserved first, so that two threads cannot both take the budget's last share.
+        let reserved = held.fetch_add(extra, Ordering::Relaxed) + extra <= budget;
+        let wanted = i32::try_from(size).unwrap_or(i32::MAX);
+        if reserved && fcntl(&pipe.write, FcntlArg::F_SETPIPE_SZ(wanted)).is_ok() {
+            pipe.enlarged = extra;
+        } else {
             held.fetch_sub(extra, Ordering::Relaxed);
         }
         Ok(pipe)
