@@ -41,6 +41,9 @@ pub fn in_uml_with(name: &str, env: &[(&str, &str)], scenario: impl FnOnce()) {
 /// [`in_uml_with`] for a scenario that may take longer than the default time limit.
 pub fn in_uml_limited(name: &str, env: &[(&str, &str)], limit: Duration, scenario: impl FnOnce()) {
     if std::env::var(INSIDE).is_ok_and(|v| v == "1") {
+        // The backend's warnings (a failed conntrack cleanup, say) reach the job's output, which
+        // a failed test prints.
+        let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(tracing::Level::WARN).try_init();
         scenario();
         return;
     }

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use kpx_proto::v1 as pb;
 
-use super::exec::Runner;
+use super::exec::{ExecError, Ran, Runner};
 use super::render::IpFamily;
 use crate::state::{AppliedState, ChangeSet, ServiceEntry};
 
@@ -56,6 +56,12 @@ impl UdpTracker {
     }
 }
 
+/// How often one deletion is tried. `conntrack -D` dumps the table, then deletes each match
+/// by its tuple; an entry that goes away between the two (it expired, or IPVS dropped it with
+/// its connection) makes it exit with "Operation failed" although other matches may remain.
+/// A second dump sees the table as it now is.
+const DELETE_ATTEMPTS: usize = 3;
+
 /// Runs `conntrack` with each of DELETES (argv, never a shell line); returns how many did their
 /// job (an entry deleted, or none to delete). Failures are logged: stale entries stay, the
 /// rules are right.
@@ -64,13 +70,39 @@ pub fn run_deletes(runner: &Runner, deletes: &[Vec<String>]) -> u64 {
     for args in deletes {
         let mut argv = vec!["conntrack"];
         argv.extend(args.iter().map(String::as_str));
-        match runner.run(&argv, &[]) {
-            Ok(r) if r.success || nothing_matched(&r.stderr) => done += 1,
-            Ok(r) => tracing::warn!(args = ?args, stderr = %r.stderr, "conntrack cleanup failed"),
-            Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
+        match delete_with_retries(|| runner.run(&argv, &[])) {
+            Ok(()) => done += 1,
+            Err(DeleteFailed::Exited(stderr)) => {
+                tracing::warn!(args = ?args, stderr = %stderr.trim_end(), "conntrack cleanup failed")
+            }
+            Err(DeleteFailed::NotRun(error)) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
         }
     }
     done
+}
+
+/// Why a deletion did not do its job after its attempts.
+#[derive(Debug)]
+pub enum DeleteFailed {
+    /// conntrack ran and failed: its last stderr.
+    Exited(String),
+    /// conntrack could not be started (missing binary, no netns): not retried.
+    NotRun(ExecError),
+}
+
+/// Runs one deletion through ATTEMPT until it succeeds or finds nothing to delete, at most
+/// [`DELETE_ATTEMPTS`] times.
+pub fn delete_with_retries(mut attempt: impl FnMut() -> Result<Ran, ExecError>) -> Result<(), DeleteFailed> {
+    let mut stderr = String::new();
+    for _ in 0..DELETE_ATTEMPTS {
+        let ran = attempt().map_err(DeleteFailed::NotRun)?;
+        if ran.success || nothing_matched(&ran.stderr) {
+            return Ok(());
+        }
+        tracing::debug!(stderr = %ran.stderr.trim_end(), "conntrack deletion failed; trying again");
+        stderr = ran.stderr;
+    }
+    Err(DeleteFailed::Exited(stderr))
 }
 
 /// What conntrack cleanup needs to know of one UDP service port.

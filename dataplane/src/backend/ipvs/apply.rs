@@ -411,16 +411,8 @@ impl IpvsBackend {
 
     /// Best effort: a missing conntrack tool or a failed deletion is logged, not a failed sync.
     fn clear_udp_conntrack(&mut self, ops: &[Op]) {
-        for args in plan::udp_conntrack_cleanups(ops) {
-            let argv: Vec<&str> = std::iter::once("conntrack").chain(args.iter().map(String::as_str)).collect();
-            match self.runner.run(&argv, &[]) {
-                Ok(ran) if ran.success || crate::backend::iptables::conntrack::nothing_matched(&ran.stderr) => {
-                    self.stats.conntrack_deletes += 1;
-                }
-                Ok(ran) => tracing::warn!(cmd = %argv.join(" "), stderr = %ran.stderr, "conntrack cleanup failed"),
-                Err(error) => tracing::warn!(%error, "conntrack cleanup failed"),
-            }
-        }
+        let deletes = plan::udp_conntrack_cleanups(ops);
+        self.stats.conntrack_deletes += crate::backend::iptables::conntrack::run_deletes(&self.runner, &deletes);
     }
 
     fn dump(&mut self) -> Result<(), SyncError> {

@@ -409,15 +409,11 @@ impl UserspaceBackend {
                 .map(|a| vec!["--orig-dst".into(), a.to_string(), "--dport".into(), p.port.to_string()])
                 .collect();
             deletes.extend(p.node_port.map(|np| vec!["--dport".into(), np.to_string()]));
-            for extra in deletes {
-                let mut argv = vec!["conntrack", "-D", "-f", fam, "-p", "udp"];
-                argv.extend(extra.iter().map(String::as_str));
-                match self.runner.run(&argv, &[]) {
-                    Ok(r) if r.success || crate::backend::iptables::conntrack::nothing_matched(&r.stderr) => {}
-                    Ok(r) => tracing::warn!(args = ?extra, stderr = %r.stderr, "conntrack cleanup failed"),
-                    Err(error) => tracing::warn!(%error, "cannot run conntrack; stale UDP entries stay"),
-                }
-            }
+            let deletes: Vec<Vec<String>> = deletes
+                .into_iter()
+                .map(|extra| ["-D", "-f", fam, "-p", "udp"].into_iter().map(String::from).chain(extra).collect())
+                .collect();
+            crate::backend::iptables::conntrack::run_deletes(&self.runner, &deletes);
         }
     }
 

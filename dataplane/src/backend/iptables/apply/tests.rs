@@ -9,6 +9,7 @@ use kpx_proto::v1 as pb;
 use super::*;
 use crate::backend::iptables::chains;
 use crate::backend::iptables::conntrack::{cleanups, udp_ports};
+use crate::backend::iptables::exec;
 use crate::backend::iptables::jumps::{JUMPS, missing_jumps};
 use crate::state::ServiceEntry;
 
@@ -171,6 +172,52 @@ fn udp_conntrack_cleanups() {
     // The service goes away: its last endpoint's entries go.
     assert_eq!(cleanups(v4, &new, &[], true).len(), 3);
     assert!(conntrack::nothing_matched("conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."));
+}
+
+fn exited(success: bool, stderr: &str) -> Result<exec::Ran, exec::ExecError> {
+    Ok(exec::Ran { success, code: Some(if success { 0 } else { 1 }), stdout: String::new(), stderr: stderr.into() })
+}
+
+#[test]
+fn a_conntrack_deletion_that_fails_is_tried_again_then_reported() {
+    use conntrack::{DeleteFailed, delete_with_retries};
+    const VANISHED: &str = "conntrack v1.4.7 (conntrack-tools): Operation failed: such conntrack doesn't exist";
+    // An entry gone between the dump and the delete: the second dump finds the rest.
+    let mut script = vec![exited(true, ""), exited(false, VANISHED)];
+    assert!(delete_with_retries(|| script.pop().unwrap()).is_ok());
+    assert!(script.is_empty(), "the deletion was not tried again");
+    // Nothing left to delete is success, at the first attempt.
+    let mut calls = 0;
+    let none = "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.";
+    assert!(
+        delete_with_retries(|| {
+            calls += 1;
+            exited(false, none)
+        })
+        .is_ok()
+    );
+    assert_eq!(calls, 1);
+    // A failure that stays is reported with its stderr after three attempts.
+    let mut calls = 0;
+    match delete_with_retries(|| {
+        calls += 1;
+        exited(false, "Operation failed: invalid parameters")
+    }) {
+        Err(DeleteFailed::Exited(stderr)) => assert!(stderr.contains("invalid parameters"), "{stderr}"),
+        other => panic!("expected the last stderr, got {other:?}"),
+    }
+    assert_eq!(calls, 3);
+    // conntrack that cannot start is not retried.
+    let mut calls = 0;
+    let missing = || exec::ExecError::Spawn { cmd: "conntrack".into(), source: std::io::ErrorKind::NotFound.into() };
+    assert!(matches!(
+        delete_with_retries(|| {
+            calls += 1;
+            Err(missing())
+        }),
+        Err(DeleteFailed::NotRun(_))
+    ));
+    assert_eq!(calls, 1);
 }
 
 fn state(services: Vec<pb::Service>, endpoints: Vec<pb::Endpoint>) -> AppliedState {
