@@ -207,14 +207,15 @@ fn timed(f: impl FnOnce()) -> Duration {
 }
 
 /// Times one backend: full sync, `changes` one-endpoint changes, service add/remove, a resync.
-/// Returns the figures as (label, value) rows.
+/// Returns the figures as (label, value) rows, and the state the backend was left with (None
+/// when the full sync failed).
 fn run(
     backend: &mut dyn Apply,
     a: &Args,
     services: usize,
     changes: usize,
     bytes: &dyn Fn() -> usize,
-) -> Vec<(String, String)> {
+) -> (Vec<(String, String)>, Option<AppliedState>) {
     let (mut m, snap) = Model::new(services, a.per_service);
     let mut rows = Vec::new();
     let started = Instant::now();
@@ -223,7 +224,7 @@ fn run(
         let tail: Vec<char> = e.chars().rev().take(60).collect();
         let e: String = tail.into_iter().rev().collect();
         rows.push(("full sync from empty".into(), format!("failed: {e}")));
-        return rows;
+        return (rows, None);
     }
     let full = started.elapsed();
     rows.push(("full sync from empty".into(), format!("{:.2} s", full.as_secs_f64())));
@@ -264,7 +265,7 @@ fn run(
     let resync =
         timed(|| backend.apply(&m.state, &ChangeSet { full: true, services: Default::default() }).expect("resync"));
     rows.push(("resync of an unchanged table (snapshot)".into(), format!("{:.2} s", resync.as_secs_f64())));
-    rows
+    (rows, Some(m.state))
 }
 
 fn main() {
@@ -301,6 +302,9 @@ fn main() {
         nc.cluster_cidr = cfg.cluster_cidr.clone();
         nc.node_ips = cfg.node_ips.clone();
         nc.netns = Some(ns.0.clone());
+        // Always due: the periodic resync below is the agent's, prepared outside its lock
+        // (updates are never turned into it).
+        nc.full_resync_period = Duration::ZERO;
         let mut nft = NftBackend::new(nc).expect("nf_tables in the namespace");
         let mut results: Vec<(String, Vec<(String, String)>)> = Vec::new();
         let rows = run_nft(&mut nft, &a, services);
@@ -320,7 +324,7 @@ fn main() {
                 ic.restore_cmd = format!("iptables-{variant}-restore");
                 ic.save_cmd = format!("iptables-{variant}-save");
                 let mut ipt = IptablesBackend::new(ic);
-                let rows = run(&mut ipt, &a, services, a.iptables_rounds, &|| 0);
+                let (rows, _) = run(&mut ipt, &a, services, a.iptables_rounds, &|| 0);
                 eprintln!("iptables-{variant}: {rows:?}");
                 results.push((format!("iptables-{variant}"), rows));
             }
@@ -353,5 +357,20 @@ fn run_nft(b: &mut NftBackend, a: &Args, services: usize) -> Vec<(String, String
     }
     let bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut p = Probe(b, bytes.clone());
-    run(&mut p, a, services, a.changes, &|| bytes.load(std::sync::atomic::Ordering::Relaxed))
+    let (mut rows, state) = run(&mut p, a, services, a.changes, &|| bytes.load(std::sync::atomic::Ordering::Relaxed));
+    let Some(state) = state else { return rows };
+    // The agent's periodic resync: dump, render and plan outside its lock, then the check and
+    // the (empty) transaction under it. The second figure is what updates wait for.
+    let job = b.resync_job().expect("a periodic resync is due");
+    let mut prepared = None;
+    let outside = timed(|| prepared = Some(job.prepare(&state).expect("resync prepared")));
+    let mut finished = None;
+    let inside = timed(|| finished = Some(b.finish_resync(&state, prepared.take().unwrap()).expect("resync")));
+    assert!(finished.as_ref().is_some_and(|f| f.committed()), "the resync went stale");
+    let freed = timed(|| drop(finished));
+    rows.push((
+        "periodic resync: prepared / under the lock / freed".into(),
+        format!("{:.2} s / {} / {}", outside.as_secs_f64(), ms(inside), ms(freed)),
+    ));
+    rows
 }

@@ -357,81 +357,154 @@ async fn housekeeping(
         tick.tick().await;
         let (core, metrics, health, status) = (core.clone(), metrics.clone(), health.clone(), status.clone());
         let done = tokio::task::spawn_blocking(move || {
-            let mut core = lock(&core);
-            if !core.has_state {
-                return;
+            // Bound first: the guard of a `for` expression would live through the loop.
+            let outside = housekeep_locked(&mut lock(&core), &metrics, &health, &status);
+            for i in outside {
+                resync_nft_outside_lock(&core, i, &metrics, &health);
             }
-            let mut drift: Vec<String> = core
-                .backends
-                .iter_mut()
-                .filter_map(|b| {
-                    let lost = !b.check_canary();
-                    lost.then(|| format!("iptables {}: canary gone (table flushed?)", family_name(b.config().family)))
-                })
-                .collect();
-            if let Some(ipvs) = core.ipvs.as_mut() {
-                match ipvs.tick() {
-                    Ok(()) => health.succeeded(),
-                    Err(error) => {
-                        tracing::warn!(%error, "ipvs reconcile failed");
-                        drift.push(format!("ipvs reconcile failed: {error}"));
-                        health.failed();
-                    }
-                }
-            }
-            if let Some(u) = core.userspace.as_mut()
-                && !u.check_canary()
-            {
-                drift.push("userspace: canary gone (table flushed?)".to_string());
-            }
-            for b in core.nft.iter_mut() {
-                if !b.check() {
-                    drift.push(format!("nftables {}: ruleset changed by someone else", family_name(b.config().family)));
-                }
-            }
-            status.checked(drift.join("; "));
-            if core.shadow.is_some() {
-                // kube-proxy changes its rules on its own schedule: compare again.
-                let state = core.rebuild_state();
-                if let Some(shadow) = core.shadow.as_mut() {
-                    shadow.compare(&state);
-                    metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
-                }
-            }
-            let userspace_wants = core.userspace.as_ref().is_some_and(|u| u.wants_full_sync());
-            let nft_wants = core.nft.iter().any(|b| b.wants_full_sync());
-            if !core.backends.iter().any(|b| b.wants_full_sync()) && !userspace_wants && !nft_wants {
-                return;
-            }
-            let state = core.rebuild_state();
-            let before = core.stats();
-            let changes = ChangeSet { full: false, services: Default::default() };
-            let mut ok = true;
-            for b in core.backends.iter_mut().filter(|b| b.wants_full_sync()) {
-                if let Err(error) = b.apply(&state, &changes) {
-                    tracing::warn!(%error, "periodic full resync failed");
-                    ok = false;
-                }
-            }
-            if let Some(u) = core.userspace.as_mut().filter(|_| userspace_wants)
-                && let Err(error) = u.apply(&state, &changes)
-            {
-                tracing::warn!(%error, "periodic full resync failed");
-                ok = false;
-            }
-            for b in core.nft.iter_mut().filter(|b| b.wants_full_sync()) {
-                if let Err(error) = b.apply(&state, &changes) {
-                    tracing::warn!(%error, "nftables resync failed");
-                    ok = false;
-                }
-            }
-            metrics.record_sync(&before, &core.stats());
-            if ok { health.succeeded() } else { health.failed() }
         })
         .await;
         if let Err(error) = done {
             tracing::error!(%error, "housekeeping task failed");
         }
+    }
+}
+
+/// The housekeeping done under the lock: canary and generation checks, ipvs reconcile, the
+/// full resyncs due. Returns the nftables backends whose periodic resync is left to
+/// [`resync_nft_outside_lock`].
+fn housekeep_locked(core: &mut Core, metrics: &Metrics, health: &Health, status: &AdminStatus) -> Vec<usize> {
+    if !core.has_state {
+        return Vec::new();
+    }
+    let mut drift: Vec<String> = core
+        .backends
+        .iter_mut()
+        .filter_map(|b| {
+            let lost = !b.check_canary();
+            lost.then(|| format!("iptables {}: canary gone (table flushed?)", family_name(b.config().family)))
+        })
+        .collect();
+    if let Some(ipvs) = core.ipvs.as_mut() {
+        match ipvs.tick() {
+            Ok(()) => health.succeeded(),
+            Err(error) => {
+                tracing::warn!(%error, "ipvs reconcile failed");
+                drift.push(format!("ipvs reconcile failed: {error}"));
+                health.failed();
+            }
+        }
+    }
+    if let Some(u) = core.userspace.as_mut()
+        && !u.check_canary()
+    {
+        drift.push("userspace: canary gone (table flushed?)".to_string());
+    }
+    for b in core.nft.iter_mut() {
+        if !b.check() {
+            drift.push(format!("nftables {}: ruleset changed by someone else", family_name(b.config().family)));
+        }
+    }
+    status.checked(drift.join("; "));
+    if core.shadow.is_some() {
+        // kube-proxy changes its rules on its own schedule: compare again.
+        let state = core.rebuild_state();
+        if let Some(shadow) = core.shadow.as_mut() {
+            shadow.compare(&state);
+            metrics.shadow(&shadow.result().lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+    let userspace_wants = core.userspace.as_ref().is_some_and(|u| u.wants_full_sync());
+    let outside: Vec<usize> = (0..core.nft.len()).filter(|&i| core.nft[i].resync_job().is_some()).collect();
+    let nft_wants = (0..core.nft.len()).any(|i| core.nft[i].wants_full_sync() && !outside.contains(&i));
+    if !core.backends.iter().any(|b| b.wants_full_sync()) && !userspace_wants && !nft_wants {
+        return outside;
+    }
+    let state = core.rebuild_state();
+    let before = core.stats();
+    let changes = ChangeSet { full: false, services: Default::default() };
+    let mut ok = true;
+    for b in core.backends.iter_mut().filter(|b| b.wants_full_sync()) {
+        if let Err(error) = b.apply(&state, &changes) {
+            tracing::warn!(%error, "periodic full resync failed");
+            ok = false;
+        }
+    }
+    if let Some(u) = core.userspace.as_mut().filter(|_| userspace_wants)
+        && let Err(error) = u.apply(&state, &changes)
+    {
+        tracing::warn!(%error, "periodic full resync failed");
+        ok = false;
+    }
+    for (i, b) in core.nft.iter_mut().enumerate() {
+        if b.wants_full_sync()
+            && !outside.contains(&i)
+            && let Err(error) = b.sync_due(&state)
+        {
+            tracing::warn!(%error, "nftables resync failed");
+            ok = false;
+        }
+    }
+    metrics.record_sync(&before, &core.stats());
+    if ok {
+        health.succeeded()
+    } else {
+        health.failed()
+    }
+    outside
+}
+
+/// The periodic resync of nftables backend I: taken under the lock, prepared (dump, render,
+/// plan) without it, so that updates do not wait for it, then finished under the lock (see
+/// `backend/nftables/apply/resync.rs`).
+fn resync_nft_outside_lock(core: &Mutex<Core>, i: usize, metrics: &Metrics, health: &Health) {
+    let Some((job, state)) = ({
+        let core = lock(core);
+        core.nft[i].resync_job().map(|job| (job, core.rebuild_state()))
+    }) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let prepared = match job.prepare(&state) {
+        Ok(p) => p,
+        Err(error) => {
+            tracing::warn!(%error, "nftables resync: cannot read the table; trying again next period");
+            return;
+        }
+    };
+    let prepared_in = started.elapsed();
+    let mut core = lock(core);
+    let locked = std::time::Instant::now();
+    let before = core.stats();
+    let finished = core.nft[i].finish_resync(&state, prepared);
+    let locked_for = locked.elapsed();
+    match &finished {
+        Ok(f) if f.committed() => {
+            metrics.record_sync(&before, &core.stats());
+            health.succeeded();
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(%error, "nftables resync failed");
+            metrics.record_sync(&before, &core.stats());
+            health.failed();
+        }
+    }
+    let family = family_name(core.nft[i].config().family);
+    drop(core);
+    let committed = matches!(&finished, Ok(f) if f.committed());
+    // The old and the new table's objects are freed here, not under the lock.
+    let freeing = std::time::Instant::now();
+    drop(finished);
+    let freed_in = freeing.elapsed();
+    if committed {
+        tracing::info!(
+            family,
+            prepared_ms = prepared_in.as_millis() as u64,
+            locked_ms = locked_for.as_millis() as u64,
+            freed_ms = freed_in.as_millis() as u64,
+            "periodic nftables resync done"
+        );
     }
 }
 

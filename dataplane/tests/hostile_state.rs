@@ -119,6 +119,33 @@ fn refused_nftables_transactions_change_nothing() {
     nftables::refused_delta_is_retried_whole(&state, &after, &changes, "10.180.0.9");
 }
 
+/// The periodic nftables resync prepared outside the agent's lock commits only over an
+/// unchanged table.
+#[test]
+fn periodic_nftables_resync_prepared_outside_the_lock() {
+    if !nftables::ready("periodic_nftables_resync_prepared_outside_the_lock") {
+        return;
+    }
+    let mut m = Model::default();
+    m.upsert(web());
+    for ip in ["10.180.0.1", "10.180.0.2"] {
+        m.add_endpoint("ns/web", ep(ip, "http", 8080, true, false));
+    }
+    let mut state = AppliedState::default();
+    state.apply(&m.snapshot()).unwrap();
+    let (_, delta) = m.after(pb::Update {
+        endpoints_removed: vec![pb::EndpointRef { service: "ns/web".into(), ip: "10.180.0.1".into() }],
+        endpoints_upserted: vec![pb::Endpoint {
+            service: "ns/web".into(),
+            ..ep("10.180.0.3", "http", 8080, true, false)
+        }],
+        ..Default::default()
+    });
+    let mut after = state.clone();
+    let changes = after.apply(&delta).unwrap();
+    nftables::resync_prepared_outside_the_lock(&state, &after, &changes);
+}
+
 /// Updates the state cannot apply are clear errors, not panics.
 #[test]
 fn inconsistent_updates_are_clear_errors() {

@@ -11,7 +11,7 @@ mod cluster;
 mod manifest;
 mod netns;
 
-use cluster::Cluster;
+use cluster::{Cluster, Options};
 use kpx_dataplane::backend::nftables::names::PortNames;
 use manifest::{Svc, TARGET_PORT};
 use netns::{Outcome, Proto, Topology, eventually};
@@ -383,4 +383,30 @@ fn endpoint_changes_restart_and_drift_are_repaired_exactly() {
     break_and_repair(&c, "a deleted table", &[&["delete", "table", "ip", "kube-proxy"]]);
     let other = at(ip("10.96.0.40"), 80);
     assert_eq!(sender.tcp_request(other, WAIT).expect_answer("the other service").pod, "web-3");
+}
+
+/// The agent's periodic resync (prepared outside its lock) runs on schedule, rewrites nothing
+/// on a right table, and traffic goes on.
+#[test]
+fn periodic_resyncs_rewrite_nothing() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::builder().pod("web-1", 0).pod("sender", 0).serve(&[TARGET_PORT]).build();
+    let web = svc("web", "10.96.0.10", &topo, &["web-1"]);
+    let options = Options { extra_args: vec!["--full-resync-period".into(), "1s".into()], ..Options::default() };
+    let c = Cluster::start_full(topo, &[web], &["--backend", "nftables"], options);
+    let before = handles(&c, 0);
+    let done =
+        || std::fs::read_to_string(c.log_path(0)).unwrap_or_default().matches("periodic nftables resync done").count();
+    // Both families, at least twice each.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done() < 4 {
+        let log = std::fs::read_to_string(c.log_path(0)).unwrap_or_default();
+        assert!(Instant::now() < deadline, "fewer than four periodic resyncs in 20 s; the agent's log:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(handles(&c, 0), before, "a periodic resync rewrote rules");
+    let (sender, addr) = (&c.topo.pod("sender").ns, at(ip("10.96.0.10"), 80));
+    assert_eq!(sender.tcp_request(addr, WAIT).pod(), Some("web-1"));
 }

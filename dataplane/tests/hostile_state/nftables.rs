@@ -329,3 +329,72 @@ pub(crate) fn foreign_owner_refuses_everything(state: &AppliedState) {
         want(IpFamily::V4, &["10.180.0.1", "10.180.0.2"], &[])
     );
 }
+
+/// The periodic resync prepared outside the agent's lock (`apply/resync.rs`): committed when
+/// nothing changed the table meanwhile; dropped, leaving the table as the update or the other
+/// process made it, when something did; after three stale tries left to the locked path. And
+/// an update due at the same time is not turned into the resync.
+pub(crate) fn resync_prepared_outside_the_lock(state: &AppliedState, after: &AppliedState, changes: &ChangeSet) {
+    let ns = namespace("resyncnft");
+    let r = crate::model::render_cfg(IpFamily::V4);
+    let mut cfg = NftConfig::new(r.family, &r.node_name);
+    (cfg.cluster_cidr, cfg.masquerade_all, cfg.node_ips) =
+        (r.cluster_cidr.clone(), r.masquerade_all, r.node_ips.clone());
+    cfg.netns = Some(ns.name().to_string());
+    let period = Duration::from_millis(800);
+    cfg.full_resync_period = period;
+    let mut b = NftBackend::new(cfg).expect("nf_tables in the namespace");
+    b.apply(state, &full()).expect("the snapshot");
+    assert!(b.resync_job().is_none(), "a resync before its period");
+    let listed = || ns.run(&["nft", "list", "table", "ip", "kube-proxy"]);
+    let table = listed();
+
+    // Due, nothing happens meanwhile: committed (an empty transaction: the table is right).
+    std::thread::sleep(period);
+    let g = generation(&ns);
+    let (fulls, repairs) = (b.stats().full_syncs, b.stats().repairs);
+    let job = b.resync_job().expect("a resync job once due");
+    let prepared = job.prepare(state).expect("prepared");
+    assert!(
+        b.finish_resync(state, prepared).expect("finished").committed(),
+        "a resync over an unchanged table was dropped"
+    );
+    assert_eq!(b.stats().full_syncs, fulls + 1, "the resync was not counted");
+    assert_eq!((b.stats().repairs, b.stats().last_ops), (repairs, 0), "{:?}", b.stats().last_plan);
+    assert_eq!((generation(&ns), listed()), (g, table.clone()), "a resync of a right table changed it");
+    assert!(b.resync_job().is_none(), "the resync did not restart the period");
+
+    // Due again, and an update comes while the resync is prepared: the update is a delta, not
+    // the resync, and the prepared resync is dropped.
+    std::thread::sleep(period);
+    let job = b.resync_job().expect("due again");
+    let prepared = job.prepare(state).expect("prepared");
+    b.apply(after, changes).expect("the update");
+    assert!(!b.stats().last_sync_full, "the update was turned into the periodic resync");
+    assert!(!b.finish_resync(after, prepared).unwrap().committed(), "a resync prepared before an update was committed");
+    assert_eq!(b.stale_resyncs(), 1);
+    let web = web_endpoints(&nft_json(&ns, IpFamily::V4).unwrap()).unwrap();
+    assert_eq!(web, want(IpFamily::V4, &["10.180.0.2", "10.180.0.3"], &[]), "the stale resync undid the update");
+
+    // Someone else commits while it is prepared: dropped too.
+    let job = b.resync_job().expect("still due");
+    let prepared = job.prepare(after).expect("prepared");
+    ns.run(&["nft", "add", "table", "ip", "resync-other"]);
+    assert!(
+        !b.finish_resync(after, prepared).unwrap().committed(),
+        "a resync prepared before a foreign commit was committed"
+    );
+    let job = b.resync_job().expect("still due");
+    let prepared = job.prepare(after).expect("prepared");
+    b.apply(after, &ChangeSet::default()).expect("an empty update");
+    assert!(!b.finish_resync(after, prepared).unwrap().committed(), "a resync prepared before an update was committed");
+    assert_eq!(b.stale_resyncs(), 3);
+    // Three stale tries: the housekeeping does it under its lock.
+    assert!(b.resync_job().is_none(), "a fourth try outside the lock");
+    assert!(b.wants_full_sync());
+    b.sync_due(after).expect("the locked resync");
+    assert!(b.stats().last_sync_full);
+    assert_eq!(b.stale_resyncs(), 0, "a full sync did not give the next resync its try outside the lock");
+    assert!(b.resync_job().is_none(), "the locked resync did not restart the period");
+    assert_eq!(web_endpoints(&nft_json(&ns, IpFamily::V4).unwrap()).unwrap(), web);
+}

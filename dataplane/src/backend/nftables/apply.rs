@@ -6,7 +6,8 @@
 //! - A **full sync** (first sync, snapshot, after a failure, after foreign changes, every
 //!   `full_resync_period`) dumps the table once and commits the difference between it and
 //!   everything kpx wants: a restarted agent adopts the table it finds, and a table kpx would
-//!   write identically is left alone.
+//!   write identically is left alone. The periodic one is the agent's housekeeping's and is
+//!   prepared outside the agent's lock (`apply/resync.rs`): updates never wait for its dump.
 //! - **Foreign changes** are noticed cheaply: the ruleset generation id moves by exactly one per
 //!   committed transaction, so after each of ours it must be the one before plus one; the agent's
 //!   housekeeping calls [`NftBackend::check`] each sync period, which compares the generation
@@ -23,6 +24,9 @@ use kpx_nft_netlink::consts::{NFPROTO_IPV4, NFPROTO_IPV6};
 use kpx_nft_netlink::{NftClient, NftError};
 
 mod delta;
+mod resync;
+
+pub use resync::{Finished, PreparedResync, ResyncJob};
 
 use super::desired::{self, Pairs};
 use super::endpoints::Slots;
@@ -161,6 +165,10 @@ pub struct NftBackend {
     failed: bool,
     foreign: bool,
     last_full: Option<Instant>,
+    /// Syncs attempted (a prepared resync is stale once another ran), and periodic resyncs
+    /// prepared in a row that went stale.
+    applies: u64,
+    stale_resyncs: u32,
     udp: conntrack::UdpTracker,
     runner: Runner,
     stats: NftStats,
@@ -193,6 +201,8 @@ impl NftBackend {
             failed: false,
             foreign: false,
             last_full: None,
+            applies: 0,
+            stale_resyncs: 0,
             udp: conntrack::UdpTracker::default(),
             stats: NftStats::default(),
         })
@@ -290,39 +300,35 @@ impl NftBackend {
 
     fn full_sync(&mut self, state: &AppliedState) -> Result<PlanStats, NftError> {
         let before = self.known_gen();
-        let kernel = self.client.dump_table(self.cfg.nfproto(), TABLE)?;
-        // The policy chains keep the ranges the table gives them: a restarted agent rewrites
-        // nothing.
-        let mut slots = kernel.as_ref().map(Slots::from_dump).unwrap_or_default();
-        let r = desired::render_all(&self.render, state, &mut slots);
-        log_skipped(&r.skipped);
-        let desired = r.desired;
-        let mut batch = self.client.batch(self.cfg.nfproto(), TABLE);
-        let old = match &kernel {
-            Some(d) => plan::from_dump(d),
-            None => {
-                batch.add_table(TABLE_COMMENT);
-                Lowered::default()
-            }
-        };
-        let st = plan::plan(&old, &desired, &mut batch);
-        if kernel.is_some() && self.synced_once && !st.is_empty() {
+        let prepared = PreparedFull::new(&mut self.client, &self.cfg, &self.render, state)?;
+        self.install_full(prepared, before).map(|(stats, _)| stats)
+    }
+
+    /// Commits a prepared full sync and keeps what it installed. BEFORE: the generation the
+    /// transaction starts from. Returns the plan's figures and what the sync replaced, for the
+    /// caller to free (see [`Leftovers`]).
+    fn install_full(&mut self, p: PreparedFull, before: Option<u32>) -> Result<(PlanStats, Leftovers), NftError> {
+        let PreparedFull { dumped, batch, stats, mut slots, rendered: mut r } = p;
+        if dumped && self.synced_once && !stats.is_empty() {
             self.stats.repairs += 1;
-            tracing::warn!(family = ?self.cfg.family, repaired = %st.describe(), "nftables: kpx's table differed from what kpx wants; repaired");
+            tracing::warn!(family = ?self.cfg.family, repaired = %stats.describe(), "nftables: kpx's table differed from what kpx wants; repaired");
         }
         let committed = !batch.is_empty();
         self.commit(batch)?;
         slots.settle();
         self.maps = slots.maps();
         self.slots = slots;
-        self.services = r.services;
-        self.service_pairs = r.service_pairs;
-        self.owners = r.owners;
-        self.pairs = r.pairs;
+        let old = (
+            std::mem::replace(&mut self.services, std::mem::take(&mut r.services)),
+            std::mem::replace(&mut self.service_pairs, std::mem::take(&mut r.service_pairs)),
+            std::mem::replace(&mut self.owners, std::mem::take(&mut r.owners)),
+            std::mem::replace(&mut self.pairs, std::mem::take(&mut r.pairs)),
+        );
         self.record_gen(before, committed);
         self.foreign = false;
-        self.count(&desired);
-        Ok(st)
+        self.stale_resyncs = 0;
+        self.count(&r.desired);
+        Ok((stats, Leftovers(Box::new((old, r)))))
     }
 
     fn commit(&mut self, batch: kpx_nft_netlink::Batch) -> Result<(), NftError> {
@@ -345,15 +351,26 @@ impl NftBackend {
     }
 
     fn sync(&mut self, state: &AppliedState, changes: &ChangeSet, full: Option<FullReason>) -> Result<(), NftError> {
-        let started = Instant::now();
+        self.applies += 1;
+        self.sync_with(full, Instant::now(), |b| match full {
+            Some(_) => b.full_sync(state),
+            None => b.partial_sync(state, changes),
+        })
+    }
+
+    /// Runs WORK, a sync (full when FULL names why) that started at STARTED, in a span, and
+    /// records its outcome.
+    fn sync_with(
+        &mut self,
+        full: Option<FullReason>,
+        started: Instant,
+        work: impl FnOnce(&mut Self) -> Result<PlanStats, NftError>,
+    ) -> Result<(), NftError> {
         let mut attrs = vec![Attr::new("family", format!("{:?}", self.cfg.family)), Attr::new("full", full.is_some())];
         attrs.extend(full.map(|r| Attr::new("full_reason", format!("{r:?}"))));
         let span = DistSpan::child("dp.nftables.sync", attrs);
         let entered = span.enter();
-        let result = match full {
-            Some(_) => self.full_sync(state),
-            None => self.partial_sync(state, changes),
-        };
+        let result = work(self);
         drop(entered);
         self.stats.last_sync_duration = Some(started.elapsed());
         self.stats.last_sync_full = full.is_some();
@@ -391,7 +408,21 @@ impl NftBackend {
 
 impl Apply for NftBackend {
     fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
-        let full = self.full_reason(changes.full);
+        // The periodic resync is the agent's housekeeping's ([`NftBackend::sync_due`], or
+        // prepared outside the lock): an update due at the same time is not held up by it.
+        let full = self.full_reason(changes.full).filter(|r| *r != FullReason::Periodic);
+        self.apply_as(state, changes, full)
+    }
+}
+
+impl NftBackend {
+    /// The full sync that is due, periodic included (the agent's housekeeping, under its lock).
+    pub fn sync_due(&mut self, state: &AppliedState) -> Result<(), String> {
+        let full = self.full_reason(false);
+        self.apply_as(state, &ChangeSet::default(), full)
+    }
+
+    fn apply_as(&mut self, state: &AppliedState, changes: &ChangeSet, full: Option<FullReason>) -> Result<(), String> {
         let full = match self.sync(state, changes, full) {
             Ok(()) => full.is_some(),
             Err(error) => {
@@ -404,6 +435,49 @@ impl Apply for NftBackend {
         self.synced_once = true;
         tracing::debug!(family = ?self.cfg.family, full, ops = self.stats.last_ops, bytes = self.stats.last_bytes, "nftables synced");
         Ok(())
+    }
+}
+
+/// What a full sync replaced and the whole table as rendered: at 44,000 services freeing it
+/// takes 0.17 s (measured in benches/nftables.rs), which the periodic resync does after the
+/// agent's lock.
+pub struct Leftovers(#[allow(dead_code)] Box<dyn std::any::Any + Send>);
+
+/// A full sync up to its transaction: the table dumped, everything rendered, the difference
+/// planned. Made with any socket (the periodic resync makes it outside the agent's lock with
+/// one of its own, see `resync.rs`); the transaction is not tied to the socket that numbered it.
+struct PreparedFull {
+    /// Whether the table existed (a difference then is a repair).
+    dumped: bool,
+    batch: kpx_nft_netlink::Batch,
+    stats: PlanStats,
+    slots: Slots,
+    rendered: desired::Rendered,
+}
+
+impl PreparedFull {
+    fn new(
+        client: &mut NftClient,
+        cfg: &NftConfig,
+        render: &RenderConfig,
+        state: &AppliedState,
+    ) -> Result<PreparedFull, NftError> {
+        let kernel = client.dump_table(cfg.nfproto(), TABLE)?;
+        // The policy chains keep the ranges the table gives them: a restarted agent rewrites
+        // nothing.
+        let mut slots = kernel.as_ref().map(Slots::from_dump).unwrap_or_default();
+        let rendered = desired::render_all(render, state, &mut slots);
+        log_skipped(&rendered.skipped);
+        let mut batch = client.batch(cfg.nfproto(), TABLE);
+        let old = match &kernel {
+            Some(d) => plan::from_dump(d),
+            None => {
+                batch.add_table(TABLE_COMMENT);
+                Lowered::default()
+            }
+        };
+        let stats = plan::plan(&old, &rendered.desired, &mut batch);
+        Ok(PreparedFull { dumped: kernel.is_some(), batch, stats, slots, rendered })
     }
 }
 
