@@ -458,13 +458,15 @@ fn housekeep_locked(core: &mut Core, metrics: &Metrics, health: &Health, status:
 /// plan) without it, so that updates do not wait for it, then finished under the lock (see
 /// `backend/nftables/apply/resync.rs`).
 fn resync_nft_outside_lock(core: &Mutex<Core>, i: usize, metrics: &Metrics, health: &Health) {
-    let Some((job, state)) = ({
+    let Some((job, services)) = ({
         let core = lock(core);
-        core.nft[i].resync_job().map(|job| (job, core.rebuild_state()))
+        core.nft[i].resync_job().map(|job| (job, core.mirror.clone()))
     }) else {
         return;
     };
     let started = std::time::Instant::now();
+    // Built here: its content hash walks every endpoint (tens of ms at 44k services).
+    let state = AppliedState::from_services(&services);
     let prepared = match job.prepare(&state) {
         Ok(p) => p,
         Err(error) => {
