@@ -517,3 +517,74 @@ fn iptables_nft_split_resync_rewrites_only_drifted_chains() {
 fn iptables_legacy_resync_rewrites_only_drifted_chains() {
     resync_rewrites_only_drifted_chains("legacy", 5000);
 }
+
+/// The periodic resync read outside the agent's lock (`apply/resync.rs`): over tables read
+/// after someone's drift it repairs the drift; a read made before an update is dropped and the
+/// update stays; after three stale reads the agent's locked path does it. And an update due
+/// with a resync is not turned into it.
+fn periodic_resync_read_outside_the_lock(variant: &str) {
+    let test = format!("iptables_{variant}_periodic_resync_read_outside_the_lock");
+    let restore = format!("iptables-{variant}-restore");
+    let Some(ns) = netns_or_skip(&test, variant, &[&restore]) else { return };
+    let ipt = format!("iptables-{variant}");
+    let save = || ns.run(&[&format!("iptables-{variant}-save"), "-t", "nat"]);
+    let rules = |text: &str| text.lines().filter(|l| l.starts_with("-A ")).map(String::from).collect::<Vec<_>>();
+    let services = [svc("web", WEB, pb::Protocol::Tcp, 80), svc("dns", DNS, pb::Protocol::Udp, 53)];
+    let mut eps = vec![ep("web", "10.180.0.1", 8080), ep("web", "10.180.0.2", 8080), ep("dns", "10.180.0.5", 5353)];
+    let st = state(&services, &eps);
+    let mut cfg = backend(&ns, variant).config().clone();
+    // Always due, so that no test waits for a period.
+    cfg.full_resync_period = std::time::Duration::ZERO;
+    let mut b = IptablesBackend::new(cfg);
+    b.apply(&st, &changes(true, &[])).unwrap();
+    let loaded = rules(&save());
+
+    // Drift, then a resync read after it: repaired, as a periodic full sync.
+    let web_chain = lines_of(&save(), "KUBE-SERVICES")
+        .into_iter()
+        .find(|l| l.contains(&format!("-d {WEB}/32")))
+        .and_then(|l| l.rsplit(' ').next().map(String::from))
+        .unwrap();
+    ns.run(&[&ipt, "-t", "nat", "-F", &web_chain]);
+    assert_ne!(rules(&save()), loaded);
+    let fulls = b.stats().full_syncs;
+    let job = b.resync_job().expect("a resync is due");
+    let prepared = job.prepare().expect("the tables read");
+    assert_eq!(b.finish_resync(&st, prepared), Ok(true));
+    assert_eq!(b.stats().full_syncs, fulls + 1);
+    assert_eq!(b.stats().last_full_reason, Some(kpx_dataplane::backend::iptables::apply::FullReason::Periodic));
+    assert_eq!(rules(&save()), loaded, "{variant}: the resync did not repair the flushed chain");
+
+    // An update while the tables are read: it stays a partial sync, and the read is dropped.
+    let job = b.resync_job().expect("due again");
+    let prepared = job.prepare().expect("the tables read");
+    eps.retain(|e| e.ip != "10.180.0.2");
+    let st2 = state(&services, &eps);
+    b.apply(&st2, &changes(false, &["ns/web"])).unwrap();
+    assert!(!b.stats().last_sync_full, "{variant}: the update was turned into the periodic resync");
+    let updated = rules(&save());
+    assert_ne!(updated, loaded);
+    assert_eq!(b.finish_resync(&st2, prepared), Ok(false), "a resync read before an update went in");
+    assert_eq!(rules(&save()), updated, "{variant}: the stale resync undid the update");
+    for _ in 0..2 {
+        let prepared = b.resync_job().expect("still due").prepare().expect("the tables read");
+        b.apply(&st2, &changes(false, &[])).unwrap();
+        assert_eq!(b.finish_resync(&st2, prepared), Ok(false));
+    }
+    assert_eq!(b.stale_resyncs(), 3);
+    assert!(b.resync_job().is_none(), "a fourth try outside the lock");
+    b.sync_due(&st2).unwrap();
+    assert!(b.stats().last_sync_full);
+    assert_eq!(b.stale_resyncs(), 0, "a full sync did not give the next resync its try outside the lock");
+    assert_eq!(rules(&save()), updated);
+}
+
+#[test]
+fn iptables_nft_periodic_resync_read_outside_the_lock() {
+    periodic_resync_read_outside_the_lock("nft");
+}
+
+#[test]
+fn iptables_legacy_periodic_resync_read_outside_the_lock() {
+    periodic_resync_read_outside_the_lock("legacy");
+}

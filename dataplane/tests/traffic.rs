@@ -496,3 +496,30 @@ fn localhost_node_ports_can_be_turned_off() {
     let got = node_a.ns.tcp_request(at(ip("127.0.0.1"), 30080), Duration::from_millis(700));
     assert_eq!(got, Outcome::TimedOut);
 }
+
+/// The agent's periodic resync (tables read outside its lock) runs on schedule, leaves a right
+/// ruleset as it is, and traffic goes on.
+#[test]
+fn periodic_iptables_resyncs_run_on_schedule_and_change_nothing() {
+    if !netns::require_root_and_netns() {
+        return;
+    }
+    let topo = Topology::builder().pod("web-1", 0).pod("sender", 0).serve(&[TARGET_PORT]).build();
+    let service = web("10.96.0.10", &topo, &["web-1"]);
+    let options = Options { extra_args: vec!["--full-resync-period".into(), "1s".into()], ..Options::default() };
+    let c = Cluster::start_with(topo, &[service], options);
+    let rules =
+        || c.save(0, false, "nat").lines().filter(|l| l.starts_with("-A ")).map(String::from).collect::<Vec<_>>();
+    let before = rules();
+    let done =
+        || std::fs::read_to_string(c.log_path(0)).unwrap_or_default().matches("periodic iptables resync done").count();
+    // Both families, at least twice each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done() < 4 {
+        let log = std::fs::read_to_string(c.log_path(0)).unwrap_or_default();
+        assert!(Instant::now() < deadline, "fewer than four periodic resyncs in 30 s; the agent's log:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rules(), before, "a periodic resync changed the rules");
+    assert_eq!(c.topo.pod("sender").ns.tcp_request(at(ip("10.96.0.10"), 80), WAIT).pod(), Some("web-1"));
+}

@@ -240,6 +240,10 @@ pub struct IptablesBackend {
     chunks: Vec<String>,
     /// Whether the restore command is iptables-nft, once known.
     nft: Option<bool>,
+    /// Syncs attempted (a resync read before another is stale), and periodic resyncs read in
+    /// a row that went stale.
+    applies: u64,
+    stale_resyncs: u32,
     stats: BackendStats,
 }
 
@@ -261,6 +265,8 @@ impl IptablesBackend {
             splits: None,
             chunks: Vec::new(),
             nft: None,
+            applies: 0,
+            stale_resyncs: 0,
             stats: BackendStats::default(),
         }
     }
@@ -377,36 +383,6 @@ impl IptablesBackend {
         }
     }
 
-    fn save(&self, table: &'static str) -> Result<SavedTable, IptablesError> {
-        let ran = self
-            .runner
-            .run_ok(&[&self.cfg.save_cmd, "-t", table], &[])
-            .map_err(|source| IptablesError::Save { table, source })?;
-        Ok(SavedTable::parse(&ran.stdout))
-    }
-
-    /// The built-in chains of `table` that kpx jumps from (`iptables -S CHAIN` each): all a full
-    /// sync needs of the filter table, which holds no per-service chains. On iptables-nft,
-    /// `iptables-save -t filter` reads the whole ruleset, nat included (1.5 s at 10k services),
-    /// while listing one chain is immediate.
-    fn builtin_chains(&self, table: &'static str) -> Result<SavedTable, IptablesError> {
-        let iptables = self.cfg.iptables_cmd();
-        let mut text = String::new();
-        let mut listed = Vec::new();
-        for chain in jumps::jumps(self.render.localnet_firewall()).filter(|j| j.table == table).map(|j| j.chain) {
-            if listed.contains(&chain) {
-                continue;
-            }
-            listed.push(chain);
-            let ran = self
-                .runner
-                .run_ok(&[&iptables, "-w", "5", "-t", table, "-S", chain], &[])
-                .map_err(|source| IptablesError::Save { table, source })?;
-            text.push_str(&ran.stdout);
-        }
-        Ok(SavedTable::parse(&text))
-    }
-
     /// Runs the chunks (if any), then the main input, stopping at the first failure.
     fn restore(&mut self, full: bool) -> Result<(), IptablesError> {
         let mut inputs: Vec<Vec<&str>> = self.chunks.iter().map(|c| vec![c.as_str()]).collect();
@@ -462,11 +438,17 @@ impl IptablesBackend {
     }
 
     fn full_sync(&mut self, state: &AppliedState) -> Result<(), IptablesError> {
-        let (saved_filter, saved_nat) = if self.cfg.dry_run {
-            (SavedTable::default(), SavedTable::default())
-        } else {
-            (self.builtin_chains("filter")?, self.save("nat")?)
-        };
+        let (saved_filter, saved_nat) = read_kernel(&self.cfg, &self.render, &self.runner)?;
+        self.full_sync_over(state, saved_filter, saved_nat)
+    }
+
+    /// A full sync over the kernel's tables as read by [`read_kernel`].
+    fn full_sync_over(
+        &mut self,
+        state: &AppliedState,
+        saved_filter: SavedTable,
+        saved_nat: SavedTable,
+    ) -> Result<(), IptablesError> {
         let plan = self.prepare_full(state, &saved_filter, &saved_nat)?;
         // The kernel's tables as text, parsed: tens of MiB at 10k services, not needed now.
         drop((saved_filter, saved_nat));
@@ -603,16 +585,27 @@ impl IptablesBackend {
         changes: &ChangeSet,
         full: Option<FullReason>,
     ) -> Result<(), IptablesError> {
-        let started = Instant::now();
+        self.applies += 1;
+        self.sync_with(full, Instant::now(), |b| match full {
+            Some(_) => b.full_sync(state),
+            None => b.partial_sync(state, changes),
+        })
+    }
+
+    /// Runs WORK, a sync (full when FULL names why) that started at STARTED, in a span, and
+    /// records its outcome.
+    fn sync_with(
+        &mut self,
+        full: Option<FullReason>,
+        started: Instant,
+        work: impl FnOnce(&mut Self) -> Result<(), IptablesError>,
+    ) -> Result<(), IptablesError> {
         let mut attributes =
             vec![Attr::new("family", format!("{:?}", self.cfg.family)), Attr::new("full", full.is_some())];
         attributes.extend(full.map(|r| Attr::new("full_reason", format!("{r:?}"))));
         let span = DistSpan::child("dp.iptables.sync", attributes);
         let entered = span.enter();
-        let result = match full {
-            Some(_) => self.full_sync(state),
-            None => self.partial_sync(state, changes),
-        };
+        let result = work(self);
         drop(entered);
         if let Err(e) = &result {
             span.error(e.to_string());
@@ -628,6 +621,7 @@ impl IptablesBackend {
                     self.stats.last_full_reason = full;
                     self.last_full = Some(started);
                     self.canary_lost = false;
+                    self.stale_resyncs = 0;
                 } else {
                     self.stats.partial_syncs += 1;
                 }
@@ -654,9 +648,21 @@ impl IptablesBackend {
         self.stats.conntrack_deletes += conntrack::run_deletes(&self.runner, &deletes);
     }
 
-    /// Syncs, retrying once as a full sync when the restore fails.
+    /// The full sync that is due, periodic included (the agent's housekeeping, under its lock).
+    pub fn sync_due(&mut self, state: &AppliedState) -> Result<(), String> {
+        let full = full_reason(self.inputs(false));
+        self.apply_as(state, &ChangeSet::default(), full)
+    }
+
+    /// Syncs, retrying once as a full sync when the restore fails. The periodic resync is the
+    /// agent's housekeeping's ([`IptablesBackend::sync_due`], or read outside the lock): an
+    /// update due at the same time is not held up by it.
     fn apply_inner(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
-        let full = full_reason(self.inputs(changes.full));
+        let full = full_reason(self.inputs(changes.full)).filter(|r| *r != FullReason::Periodic);
+        self.apply_as(state, changes, full)
+    }
+
+    fn apply_as(&mut self, state: &AppliedState, changes: &ChangeSet, full: Option<FullReason>) -> Result<(), String> {
         let result = match self.sync(state, changes, full) {
             Ok(()) => Ok(full.is_some()),
             Err(error) => {
@@ -685,6 +691,52 @@ impl Apply for IptablesBackend {
     fn apply(&mut self, state: &AppliedState, changes: &ChangeSet) -> Result<(), String> {
         self.apply_inner(state, changes)
     }
+}
+
+/// What a full sync reads of the kernel: the built-in filter chains kpx jumps from and the
+/// whole nat table (nothing in a dry run). Only reads: the periodic resync runs it without the
+/// agent's lock (`apply/resync.rs`).
+fn read_kernel(
+    cfg: &IptablesConfig,
+    render: &RenderConfig,
+    runner: &Runner,
+) -> Result<(SavedTable, SavedTable), IptablesError> {
+    if cfg.dry_run {
+        return Ok((SavedTable::default(), SavedTable::default()));
+    }
+    Ok((builtin_chains(cfg, render, runner, "filter")?, save(cfg, runner, "nat")?))
+}
+
+fn save(cfg: &IptablesConfig, runner: &Runner, table: &'static str) -> Result<SavedTable, IptablesError> {
+    let ran =
+        runner.run_ok(&[&cfg.save_cmd, "-t", table], &[]).map_err(|source| IptablesError::Save { table, source })?;
+    Ok(SavedTable::parse(&ran.stdout))
+}
+
+/// The built-in chains of `table` that kpx jumps from (`iptables -S CHAIN` each): all a full
+/// sync needs of the filter table, which holds no per-service chains. On iptables-nft,
+/// `iptables-save -t filter` reads the whole ruleset, nat included (1.5 s at 10k services),
+/// while listing one chain is immediate.
+fn builtin_chains(
+    cfg: &IptablesConfig,
+    render: &RenderConfig,
+    runner: &Runner,
+    table: &'static str,
+) -> Result<SavedTable, IptablesError> {
+    let iptables = cfg.iptables_cmd();
+    let mut text = String::new();
+    let mut listed = Vec::new();
+    for chain in jumps::jumps(render.localnet_firewall()).filter(|j| j.table == table).map(|j| j.chain) {
+        if listed.contains(&chain) {
+            continue;
+        }
+        listed.push(chain);
+        let ran = runner
+            .run_ok(&[&iptables, "-w", "5", "-t", table, "-S", chain], &[])
+            .map_err(|source| IptablesError::Save { table, source })?;
+        text.push_str(&ran.stdout);
+    }
+    Ok(SavedTable::parse(&text))
 }
 
 /// How a full sync's rendering is written to the restore: `filter` (ranges of `buf`, in write
@@ -735,6 +787,8 @@ fn log_skipped(skipped: &[String]) {
 }
 
 mod order;
+mod resync;
+pub use resync::{PreparedResync, ResyncJob};
 mod split;
 #[cfg(test)]
 mod tests;
