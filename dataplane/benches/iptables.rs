@@ -552,7 +552,7 @@ fn bench_kernel(a: &Args, model: &mut Model, snapshot: &ChangeSet, full_input: &
     let saved = k.runner.run_ok(&[save, "-t", "nat"], &[]).map_err(|e| e.to_string())?;
     let save_time = t.elapsed();
     println!(
-        "   context: check_canary (housekeeping, 2 x iptables -C) {} (alive: {alive}); {save} -t nat ({:.1} MiB, read by every full sync) {}",
+        "   context: check_canary (housekeeping, 2 x iptables -C, outside the agent's lock) {} (alive: {alive}); {save} -t nat ({:.1} MiB, read by every full sync) {}",
         ms(canary),
         saved.stdout.len() as f64 / (1024.0 * 1024.0),
         ms(save_time),
