@@ -107,16 +107,23 @@ fn refused_nftables_transactions_change_nothing() {
     state.apply(&m.snapshot()).unwrap();
     let (_, delta) = m.after(pb::Update {
         services_removed: vec![pb::ServiceRef { namespace: "ns".into(), name: "other".into() }],
+        ..web_swaps_an_endpoint()
+    });
+    let mut after = state.clone();
+    let changes = after.apply(&delta).unwrap();
+    nftables::refused_delta_is_retried_whole(&state, &after, &changes, "10.180.0.9");
+}
+
+/// ns/web loses 10.180.0.1 and gains 10.180.0.3.
+fn web_swaps_an_endpoint() -> pb::Update {
+    pb::Update {
         endpoints_removed: vec![pb::EndpointRef { service: "ns/web".into(), ip: "10.180.0.1".into() }],
         endpoints_upserted: vec![pb::Endpoint {
             service: "ns/web".into(),
             ..ep("10.180.0.3", "http", 8080, true, false)
         }],
         ..Default::default()
-    });
-    let mut after = state.clone();
-    let changes = after.apply(&delta).unwrap();
-    nftables::refused_delta_is_retried_whole(&state, &after, &changes, "10.180.0.9");
+    }
 }
 
 /// The periodic nftables resync prepared outside the agent's lock commits only over an
@@ -133,14 +140,7 @@ fn periodic_nftables_resync_prepared_outside_the_lock() {
     }
     let mut state = AppliedState::default();
     state.apply(&m.snapshot()).unwrap();
-    let (_, delta) = m.after(pb::Update {
-        endpoints_removed: vec![pb::EndpointRef { service: "ns/web".into(), ip: "10.180.0.1".into() }],
-        endpoints_upserted: vec![pb::Endpoint {
-            service: "ns/web".into(),
-            ..ep("10.180.0.3", "http", 8080, true, false)
-        }],
-        ..Default::default()
-    });
+    let (_, delta) = m.after(web_swaps_an_endpoint());
     let mut after = state.clone();
     let changes = after.apply(&delta).unwrap();
     nftables::resync_prepared_outside_the_lock(&state, &after, &changes);

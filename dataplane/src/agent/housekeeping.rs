@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{Core, family_name, lock};
 use crate::admin::AdminStatus;
+use crate::backend::iptables::BackendStats;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::state::{AppliedState, ChangeSet};
@@ -183,21 +184,10 @@ fn resync_nft_outside_lock(core: &Mutex<Core>, i: usize, metrics: &Metrics, heal
     let before = core.stats();
     let finished = core.nft[i].finish_resync(&state, prepared);
     let locked_for = locked.elapsed();
-    match &finished {
-        Ok(f) if f.committed() => {
-            metrics.record_sync(&before, &core.stats());
-            health.succeeded();
-        }
-        Ok(_) => {}
-        Err(error) => {
-            tracing::warn!(%error, "nftables resync failed");
-            metrics.record_sync(&before, &core.stats());
-            health.failed();
-        }
-    }
+    let committed = matches!(&finished, Ok(f) if f.committed());
+    record_resync(&core, &before, finished.as_ref().map(|_| committed), metrics, health);
     let family = family_name(core.nft[i].config().family);
     drop(core);
-    let committed = matches!(&finished, Ok(f) if f.committed());
     // The old and the new table's objects are freed here, not under the lock.
     let freeing = Instant::now();
     drop(finished);
@@ -234,18 +224,7 @@ fn resync_iptables_outside_lock(core: &Mutex<Core>, i: usize, metrics: &Metrics,
     let state = core.rebuild_state();
     let before = core.stats();
     let finished = core.backends[i].finish_resync(&state, prepared);
-    match &finished {
-        Ok(true) => {
-            metrics.record_sync(&before, &core.stats());
-            health.succeeded();
-        }
-        Ok(false) => {}
-        Err(error) => {
-            tracing::warn!(%error, "periodic full resync failed");
-            metrics.record_sync(&before, &core.stats());
-            health.failed();
-        }
-    }
+    record_resync(&core, &before, finished.as_ref().copied(), metrics, health);
     let family = family_name(core.backends[i].config().family);
     drop(core);
     if finished == Ok(true) {
@@ -256,4 +235,24 @@ fn resync_iptables_outside_lock(core: &Mutex<Core>, i: usize, metrics: &Metrics,
             "periodic iptables resync done"
         );
     }
+}
+
+/// Metrics and health after a resync finished under the lock: committed (true), dropped as
+/// stale (false, nothing to record) or failed.
+fn record_resync(
+    core: &Core,
+    before: &[BackendStats],
+    result: Result<bool, &String>,
+    metrics: &Metrics,
+    health: &Health,
+) {
+    match result {
+        Ok(false) => return,
+        Ok(true) => health.succeeded(),
+        Err(error) => {
+            tracing::warn!(%error, "periodic full resync failed");
+            health.failed();
+        }
+    }
+    metrics.record_sync(before, &core.stats());
 }
