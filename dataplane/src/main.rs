@@ -132,7 +132,7 @@ struct Flags {
     /// IP families to proxy, comma separated.
     #[arg(long, default_value = "IPv4", value_delimiter = ',', value_parser = parse_family)]
     ip_families: Vec<IpFamily>,
-    /// Rewrite every rule this often even when nothing went wrong.
+    /// Compare the whole ruleset with what kpx wants this often, and repair what differs.
     #[arg(long, default_value = "1h", value_parser = kpx_telemetry::flags::parse_duration)]
     full_resync_period: Duration,
     /// How often the canary is checked (tables flushed by someone?); /healthz allows 2 x this.
