@@ -8,3 +8,8 @@ pub mod nftables;
 pub mod policy;
 pub mod shadow;
 pub mod userspace;
+
+/// Periodic resyncs prepared outside the agent's lock that may go stale in a row (an update
+/// came meanwhile) before the agent runs the next one under the lock: a steady stream of
+/// updates cannot put the resync off forever (iptables and nftables `apply/resync.rs`).
+pub const MAX_STALE_RESYNCS: u32 = 3;

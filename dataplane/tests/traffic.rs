@@ -511,15 +511,8 @@ fn periodic_iptables_resyncs_run_on_schedule_and_change_nothing() {
     let rules =
         || c.save(0, false, "nat").lines().filter(|l| l.starts_with("-A ")).map(String::from).collect::<Vec<_>>();
     let before = rules();
-    let done =
-        || std::fs::read_to_string(c.log_path(0)).unwrap_or_default().matches("periodic iptables resync done").count();
     // Both families, at least twice each.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while done() < 4 {
-        let log = std::fs::read_to_string(c.log_path(0)).unwrap_or_default();
-        assert!(Instant::now() < deadline, "fewer than four periodic resyncs in 30 s; the agent's log:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_logged(0, "periodic iptables resync done", 4, Duration::from_secs(30));
     assert_eq!(rules(), before, "a periodic resync changed the rules");
     assert_eq!(c.topo.pod("sender").ns.tcp_request(at(ip("10.96.0.10"), 80), WAIT).pod(), Some("web-1"));
 }

@@ -397,15 +397,8 @@ fn periodic_resyncs_rewrite_nothing() {
     let options = Options { extra_args: vec!["--full-resync-period".into(), "1s".into()], ..Options::default() };
     let c = Cluster::start_full(topo, &[web], &["--backend", "nftables"], options);
     let before = handles(&c, 0);
-    let done =
-        || std::fs::read_to_string(c.log_path(0)).unwrap_or_default().matches("periodic nftables resync done").count();
     // Both families, at least twice each.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while done() < 4 {
-        let log = std::fs::read_to_string(c.log_path(0)).unwrap_or_default();
-        assert!(Instant::now() < deadline, "fewer than four periodic resyncs in 20 s; the agent's log:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_logged(0, "periodic nftables resync done", 4, Duration::from_secs(20));
     assert_eq!(handles(&c, 0), before, "a periodic resync rewrote rules");
     let (sender, addr) = (&c.topo.pod("sender").ns, at(ip("10.96.0.10"), 80));
     assert_eq!(sender.tcp_request(addr, WAIT).pod(), Some("web-1"));

@@ -109,8 +109,8 @@ fn housekeep_locked(
     }
     let userspace_wants = core.userspace.as_ref().is_some_and(|u| u.wants_full_sync());
     let ipt_outside: Vec<usize> =
-        (0..core.backends.len()).filter(|&i| core.backends[i].resync_job().is_some()).collect();
-    let nft_outside: Vec<usize> = (0..core.nft.len()).filter(|&i| core.nft[i].resync_job().is_some()).collect();
+        (0..core.backends.len()).filter(|&i| core.backends[i].resync_outside_lock_due()).collect();
+    let nft_outside: Vec<usize> = (0..core.nft.len()).filter(|&i| core.nft[i].resync_outside_lock_due()).collect();
     let outside: Vec<Outside> = ipt_outside
         .iter()
         .map(|&i| Outside::Iptables(i))

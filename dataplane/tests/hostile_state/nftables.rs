@@ -397,4 +397,23 @@ pub(crate) fn resync_prepared_outside_the_lock(state: &AppliedState, after: &App
     assert_eq!(b.stale_resyncs(), 0, "a full sync did not give the next resync its try outside the lock");
     assert!(b.resync_job().is_none(), "the locked resync did not restart the period");
     assert_eq!(web_endpoints(&nft_json(&ns, IpFamily::V4).unwrap()).unwrap(), web);
+
+    // A table that differs from what kpx wants while the generation is the one kpx knows (here
+    // a second backend sharing it writes the old state; in life, a bookkeeping slip): the
+    // prepared transaction is not empty, and the backend's socket commits what the job's
+    // socket numbered.
+    let mut other = backend(&ns, &r);
+    other.share_generation(&b);
+    other.apply(state, &full()).expect("the old state written by another backend");
+    assert_ne!(web_endpoints(&nft_json(&ns, IpFamily::V4).unwrap()).unwrap(), web);
+    std::thread::sleep(period);
+    let repairs = b.stats().repairs;
+    let prepared = b.resync_job().expect("due").prepare(after).expect("prepared");
+    assert!(b.finish_resync(after, prepared).unwrap().committed(), "the repairing resync was dropped");
+    assert!(b.stats().last_ops > 0, "nothing to repair: {:?}", b.stats().last_plan);
+    assert_eq!(b.stats().repairs, repairs + 1);
+    assert_eq!(web_endpoints(&nft_json(&ns, IpFamily::V4).unwrap()).unwrap(), web, "the resync did not repair");
+    let mut fresh = backend(&ns, &r);
+    fresh.apply(after, &full()).unwrap();
+    assert_eq!(fresh.stats().last_ops, 0, "the repair left {:?} to do", fresh.stats().last_plan);
 }

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kpx_controlplane::cache::CacheConfig;
 use kpx_controlplane::model::Skips;
@@ -244,6 +244,20 @@ impl Cluster {
     /// Where node NODE's dataplane logs.
     pub fn log_path(&self, node: usize) -> PathBuf {
         self.work.path().join(format!("{}.log", self.topo.nodes[node].name))
+    }
+
+    /// Waits until node NODE's agent logged LINE at least COUNT times; panics with the log
+    /// after TIMEOUT.
+    pub fn wait_logged(&self, node: usize, line: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(self.log_path(node)).unwrap_or_default();
+            if log.matches(line).count() >= count {
+                return;
+            }
+            assert!(Instant::now() < deadline, "fewer than {count} '{line}' in {timeout:?}; the agent's log:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `iptables-save -t TABLE` (or ip6tables-save) in node NODE's namespace.

@@ -58,8 +58,9 @@ impl UdpTracker {
 
 /// How often one deletion is tried. `conntrack -D` dumps the table, then deletes each match
 /// by its tuple; an entry that goes away between the two (it expired, or IPVS dropped it with
-/// its connection) makes it exit with "Operation failed" although other matches may remain.
-/// A second dump sees the table as it now is.
+/// its connection) can make it exit with "Operation failed" while other matches remain. A
+/// second dump sees the table as it now is. (CI saw one such failure in the ipvs UML test; its
+/// stderr was not kept, so the cause is the likeliest one, not a confirmed one.)
 const DELETE_ATTEMPTS: usize = 3;
 
 /// Runs `conntrack` with each of DELETES (argv, never a shell line); returns how many did their

@@ -403,16 +403,15 @@ impl UserspaceBackend {
     fn clean_conntrack(&self, opened: &[(IpFamily, PortPlan)]) {
         for (family, p) in opened {
             let fam = if *family == IpFamily::V4 { "ipv4" } else { "ipv6" };
+            let delete = |extra: &[String]| -> Vec<String> {
+                ["-D", "-f", fam, "-p", "udp"].into_iter().map(String::from).chain(extra.iter().cloned()).collect()
+            };
             let mut deletes: Vec<Vec<String>> = std::iter::once(p.cluster_ip)
                 .chain(p.external_ips.iter().copied())
                 .chain(p.lb_ips.iter().copied())
-                .map(|a| vec!["--orig-dst".into(), a.to_string(), "--dport".into(), p.port.to_string()])
+                .map(|a| delete(&["--orig-dst".into(), a.to_string(), "--dport".into(), p.port.to_string()]))
                 .collect();
-            deletes.extend(p.node_port.map(|np| vec!["--dport".into(), np.to_string()]));
-            let deletes: Vec<Vec<String>> = deletes
-                .into_iter()
-                .map(|extra| ["-D", "-f", fam, "-p", "udp"].into_iter().map(String::from).chain(extra).collect())
-                .collect();
+            deletes.extend(p.node_port.map(|np| delete(&["--dport".into(), np.to_string()])));
             crate::backend::iptables::conntrack::run_deletes(&self.runner, &deletes);
         }
     }

@@ -7,21 +7,19 @@
 //! which renders, compares and restores over them only if this backend applied nothing
 //! meanwhile: then the tables read are what kpx left, give or take someone else's changes, which
 //! a resync under the lock could meet as well. Otherwise they are dropped and the next
-//! housekeeping tick reads again; after [`MAX_STALE`] stale tries in a row the agent resyncs
-//! under the lock. Render and restore stay under the lock: they use the backend's buffers.
+//! housekeeping tick reads again; after [`MAX_STALE_RESYNCS`] stale tries in a row the agent
+//! resyncs under the lock. Render and restore stay under the lock: they use the backend's buffers.
 //!
 //! Only the periodic resync goes this way, as in the nftables backend (see its `resync.rs`).
 
 use std::time::Instant;
 
 use super::{FullReason, IptablesBackend, IptablesConfig, IptablesError, read_kernel};
+use crate::backend::MAX_STALE_RESYNCS;
 use crate::backend::iptables::exec::Runner;
 use crate::backend::iptables::render::RenderConfig;
 use crate::backend::iptables::saved::SavedTable;
 use crate::state::{AppliedState, ChangeSet};
-
-/// Stale reads in a row after which the resync runs under the lock.
-pub const MAX_STALE: u32 = 3;
 
 /// A periodic resync taken under the lock, to read the kernel's tables without it.
 #[derive(Debug)]
@@ -51,16 +49,17 @@ impl ResyncJob {
 }
 
 impl IptablesBackend {
-    /// A periodic resync to read outside the lock, when the next sync is one; None otherwise
-    /// (then [`IptablesBackend::sync_due`] does whatever full sync is due).
+    /// Whether the next sync is a periodic resync to read outside the lock; if not,
+    /// [`IptablesBackend::sync_due`] does whatever full sync is due.
+    pub fn resync_outside_lock_due(&self) -> bool {
+        !self.cfg.dry_run
+            && self.stale_resyncs < MAX_STALE_RESYNCS
+            && super::full_reason(self.inputs(false)) == Some(FullReason::Periodic)
+    }
+
+    /// The periodic resync to read outside the lock, when [`Self::resync_outside_lock_due`].
     pub fn resync_job(&self) -> Option<ResyncJob> {
-        if self.cfg.dry_run || self.stale_resyncs >= MAX_STALE {
-            return None;
-        }
-        if super::full_reason(self.inputs(false)) != Some(FullReason::Periodic) {
-            return None;
-        }
-        Some(ResyncJob {
+        self.resync_outside_lock_due().then(|| ResyncJob {
             cfg: self.cfg.clone(),
             render: self.render.clone(),
             runner: self.runner.clone(),
@@ -90,7 +89,7 @@ impl IptablesBackend {
         Ok(true)
     }
 
-    /// Periodic resyncs read in a row that went stale (tests, admin).
+    /// Periodic resyncs read in a row that went stale (tests).
     pub fn stale_resyncs(&self) -> u32 {
         self.stale_resyncs
     }

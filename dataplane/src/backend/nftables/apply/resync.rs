@@ -8,7 +8,7 @@
 //! commits it only if the table cannot have changed since the job was taken: the ruleset
 //! generation is the job's (no transaction by anyone, ours included) and this backend applied
 //! nothing. Otherwise the work is dropped and the next housekeeping tick prepares again; after
-//! [`MAX_STALE`] stale attempts in a row the agent runs the resync under the lock, so a steady
+//! [`MAX_STALE_RESYNCS`] stale attempts in a row the agent runs the resync under the lock, so a steady
 //! stream of updates cannot put it off forever.
 //!
 //! Only the periodic resync goes this way. The other full syncs (first, after a failure, after
@@ -19,12 +19,10 @@ use std::time::Instant;
 use kpx_nft_netlink::NftError;
 
 use super::{Leftovers, NftBackend, NftConfig, PreparedFull};
+use crate::backend::MAX_STALE_RESYNCS;
 use crate::backend::iptables::apply::FullReason;
 use crate::backend::iptables::render::RenderConfig;
 use crate::state::{AppliedState, ChangeSet};
-
-/// Stale preparations in a row after which the resync runs under the lock.
-pub const MAX_STALE: u32 = 3;
 
 /// A periodic resync taken under the lock, to prepare without it.
 #[derive(Debug)]
@@ -50,12 +48,6 @@ impl Finished {
     }
 }
 
-impl std::fmt::Debug for Finished {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.committed() { "Done" } else { "Stale" })
-    }
-}
-
 /// A prepared resync, to finish under the lock.
 pub struct PreparedResync {
     job: ResyncJob,
@@ -72,13 +64,18 @@ impl ResyncJob {
 }
 
 impl NftBackend {
-    /// A periodic resync to prepare outside the lock, when the next sync is one and the
-    /// generation is known; None otherwise (then `apply` does whatever full sync is due).
+    /// Whether the next sync is a periodic resync to prepare outside the lock (the generation
+    /// must be known); if not, [`NftBackend::sync_due`] does whatever full sync is due.
+    pub fn resync_outside_lock_due(&self) -> bool {
+        self.synced_once
+            && self.stale_resyncs < MAX_STALE_RESYNCS
+            && self.full_reason(false) == Some(FullReason::Periodic)
+            && self.known_gen().is_some()
+    }
+
+    /// The periodic resync to prepare outside the lock, when [`Self::resync_outside_lock_due`].
     pub fn resync_job(&self) -> Option<ResyncJob> {
-        if !self.synced_once || self.stale_resyncs >= MAX_STALE {
-            return None;
-        }
-        if self.full_reason(false) != Some(FullReason::Periodic) {
+        if !self.resync_outside_lock_due() {
             return None;
         }
         Some(ResyncJob {
@@ -118,7 +115,7 @@ impl NftBackend {
         Ok(Finished::Done(left))
     }
 
-    /// Periodic resyncs prepared in a row that went stale (tests, admin).
+    /// Periodic resyncs prepared in a row that went stale (tests).
     pub fn stale_resyncs(&self) -> u32 {
         self.stale_resyncs
     }
